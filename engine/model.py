@@ -1,0 +1,285 @@
+"""A lean decoder-only transformer for the Llama, Qwen2 and Mistral families, with a preallocated KV cache.
+
+The module tree mirrors Hugging Face's parameter names (`model.layers.N.self_attn.q_proj.weight`, ...), so
+a checkpoint's state dict loads as it is. One forward call handles every case the engine needs: prefill
+(T prompt tokens at position 0), one-token decode, and the K+1-token verification pass at any position;
+the cache is rolled back by moving its length, because attention only ever reads positions below it.
+
+Not for: loading weights (engine.weights), sampling (engine.sampling) or tensor parallelism, which is a
+transform applied to this plain model, never a second implementation of it.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+SUPPORTED_FAMILIES = ("llama", "qwen2", "mistral")
+
+
+@dataclass(frozen=True)
+class ModelArgs:
+    family: str
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rms_norm_eps: float
+    rope_theta: float
+    rope_scaling: tuple[tuple[str, Any], ...] | None  # frozen dict: rope_type, factor, ...
+    tie_word_embeddings: bool
+    attention_bias: bool  # Qwen2 has a bias on q, k and v
+    max_position_embeddings: int
+    eos_token_ids: tuple[int, ...]
+    # Full attention equals sliding-window attention while the sequence fits the window, so the loader
+    # refuses a max_seq_len longer than this rather than implementing the window.
+    sliding_window: int | None = None
+
+    @classmethod
+    def from_hf(cls, cfg: dict[str, Any]) -> "ModelArgs":
+        """Reads a transformers config.json (4.x or 5.x layout); refuses what this decoder cannot run."""
+        family = cfg.get("model_type")
+        if family not in SUPPORTED_FAMILIES:
+            raise ValueError(f"model_type {family!r} is not supported; supported: {', '.join(SUPPORTED_FAMILIES)}")
+        heads = cfg["num_attention_heads"]
+        rope = dict(cfg.get("rope_parameters") or {})  # transformers 5.x keeps theta and scaling together
+        theta = rope.pop("rope_theta", None) or cfg.get("rope_theta", 10000.0)
+        scaling = rope or dict(cfg.get("rope_scaling") or {})
+        rope_type = scaling.get("rope_type", scaling.get("type", "default"))
+        if rope_type not in ("default", "linear", "llama3"):
+            raise ValueError(f"rope type {rope_type!r} is not supported (default, linear, llama3 are)")
+        eos = cfg.get("eos_token_id")
+        eos_ids = tuple(eos) if isinstance(eos, list) else ((eos,) if eos is not None else ())
+        return cls(
+            family=family,
+            vocab_size=cfg["vocab_size"],
+            hidden_size=cfg["hidden_size"],
+            intermediate_size=cfg["intermediate_size"],
+            num_layers=cfg["num_hidden_layers"],
+            num_heads=heads,
+            num_kv_heads=cfg.get("num_key_value_heads") or heads,
+            head_dim=cfg.get("head_dim") or cfg["hidden_size"] // heads,
+            rms_norm_eps=cfg.get("rms_norm_eps", 1e-6),
+            rope_theta=float(theta),
+            rope_scaling=None if rope_type == "default" else tuple(sorted({**scaling, "rope_type": rope_type}.items())),
+            tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+            attention_bias=family == "qwen2" or bool(cfg.get("attention_bias", False)),
+            max_position_embeddings=cfg.get("max_position_embeddings", 4096),
+            eos_token_ids=eos_ids,
+            sliding_window=cfg.get("sliding_window") if cfg.get("use_sliding_window", True) else None,
+        )
+
+    @property
+    def num_parameters(self) -> int:
+        h, i, kv = self.hidden_size, self.intermediate_size, self.num_kv_heads * self.head_dim
+        attn = h * self.num_heads * self.head_dim * 2 + h * kv * 2
+        layer = attn + 3 * h * i + 2 * h
+        emb = self.vocab_size * h * (1 if self.tie_word_embeddings else 2)
+        return self.num_layers * layer + emb + h
+
+
+def rope_inv_freq(args: ModelArgs) -> torch.Tensor:  # [head_dim // 2]
+    dim = args.head_dim
+    inv_freq = 1.0 / (args.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.float64) / dim))
+    scaling = dict(args.rope_scaling or ())
+    kind = scaling.get("rope_type", "default")
+    if kind == "linear":
+        return (inv_freq / scaling["factor"]).float()
+    if kind == "llama3":
+        # Llama-3.1's frequency-dependent scaling: long wavelengths are divided by `factor`, short ones
+        # kept, the band between interpolated smoothly (as in Meta's reference and transformers).
+        factor, low, high = scaling["factor"], scaling["low_freq_factor"], scaling["high_freq_factor"]
+        old_len = scaling["original_max_position_embeddings"]
+        wavelen = 2 * math.pi / inv_freq
+        scaled = torch.where(wavelen > old_len / low, inv_freq / factor, inv_freq)
+        smooth = (old_len / wavelen - low) / (high - low)
+        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+        medium = (wavelen >= old_len / high) & (wavelen <= old_len / low)
+        return torch.where(medium, smoothed, scaled).float()
+    return inv_freq.float()
+
+
+class KVCache:
+    """Preallocated keys and values for every layer of one model: [layers, batch, kv_heads, max_len, head_dim].
+
+    `length` is the number of valid positions. Rolling back is `truncate(n)`: entries at or past `length`
+    are never read (the attention reads cache[..., :length]) and are overwritten by the next write, so a
+    rolled-back cache behaves exactly as if the rejected tokens had never run.
+    """
+
+    def __init__(self, args: ModelArgs, max_len: int, *, batch: int = 1, dtype: torch.dtype, device: torch.device):
+        shape = (args.num_layers, batch, args.num_kv_heads, max_len, args.head_dim)
+        self.k = torch.zeros(shape, dtype=dtype, device=device)
+        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        self.max_len = max_len
+        self.length = 0
+
+    def truncate(self, length: int) -> None:
+        if not 0 <= length <= self.length:
+            raise ValueError(f"cannot roll back a cache of length {self.length} to {length}")
+        self.length = length
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Normalise in float32 as the reference implementations do; bf16 variance loses greedy ties.
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * xf.to(x.dtype)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    # x: [batch, heads, T, head_dim]; cos, sin: [T, head_dim]. Half-rotation layout (HF / Meta).
+    half = x.shape[-1] // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return x * cos + rotated * sin
+
+
+class Attention(nn.Module):
+    def __init__(self, args: ModelArgs, layer: int):
+        super().__init__()
+        self.layer = layer
+        self.n_heads, self.n_kv, self.head_dim = args.num_heads, args.num_kv_heads, args.head_dim
+        h, bias = args.hidden_size, args.attention_bias
+        self.q_proj = nn.Linear(h, self.n_heads * self.head_dim, bias=bias)
+        self.k_proj = nn.Linear(h, self.n_kv * self.head_dim, bias=bias)
+        self.v_proj = nn.Linear(h, self.n_kv * self.head_dim, bias=bias)
+        self.o_proj = nn.Linear(self.n_heads * self.head_dim, h, bias=False)
+
+    def forward(
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: KVCache, start: int, rows: int, exact: bool
+    ) -> torch.Tensor:
+        """x: [batch, T, hidden] whose first `rows` rows are real (positions start .. start + rows - 1); a
+        second row, when T == 2 > rows, is a copy that only keeps the matrix products at M >= 2."""
+        b, t, _ = x.shape
+        q = self.q_proj(x).view(b, t, self.n_heads, self.head_dim).transpose(1, 2)
+        k = self.k_proj(x).view(b, t, self.n_kv, self.head_dim).transpose(1, 2)
+        v = self.v_proj(x).view(b, t, self.n_kv, self.head_dim).transpose(1, 2)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        end = start + rows
+        cache.k[self.layer, :, :, start:end] = k[:, :, :rows]
+        cache.v[self.layer, :, :, start:end] = v[:, :, :rows]
+        keys, values = cache.k[self.layer], cache.v[self.layer]  # [batch, kv_heads, max_len, head_dim]
+        gqa = self.n_kv != self.n_heads
+        if exact:
+            # One query row at a time over exactly its own keys: the row's result is then the same whichever
+            # pass computes it (one-token decode or a K+1-token verification), which keeps greedy
+            # speculative output equal to autoregressive output in bfloat16 (see docs/engine.md).
+            out = torch.cat(
+                [
+                    F.scaled_dot_product_attention(
+                        q[:, :, i : i + 1], keys[:, :, : start + i + 1], values[:, :, : start + i + 1], enable_gqa=gqa
+                    )
+                    for i in range(rows)
+                ],
+                dim=2,
+            )
+            out = out.expand(b, self.n_heads, t, self.head_dim) if t > rows else out
+        else:  # query i sits at position start + i and sees keys 0 .. start + i
+            mask = torch.arange(end, device=x.device)[None, :] <= torch.arange(start, end, device=x.device)[:, None]
+            out = F.scaled_dot_product_attention(q, keys[:, :, :end], values[:, :, :end], attn_mask=mask, enable_gqa=gqa)
+        return self.o_proj(out.transpose(1, 2).reshape(b, t, -1))
+
+
+class MLP(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.gate_proj = nn.Linear(args.hidden_size, args.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(args.hidden_size, args.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(args.intermediate_size, args.hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, args: ModelArgs, layer: int):
+        super().__init__()
+        self.self_attn = Attention(args, layer)
+        self.mlp = MLP(args)
+        self.input_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps)
+
+    def forward(self, x, cos, sin, cache: KVCache, start: int, rows: int, exact: bool):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, cache, start, rows, exact)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class Backbone(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(args.vocab_size, args.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(args, i) for i in range(args.num_layers))
+        self.norm = RMSNorm(args.hidden_size, args.rms_norm_eps)
+
+
+class Transformer(nn.Module):
+    """The decoder. `forward` returns the logits and the last-layer hidden states (after the final norm:
+    what the LM head reads, and what the judge reads) of the positions asked for."""
+
+    # Passes of up to this many tokens (decode and verification; K <= 128) compute attention row by row,
+    # longer ones (prefills) in one masked call. Set exact_rows False where a pass's rows need not match
+    # across passes (the GPU fast path makes its own guarantees).
+    EXACT_MAX_ROWS = 129
+
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.args = args
+        self.exact_rows = True
+        self.model = Backbone(args)
+        self.lm_head = nn.Linear(args.hidden_size, args.vocab_size, bias=False)
+        if args.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+        self.register_buffer("inv_freq", rope_inv_freq(args), persistent=False)
+
+    def new_cache(self, max_len: int, batch: int = 1) -> KVCache:
+        w = self.model.embed_tokens.weight
+        return KVCache(self.args, max_len, batch=batch, dtype=w.dtype, device=w.device)
+
+    def forward(
+        self, tokens: torch.Tensor, cache: KVCache, *, last_only: bool = False
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """tokens: [batch, T] written at positions cache.length .. cache.length + T - 1.
+
+        Returns logits [batch, T or 1, vocab] in float32 and hidden [batch, T or 1, hidden]; with
+        `last_only`, only the last position's (a prefill needs nothing else, and the LM head over a long
+        prompt would cost more than the prompt's layers on a large vocabulary).
+        """
+        start, rows = cache.length, tokens.shape[1]
+        if start + rows > cache.max_len:
+            raise ValueError(f"KV cache overflow: {start} + {rows} tokens > max_seq_len {cache.max_len}")
+        # Batch invariance: CPU bfloat16 matrix products give every row the same result for any M >= 2,
+        # but M == 1 takes another kernel. A one-token pass therefore runs as two identical rows.
+        if rows == 1:
+            tokens = tokens.expand(-1, 2)
+        positions = torch.arange(start, start + rows, device=tokens.device, dtype=torch.float32)
+        if tokens.shape[1] > rows:
+            positions = positions.expand(2)
+        freqs = torch.outer(positions, self.inv_freq)  # [T, head_dim/2]
+        emb = torch.cat((freqs, freqs), dim=-1)
+        x = self.model.embed_tokens(tokens)
+        cos, sin = emb.cos().to(x.dtype), emb.sin().to(x.dtype)
+        exact = self.exact_rows and rows <= self.EXACT_MAX_ROWS
+        for layer in self.model.layers:
+            x = layer(x, cos, sin, cache, start, rows, exact)
+        cache.length = start + rows
+        if last_only or tokens.shape[1] > rows:
+            x = x[:, -2:] if rows >= 2 else x  # keep M >= 2 for the LM head too
+        hidden = self.model.norm(x)
+        logits = self.lm_head(hidden).float()
+        if last_only or tokens.shape[1] > rows:
+            return logits[:, -1:], hidden[:, -1:]
+        return logits, hidden

@@ -2,7 +2,8 @@
 
   judgeserve models list | fetch NAME       the real weights (MODELS.md) into the local cache
   judgeserve generate --config C --prompt T in-process generation, no Ray
-  (serve, client and judge training arrive with their own modules)
+  judgeserve serve --config C               the gRPC server (in-process engine for now)
+  judgeserve client --target H:P --prompt T one request to a running server
 
 Errors a user can cause (bad config, missing model, bad request) print one clear message and exit 1;
 tracebacks are for bugs.
@@ -81,6 +82,18 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_serve(args: argparse.Namespace) -> int:
+    from cluster.server import cmd_serve
+
+    return cmd_serve(args)
+
+
+def _cmd_client(args: argparse.Namespace) -> int:
+    from cluster.client import cmd_client
+
+    return cmd_client(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="judgeserve", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -108,6 +121,16 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--device", help="override runtime.device (cpu, cuda)")
     gen.add_argument("--json", action="store_true", help="print one JSON object instead of streaming text")
     gen.set_defaults(func=_cmd_generate)
+
+    from cluster.client import add_client_arguments
+    from cluster.server import add_serve_arguments
+
+    serve = sub.add_parser("serve", help="serve the config's models over gRPC")
+    add_serve_arguments(serve)
+    serve.set_defaults(func=_cmd_serve)
+    client = sub.add_parser("client", help="send one request to a running server")
+    add_client_arguments(client)
+    client.set_defaults(func=_cmd_client)
     return parser
 
 

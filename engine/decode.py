@@ -224,8 +224,11 @@ class Engine:
                 stats.draft_tokens_accepted += step.draft_accepted
                 stats.judge_accepted_tokens += sum(p is Provenance.JUDGE for p in step.provenance)
             stats.steps += 1
+            before = len(out.token_ids)
             text = out.extend(step.tokens, step.provenance)
-            yield StepEvent(step.tokens, step.provenance, text)
+            # A stop rule may drop the step's later tokens (and a stop string even earlier ones).
+            before = min(before, len(out.token_ids))
+            yield StepEvent(out.token_ids[before:], out.provenance[before:], text)
         timings.total_s = time.perf_counter() - t0
         stats.text, stats.token_ids, stats.provenance, stats.finish_reason = out.text, out.token_ids, out.provenance, out.finish
         # Tokens cut by a stop rule were never emitted: keep the judge count consistent with the output.

@@ -162,8 +162,8 @@ class Attention(nn.Module):
     def forward(
         self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: KVCache, start: int, rows: int, exact: bool
     ) -> torch.Tensor:
-        """x: [batch, T, hidden] whose first `rows` rows are real (positions start .. start + rows - 1); a
-        second row, when T == 2 > rows, is a copy that only keeps the matrix products at M >= 2."""
+        """x: [batch, T, hidden] whose first `rows` rows are real (positions start .. start + rows - 1); any
+        further rows repeat the last real one and only keep the matrix products at Transformer.MIN_ROWS."""
         b, t, _ = x.shape
         q = self.q_proj(x).view(b, t, self.n_heads, self.head_dim).transpose(1, 2)
         k = self.k_proj(x).view(b, t, self.n_kv, self.head_dim).transpose(1, 2)
@@ -177,7 +177,7 @@ class Attention(nn.Module):
         if exact:
             # One query row at a time over exactly its own keys: the row's result is then the same whichever
             # pass computes it (one-token decode or a K+1-token verification), which keeps greedy
-            # speculative output equal to autoregressive output in bfloat16 (see docs/engine.md).
+            # speculative output equal to autoregressive output in bfloat16 (docs/engine.md).
             out = torch.cat(
                 [
                     F.scaled_dot_product_attention(
@@ -187,9 +187,11 @@ class Attention(nn.Module):
                 ],
                 dim=2,
             )
-            out = out.expand(b, self.n_heads, t, self.head_dim) if t > rows else out
-        else:  # query i sits at position start + i and sees keys 0 .. start + i
-            mask = torch.arange(end, device=x.device)[None, :] <= torch.arange(start, end, device=x.device)[:, None]
+            if t > rows:
+                out = torch.cat((out, out[:, :, -1:].expand(b, self.n_heads, t - rows, self.head_dim)), dim=2)
+        else:  # query i sits at position start + min(i, rows - 1) and sees the keys up to it
+            q_pos = (start + torch.arange(t, device=x.device)).clamp_max(end - 1)
+            mask = torch.arange(end, device=x.device)[None, :] <= q_pos[:, None]
             out = F.scaled_dot_product_attention(q, keys[:, :, :end], values[:, :, :end], attn_mask=mask, enable_gqa=gqa)
         return self.o_proj(out.transpose(1, 2).reshape(b, t, -1))
 
@@ -230,9 +232,12 @@ class Transformer(nn.Module):
     """The decoder. `forward` returns the logits and the last-layer hidden states (after the final norm:
     what the LM head reads, and what the judge reads) of the positions asked for."""
 
-    # Passes of up to this many tokens (decode and verification; K <= 128) compute attention row by row,
-    # longer ones (prefills) in one masked call. Set exact_rows False where a pass's rows need not match
-    # across passes (the GPU fast path makes its own guarantees).
+    # Batch invariance on the CPU (docs/engine.md): bfloat16 matrix products give a row the same bits for
+    # every M >= 3, but M = 1 and M = 2 can take other kernels, so shorter passes are padded to 3 rows.
+    MIN_ROWS = 3
+    # Passes after the prefill of up to this many tokens (decodes and verifications; K <= 128) compute
+    # attention row by row; prefills and longer passes use one masked call. Set `exact_rows` False where rows
+    # need not match across passes (the GPU fast path makes its own guarantees).
     EXACT_MAX_ROWS = 129
 
     def __init__(self, args: ModelArgs):
@@ -261,25 +266,21 @@ class Transformer(nn.Module):
         start, rows = cache.length, tokens.shape[1]
         if start + rows > cache.max_len:
             raise ValueError(f"KV cache overflow: {start} + {rows} tokens > max_seq_len {cache.max_len}")
-        # Batch invariance: CPU bfloat16 matrix products give every row the same result for any M >= 2,
-        # but M == 1 takes another kernel. A one-token pass therefore runs as two identical rows.
-        if rows == 1:
-            tokens = tokens.expand(-1, 2)
-        positions = torch.arange(start, start + rows, device=tokens.device, dtype=torch.float32)
-        if tokens.shape[1] > rows:
-            positions = positions.expand(2)
-        freqs = torch.outer(positions, self.inv_freq)  # [T, head_dim/2]
+        if rows < self.MIN_ROWS:  # pad with copies of the last token at the last position
+            tokens = torch.cat((tokens, tokens[:, -1:].expand(-1, self.MIN_ROWS - rows)), dim=1)
+        positions = (start + torch.arange(tokens.shape[1], device=tokens.device)).clamp_max(start + rows - 1)
+        freqs = torch.outer(positions.float(), self.inv_freq)  # [T, head_dim/2]
         emb = torch.cat((freqs, freqs), dim=-1)
         x = self.model.embed_tokens(tokens)
         cos, sin = emb.cos().to(x.dtype), emb.sin().to(x.dtype)
-        exact = self.exact_rows and rows <= self.EXACT_MAX_ROWS
+        # A prefill (start 0) is the same call in every mode, so only later passes need the row-exact path.
+        exact = self.exact_rows and start > 0 and rows <= self.EXACT_MAX_ROWS
         for layer in self.model.layers:
             x = layer(x, cos, sin, cache, start, rows, exact)
         cache.length = start + rows
-        if last_only or tokens.shape[1] > rows:
-            x = x[:, -2:] if rows >= 2 else x  # keep M >= 2 for the LM head too
+        if last_only:  # the LM head too sees MIN_ROWS rows, the real last one first
+            x = x[:, rows - 1 :] if x.shape[1] - rows + 1 >= self.MIN_ROWS else x[:, -self.MIN_ROWS :].flip(1)
         hidden = self.model.norm(x)
         logits = self.lm_head(hidden).float()
-        if last_only or tokens.shape[1] > rows:
-            return logits[:, -1:], hidden[:, -1:]
-        return logits, hidden
+        keep = 1 if last_only else rows
+        return logits[:, :keep], hidden[:, :keep]

@@ -50,12 +50,22 @@ class Output:
             full = self._cut_at_stop_string(full)
         if self.finish is None:
             full = full.rstrip("\ufffd")  # an incomplete UTF-8 character: wait for its other bytes
+            full = full[: len(full) - self._stop_prefix_len(full)]
         if not full.startswith(self.text):
             # A tokenizer whose decode is not prefix-stable; keep the stream consistent, emit nothing now.
             return ""
         delta = full[len(self.text) :]
         self.text = full
         return delta
+
+    def _stop_prefix_len(self, full: str) -> int:
+        """The length of the longest tail of `full` that begins a stop string: held back from the stream
+        until the next tokens tell whether the stop string completes (then it is cut, never streamed)."""
+        longest = max((len(s) for s in self.params.stop), default=1) - 1
+        for n in range(min(len(full), longest), 0, -1):
+            if any(s.startswith(full[-n:]) for s in self.params.stop):
+                return n
+        return 0
 
     def _cut_at_stop_string(self, full: str) -> str:
         window = max(len(s) for s in self.params.stop)

@@ -59,7 +59,7 @@ def standard_accept(
     """target_logits: [K+1, vocab]; row i predicts the token after d_i (row 0: after the last emitted token).
 
     Returns (matched [K] bool, target probs [K+1, vocab] or None when greedy). Greedy: d_i == argmax.
-    Sampling: accept d_i with probability min(1, p_i(d_i) / q_i(d_i)).
+    Sampling: accept d_i with probability min(1, p_i(d_i) / q_i(d_i)), i.e. when u < p / q.
     """
     k = block.tokens.shape[0]
     if params.greedy:
@@ -68,7 +68,7 @@ def standard_accept(
     idx = torch.arange(k)
     p_d, q_d = p[idx, block.tokens], block.probs[idx, block.tokens]
     u = torch.rand(k, generator=gen)
-    return u * q_d <= p_d, p
+    return u * q_d < p_d, p  # strict: a token the target gives probability 0 is never kept
 
 
 def judge_accept(scores: torch.Tensor, threshold: float) -> torch.Tensor:

@@ -91,6 +91,8 @@ def _build(args: ModelArgs, device: torch.device, dtype: torch.dtype) -> Transfo
     with torch.device("meta"):
         model = Transformer(args)
     model = model.to_empty(device=device).to(dtype)
+    if args.tie_word_embeddings:  # to_empty gives every module a new Parameter: tie them again
+        model.lm_head.weight = model.model.embed_tokens.weight
     # RoPE frequencies stay float32 whatever the weights' dtype (as in transformers); set after the cast.
     model.inv_freq = rope_inv_freq(args).to(device)
     return model

@@ -1,0 +1,249 @@
+"""engine.model: parity with transformers per family, incremental decode, KV rollback, bf16 batch invariance."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import transformers
+
+from engine.model import ModelArgs, Transformer, rope_inv_freq
+from engine.weights import dummy_model, load_checkpoint
+
+CPU = torch.device("cpu")
+VOCAB = 300
+
+_COMMON = dict(
+    vocab_size=VOCAB,
+    hidden_size=64,
+    intermediate_size=128,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=256,
+    rms_norm_eps=1e-6,
+)
+_LLAMA3 = {
+    "rope_type": "llama3",
+    "rope_theta": 10000.0,
+    "factor": 8.0,
+    "low_freq_factor": 1.0,
+    "high_freq_factor": 4.0,
+    # Short on purpose: the test prompt runs past it, so the llama3 frequency scaling changes the logits.
+    "original_max_position_embeddings": 16,
+}
+
+
+def _hf_config(case: str) -> transformers.PretrainedConfig:
+    if case == "qwen2":  # q, k, v biases
+        return transformers.Qwen2Config(num_hidden_layers=3, tie_word_embeddings=False, **_COMMON)
+    if case == "qwen2-tied":
+        return transformers.Qwen2Config(num_hidden_layers=2, tie_word_embeddings=True, **_COMMON)
+    if case == "llama3-rope":
+        # transformers 5.x keeps theta and the scaling together in `rope_parameters`.
+        return transformers.LlamaConfig(num_hidden_layers=3, rope_parameters=dict(_LLAMA3), **_COMMON)
+    if case == "mistral":
+        return transformers.MistralConfig(num_hidden_layers=2, sliding_window=None, **_COMMON)
+    raise AssertionError(case)
+
+
+def _hf_model(case: str, folder) -> torch.nn.Module:
+    torch.manual_seed(1234)
+    hf = transformers.AutoModelForCausalLM.from_config(_hf_config(case), dtype=torch.float32)
+    hf.eval()
+    with torch.no_grad():
+        # The default init leaves biases and norms at 0 / 1; randomise them so the parity covers them.
+        for name, p in hf.named_parameters():
+            if name.endswith(("norm.weight", "proj.bias")):
+                p.normal_(1.0 if name.endswith("weight") else 0.0, 0.1)
+    hf.save_pretrained(folder)  # safetensors
+    assert list(folder.glob("*.safetensors")), "save_pretrained wrote no safetensors"
+    return hf
+
+
+@pytest.mark.parametrize("case", ["qwen2", "qwen2-tied", "llama3-rope", "mistral"])
+def test_logits_match_transformers(case, tmp_path):
+    hf = _hf_model(case, tmp_path)
+    ours = load_checkpoint(tmp_path, torch.float32, CPU).eval()
+    prompt = torch.randint(0, VOCAB, (1, 40), generator=torch.Generator().manual_seed(7))
+    with torch.no_grad():
+        expected = hf(prompt).logits.float()
+        logits, hidden = ours(prompt, ours.new_cache(64))
+    assert logits.shape == (1, 40, VOCAB) and hidden.shape == (1, 40, 64)
+    diff = (logits - expected).abs().max().item()
+    assert diff < 1e-4, f"{case}: max abs logit difference {diff}"
+
+
+def test_tied_checkpoint_shares_embedding_and_lm_head(tmp_path):
+    hf = _hf_model("qwen2-tied", tmp_path)
+    assert hf.lm_head.weight is hf.model.embed_tokens.weight
+    ours = load_checkpoint(tmp_path, torch.float32, CPU)
+    assert torch.equal(ours.lm_head.weight, ours.model.embed_tokens.weight)
+
+
+def test_tied_dummy_model_shares_embedding_and_lm_head():
+    """Tied shapes (llama-3.2-1b, qwen2.5-coder-0.5b) must hold one matrix, not two, at benchmark scale too."""
+    from engine.shapes import SHAPES
+
+    args = ModelArgs.from_hf({**SHAPES["tiny"], "tie_word_embeddings": True})
+    model = dummy_model(args, seed=0, noise=0.0, dtype=torch.float32, device=CPU)
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+
+
+def test_llama3_rope_frequencies_match_transformers_and_are_scaled():
+    """The llama3 parity case only covers the scaling if scaling moves the frequencies it uses."""
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    config = _hf_config("llama3-rope")
+    args = ModelArgs.from_hf(config.to_dict())
+    plain = ModelArgs.from_hf({**config.to_dict(), "rope_parameters": {"rope_theta": 10000.0}})
+    assert args.rope_scaling is not None and plain.rope_scaling is None
+    expected, _ = ROPE_INIT_FUNCTIONS["llama3"](config, CPU)
+    torch.testing.assert_close(rope_inv_freq(args), expected.float(), atol=1e-7, rtol=1e-6)
+    assert not torch.allclose(rope_inv_freq(args), rope_inv_freq(plain))
+
+
+def test_from_hf_accepts_both_rope_layouts():
+    v4 = {
+        "model_type": "llama",
+        "vocab_size": VOCAB,
+        "hidden_size": 64,
+        "intermediate_size": 128,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "rope_theta": 10000.0,
+        "rope_scaling": {k: v for k, v in _LLAMA3.items() if k != "rope_theta"},
+    }
+    v5 = {k: v for k, v in v4.items() if k not in ("rope_theta", "rope_scaling")}
+    v5["rope_parameters"] = dict(_LLAMA3)
+    assert ModelArgs.from_hf(v4) == ModelArgs.from_hf(v5)
+    legacy = {**v4, "rope_scaling": {"type": "linear", "factor": 2.0}}
+    assert dict(ModelArgs.from_hf(legacy).rope_scaling)["rope_type"] == "linear"
+
+
+def test_from_hf_refuses_unsupported_model_type():
+    cfg = {**_hf_config("qwen2").to_dict(), "model_type": "gpt2"}
+    with pytest.raises(ValueError, match="gpt2"):
+        ModelArgs.from_hf(cfg)
+
+
+@pytest.mark.parametrize("layout", ["rope_parameters", "rope_scaling"])
+def test_from_hf_refuses_unsupported_rope_type(layout):
+    cfg = _hf_config("llama3-rope").to_dict()
+    cfg.pop("rope_parameters", None)
+    yarn = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 16}
+    cfg[layout] = {**yarn, "rope_theta": 10000.0} if layout == "rope_parameters" else yarn
+    with pytest.raises(ValueError, match="yarn"):
+        ModelArgs.from_hf(cfg)
+
+
+# ---- the KV cache ----------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tiny_f32(tiny_args) -> Transformer:
+    return dummy_model(tiny_args, seed=3, noise=0.0, dtype=torch.float32, device=CPU).eval()
+
+
+def _tokens(n: int, seed: int, vocab: int = 272) -> torch.Tensor:  # [1, n]
+    return torch.randint(0, vocab, (1, n), generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("exact_rows", [True, False])
+@pytest.mark.parametrize("chunk", [1, 5])
+@torch.no_grad()
+def test_incremental_decode_equals_prefill(tiny_f32, exact_rows, chunk):
+    # 140 tokens: longer than EXACT_MAX_ROWS, so the prefill takes the masked path and the chunks the
+    # row-by-row one (with exact_rows on).
+    model = tiny_f32
+    tokens = _tokens(140, seed=11)
+    model.exact_rows = exact_rows
+    try:
+        full, full_hidden = model(tokens, model.new_cache(160))
+        cache = model.new_cache(160)
+        parts = [model(tokens[:, i : i + chunk], cache) for i in range(0, 140, chunk)]
+    finally:
+        model.exact_rows = True
+    logits = torch.cat([p[0] for p in parts], dim=1)
+    hidden = torch.cat([p[1] for p in parts], dim=1)
+    assert cache.length == 140
+    assert logits.shape == full.shape
+    torch.testing.assert_close(logits, full, atol=1e-4, rtol=0)
+    torch.testing.assert_close(hidden, full_hidden, atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("kept", [0, 2])
+@torch.no_grad()
+def test_kv_rollback_equals_fresh_cache(tiny_f32, kept):
+    """Prefix, then 6 draft tokens of which `kept` survive, roll back, then other tokens: the cache and the
+    next logits are those of a cache that only ever saw the surviving tokens."""
+    model = tiny_f32
+    prefix, drafted, other = _tokens(20, 1), _tokens(6, 2), _tokens(7, 3)
+    cache = model.new_cache(64)
+    model(prefix, cache)
+    model(drafted, cache)
+    assert cache.length == 26
+    cache.truncate(20 + kept)
+    logits, _ = model(other, cache)
+
+    accepted = torch.cat([prefix, drafted[:, :kept], other], dim=1)
+    fresh = model.new_cache(64)
+    fresh_logits, _ = model(accepted, fresh)
+    length = accepted.shape[1]
+    assert cache.length == fresh.length == length
+    torch.testing.assert_close(cache.k[:, :, :, :length], fresh.k[:, :, :, :length], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(cache.v[:, :, :, :length], fresh.v[:, :, :, :length], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(logits[:, -1], fresh_logits[:, -1], atol=1e-5, rtol=1e-5)
+
+
+def test_truncate_refuses_to_grow(tiny_f32):
+    cache = tiny_f32.new_cache(16)
+    with torch.no_grad():
+        tiny_f32(_tokens(4, 5), cache)
+    with pytest.raises(ValueError):
+        cache.truncate(5)
+    with pytest.raises(ValueError):
+        cache.truncate(-1)
+
+
+@torch.no_grad()
+def test_kv_cache_overflow_raises(tiny_f32):
+    cache = tiny_f32.new_cache(32)
+    with pytest.raises(ValueError, match="overflow"):
+        tiny_f32(_tokens(33, 6), cache)
+    tiny_f32(_tokens(30, 6), cache)
+    with pytest.raises(ValueError, match="overflow"):
+        tiny_f32(_tokens(3, 7), cache)
+
+
+# ---- bfloat16 batch invariance ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("block_len", [2, 9])  # K = 1 and K = 8 verification passes
+@pytest.mark.parametrize("seed", [8, 21])
+@torch.no_grad()
+def test_bf16_decode_bitwise_equals_verification_pass(tiny_args, block_len, seed):
+    """exact_rows: a token's logits, hidden state and KV entries do not depend on how many tokens share its
+    pass, so greedy speculative decoding equals autoregressive decoding in bfloat16 too (docs/engine.md).
+    The KV entries matter as much as the logits: a differing value changes every later token's logits."""
+    model = dummy_model(tiny_args, seed=0, noise=0.0, dtype=torch.bfloat16, device=CPU).eval()
+    prefix, block = _tokens(23, seed), _tokens(block_len, seed + 1)
+    end = 23 + block_len
+
+    one = model.new_cache(64)
+    model(prefix, one)
+    singles = [model(block[:, i : i + 1], one) for i in range(block_len)]
+    logits_one = torch.cat([s[0] for s in singles], dim=1)
+    hidden_one = torch.cat([s[1] for s in singles], dim=1)
+
+    verify = model.new_cache(64)
+    model(prefix, verify)
+    logits_verify, hidden_verify = model(block, verify)
+
+    assert logits_one.dtype == torch.float32 and hidden_one.dtype == torch.bfloat16
+    for i in range(block_len):
+        assert torch.equal(logits_one[:, i], logits_verify[:, i]), f"logits of block token {i} differ"
+        assert torch.equal(hidden_one[:, i], hidden_verify[:, i]), f"hidden of block token {i} differs"
+    for name, a, b in (("keys", one.k, verify.k), ("values", one.v, verify.v)):
+        differ = (a[:, :, :, :end] != b[:, :, :, :end]).nonzero()
+        where = sorted({(int(d[0]), int(d[3])) for d in differ})
+        assert not where, f"cached {name} differ at (layer, position) {where}"

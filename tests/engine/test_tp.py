@@ -1,0 +1,144 @@
+"""engine.tp: TP=2 over gloo on CPU matches the unsharded model; shards and names; refusals of uneven splits."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from engine.model import ModelArgs, Transformer
+from engine.shapes import SHAPES
+from engine.tp import RowParallelLinear, apply_tp
+from engine.weights import dummy_model
+
+CPU = torch.device("cpu")
+WORLD = 2
+PROMPT = [[72, 101, 108, 108, 111, 44, 32, 119]]  # "Hello, w" in the byte vocabulary
+VERIFY = [[111, 114, 108, 100, 33]]  # a 5-token verification-sized pass
+GREEDY_TOKENS = 20
+MAX_LEN = 64
+
+
+def _tiny(shape: str = "tiny") -> Transformer:
+    args = ModelArgs.from_hf(SHAPES[shape])
+    return dummy_model(args, seed=0, noise=0.0, dtype=torch.float32, device=CPU).eval()
+
+
+@torch.no_grad()
+def _passes(model: Transformer) -> tuple[list[torch.Tensor], list[int]]:
+    """Logits of a prefill, three one-token decodes, a 5-token pass, and a 5-token pass after rolling back
+    3 positions; then a greedy (argmax) continuation of the prompt in a fresh cache."""
+    cache = model.new_cache(MAX_LEN)
+    logits = [model(torch.tensor(PROMPT), cache)[0]]  # [1, 8, vocab]
+    for _ in range(3):
+        token = logits[-1][:, -1:].argmax(-1)  # [1, 1]
+        logits.append(model(token, cache)[0])  # [1, 1, vocab]
+    logits.append(model(torch.tensor(VERIFY), cache)[0])  # [1, 5, vocab]
+    cache.truncate(cache.length - 3)
+    logits.append(model(torch.tensor(VERIFY), cache)[0])
+
+    cache = model.new_cache(MAX_LEN)
+    step, _ = model(torch.tensor(PROMPT), cache, last_only=True)  # [1, 1, vocab]
+    greedy = []
+    for _ in range(GREEDY_TOKENS):
+        greedy.append(int(step[0, -1].argmax()))
+        step, _ = model(torch.tensor([[greedy[-1]]]), cache)
+    return logits, greedy
+
+
+def _worker(rank: int, init_file: str, out_dir: str) -> None:
+    torch.set_num_threads(1)  # two ranks on a small CPU machine
+    dist.init_process_group(
+        "gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD, timeout=timedelta(seconds=60)
+    )
+    try:
+        model = apply_tp(_tiny(), rank, WORLD)
+        logits, greedy = _passes(model)
+        kv_heads = model.new_cache(MAX_LEN).k.shape[2]
+        torch.save({"logits": logits, "greedy": greedy, "kv_heads": kv_heads}, Path(out_dir) / f"rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.fixture(scope="module")
+def tp_runs(tmp_path_factory) -> list[dict]:
+    """One spawn of two gloo ranks serves all the TP=2 checks (process start-up dominates the cost)."""
+    tmp = tmp_path_factory.mktemp("tp")
+    mp.spawn(_worker, args=(str(tmp / "init"), str(tmp)), nprocs=WORLD, join=True)
+    return [torch.load(tmp / f"rank{r}.pt") for r in range(WORLD)]
+
+
+@pytest.fixture(scope="module")
+def unsharded() -> tuple[list[torch.Tensor], list[int]]:
+    return _passes(_tiny())
+
+
+def test_tp2_logits_match_unsharded(tp_runs, unsharded):
+    want, _ = unsharded
+    got = tp_runs[0]["logits"]
+    assert [g.shape for g in got] == [w.shape for w in want]
+    for i, (g, w) in enumerate(zip(got, want)):
+        torch.testing.assert_close(g, w, atol=1e-4, rtol=0, msg=lambda m: f"pass {i}: {m}")
+
+
+def test_tp2_ranks_return_identical_logits(tp_runs):
+    for a, b in zip(tp_runs[0]["logits"], tp_runs[1]["logits"]):
+        assert torch.equal(a, b)
+
+
+def test_tp2_greedy_equals_unsharded(tp_runs, unsharded):
+    _, want = unsharded
+    assert tp_runs[0]["greedy"] == want
+    assert tp_runs[1]["greedy"] == want
+
+
+def test_tp2_cache_holds_local_kv_heads(tp_runs):
+    assert [run["kv_heads"] for run in tp_runs] == [SHAPES["tiny"]["num_key_value_heads"] // WORLD] * WORLD
+
+
+def test_shards_keep_names_and_tile_the_full_weights():
+    # No collective runs before a forward pass, so sharding needs no process group.
+    full = _tiny().state_dict()
+    shards = [apply_tp(_tiny(), rank, WORLD).state_dict() for rank in range(WORLD)]
+    assert all(list(s) == list(full) for s in shards)
+    for name, tensor in full.items():
+        module = name.split(".")[-2]
+        if module in ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj"):  # weights and q, k, v biases
+            dim = 0
+        elif module in ("o_proj", "down_proj"):
+            dim = 1
+        else:  # embedding, norms, LM head: replicated
+            assert all(torch.equal(s[name], tensor) for s in shards), name
+            continue
+        assert torch.equal(torch.cat([s[name] for s in shards], dim=dim), tensor), name
+
+
+def test_apply_tp_updates_modules_and_args():
+    model = apply_tp(_tiny(), 1, WORLD)
+    attn = model.model.layers[0].self_attn
+    assert (attn.n_heads, attn.n_kv) == (2, 1)
+    assert isinstance(attn.o_proj, RowParallelLinear) and attn.o_proj.in_features == 32
+    assert isinstance(model.model.layers[0].mlp.down_proj, RowParallelLinear)
+    a = model.args
+    assert (a.num_heads, a.num_kv_heads, a.intermediate_size, a.head_dim, a.hidden_size) == (2, 1, 64, 16, 64)
+    with pytest.raises(ValueError, match="already applied"):
+        apply_tp(model, 1, WORLD)
+
+
+def test_world_3_refused_for_4_heads():
+    with pytest.raises(ValueError, match=r"world=3 .*num_heads=4, num_kv_heads=2, intermediate_size=128 not"):
+        apply_tp(_tiny(), 0, 3)
+
+
+def test_single_kv_head_refused_at_tp2():
+    with pytest.raises(ValueError, match=r"num_kv_heads=1 not divisible by 2"):
+        apply_tp(_tiny("tiny-llama"), 0, WORLD)
+
+
+def test_rank_out_of_range_refused():
+    with pytest.raises(ValueError, match="rank=2, world=2"):
+        apply_tp(_tiny(), 2, WORLD)

@@ -159,4 +159,11 @@ def load_model(spec: ModelSpec, *, device: str | torch.device = "cpu", max_seq_l
         _check_fits(model.args, max_seq_len, spec.model)
         tokenizer = HFTokenizer(folder, model.args.eos_token_ids)
     model.eval().requires_grad_(False)
+    # Row-by-row attention buys bfloat16 batch invariance on the CPU (docs/engine.md); on a GPU it would
+    # cost a kernel launch per row and layer, and the GPU path makes its own guarantees.
+    model.exact_rows = device.type == "cpu"
+    if device.type == "cuda":
+        # cuDNN's attention builds an execution plan per new key length: 3 ms of host time per call, every
+        # decode step (measured on an H100, torch 2.11). The other SDPA kernels have no such cost.
+        torch.backends.cuda.enable_cudnn_sdp(False)
     return LoadedModel(spec.model, model, tokenizer, fingerprint(model))

@@ -103,6 +103,36 @@ class RuntimeConfig(_Section):
         return v
 
 
+class ServeConfig(_Section):
+    """Serving over Ray and gRPC (actors/, cluster/ray_backend.py); the in-process engine ignores it."""
+
+    tensor_parallel: int = Field(1, ge=1, le=8, description="target shards (TP ranks), one Ray actor each")
+    pipeline: bool = Field(
+        True,
+        description=(
+            "draft block t+1 while the target verifies block t, assuming block t is accepted in full; the "
+            "speculative block is dropped unless it was (output is the same either way)"
+        ),
+    )
+    host: str = Field("127.0.0.1", description="address the gRPC server binds (loopback: this machine only)")
+    port: int = Field(50051, ge=0, le=65535, description="gRPC port; 0 picks a free one")
+    ray_address: str | None = Field(
+        None, description="a running Ray cluster to join (ray.init address); none starts a local Ray on loopback"
+    )
+    cpus_per_actor: int = Field(
+        1, ge=1, le=1024, description="CPUs reserved for, and torch threads of, the draft worker and each shard"
+    )
+    max_active_requests: int = Field(
+        1, ge=1, le=1024, description="requests the scheduler runs at once (interleaved step by step; more wait)"
+    )
+    max_record_bytes: int = Field(
+        16 * 1024 * 1024,
+        ge=1024,
+        le=1024**3,
+        description="largest msgpack record between actors, in bytes (a 131072-token prompt needs about 640 KiB)",
+    )
+
+
 class Config(_Section):
     """The whole configuration of one judgeserve deployment."""
 
@@ -112,6 +142,7 @@ class Config(_Section):
     decoding: DecodingConfig = DecodingConfig()
     judge: JudgeConfig = JudgeConfig()
     runtime: RuntimeConfig = RuntimeConfig()
+    serve: ServeConfig = ServeConfig()
 
     @model_validator(mode="after")
     def _judge_mode_has_judge(self) -> "Config":

@@ -1,0 +1,57 @@
+"""What the model-holding actors share: one KV cache per active request, and the torch set-up of an actor.
+
+A cache is created on a request's first call and freed by `release`; every call names the length the
+cache must have (`keep`), so the actor rolls back to the scheduler's view of the sequence instead of
+tracking acceptance itself. Not for: the model or the algorithm (engine/), Ray calls (the actor modules).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from engine.config import Config
+from engine.model import KVCache, Transformer
+
+
+class CacheError(RuntimeError):
+    """A call that does not fit the request's cache (a scheduler bug, or too many requests at once)."""
+
+
+class RequestCaches:
+    """request_id -> KVCache of one model, at most `limit` at a time (the scheduler's max_active_requests)."""
+
+    def __init__(self, model: Transformer, max_len: int, limit: int):
+        self.model, self.max_len, self.limit = model, max_len, limit
+        self._caches: dict[str, KVCache] = {}
+
+    def at(self, request_id: str, keep: int) -> KVCache:
+        """The request's cache rolled back to `keep` positions (created, empty, on first use)."""
+        cache = self._caches.get(request_id)
+        if cache is None:
+            if len(self._caches) >= self.limit:
+                raise CacheError(
+                    f"{len(self._caches)} request caches are held already (serve.max_active_requests is "
+                    f"{self.limit}): {sorted(self._caches)}"
+                )
+            cache = self._caches[request_id] = self.model.new_cache(self.max_len)
+        if keep > cache.length:
+            raise CacheError(f"request {request_id}: asked to keep {keep} positions, the cache holds {cache.length}")
+        cache.truncate(keep)
+        return cache
+
+    def release(self, request_id: str) -> bool:
+        return self._caches.pop(request_id, None) is not None
+
+    def active(self) -> list[str]:
+        return sorted(self._caches)
+
+
+def actor_device(config: Config) -> torch.device:
+    """The device of a model actor: Ray's num_gpus makes the actor's GPU visible as cuda:0."""
+    return torch.device("cuda" if config.runtime.device.startswith("cuda") else "cpu")
+
+
+def set_threads(config: Config) -> None:
+    """torch CPU threads = the CPUs Ray reserved for this actor, so that co-located actors (the draft worker
+    and the shards on one node) do not run more threads than there are cores."""
+    torch.set_num_threads(config.serve.cpus_per_actor)

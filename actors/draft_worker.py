@@ -1,0 +1,99 @@
+"""The draft worker: a Ray actor holding the draft model and one KV cache per active request.
+
+`propose` drafts one whole block per call (nothing per token crosses the actor boundary). The pure part,
+`draft_block`, is the engine's draft loop (engine.decode.Engine._draft) with the same forward calls, so the
+draft tokens equal the in-process engine's bit for bit; it optionally starts with a greedy guess of the
+target's next token, which is how pipelining drafts block t+1 before block t is verified (actors.scheduler).
+
+Not for: deciding what to accept (the scheduler and engine.verify), or the target.
+"""
+
+from __future__ import annotations
+
+import time
+
+import ray
+import torch
+
+from actors.caches import RequestCaches, actor_device, set_threads
+from actors.messages import DraftInput, DraftOutput, Role, step_generator
+from engine.config import Config
+from engine.model import KVCache, Transformer
+from engine.sampling import SamplingParams, probabilities, sample
+from engine.weights import load_model
+
+
+@torch.inference_mode()
+def draft_block(
+    model: Transformer,
+    cache: KVCache,
+    feed: list[int],
+    k: int,
+    params: SamplingParams,
+    gen: torch.Generator | None,
+    guess: bool,
+) -> tuple[list[int], torch.Tensor | None, int | None]:
+    """One draft pass per token, the first also feeding `feed` (what the draft has not seen).
+
+    Returns (d_1..d_K, q [K, vocab] float32 on the CPU or None when greedy, the guess or None). With
+    `guess`, the first pass yields the draft's argmax guess of the target's next token (argmax even when
+    sampling: the guess only has to be likely, it is never emitted unchecked) and the block follows it.
+    """
+    device = cache.k.device
+    tokens, probs, first = [], [], None
+    for i in range(k + int(guess)):
+        logits, _ = model(torch.tensor([feed], device=device), cache, last_only=True)
+        row = logits[0, -1]  # [vocab]
+        if guess and i == 0:
+            token = first = int(row.argmax())
+        elif params.greedy:
+            token = int(row.argmax())
+            tokens.append(token)
+        else:
+            q = probabilities(row, params)  # [vocab]
+            token = int(sample(q, gen))
+            tokens.append(token)
+            probs.append(q)
+        feed = [token]
+    q_block = torch.stack(probs).cpu() if probs else None  # [K, vocab]
+    return tokens, q_block, first
+
+
+@ray.remote
+class DraftWorker:
+    """Holds the draft model; `propose` drafts a block for one request, `release` frees its cache."""
+
+    def __init__(self, config: Config):
+        set_threads(config)
+        self.config = config
+        self.loaded = load_model(config.draft, device=actor_device(config), max_seq_len=config.decoding.max_seq_len)
+        self.caches = RequestCaches(self.loaded.model, config.decoding.max_seq_len, config.serve.max_active_requests)
+        self.max_bytes = config.serve.max_record_bytes
+
+    def info(self) -> dict:
+        """The loaded model, for ModelInfo (cluster.backend.describe's keys) and the vocabulary check."""
+        return {"name": self.loaded.name, "fingerprint": self.loaded.fingerprint, "args": self.loaded.args}
+
+    @ray.method(num_returns=2)
+    def propose(self, rec: bytes) -> tuple[bytes, torch.Tensor | None]:
+        """DraftInput -> (DraftOutput, q).
+
+        q is the draft's distribution [K, vocab] (float32, CPU) over the block's positions in sampling mode
+        and None when greedy: vocab-sized, so it is a separate return value that the scheduler hands to the
+        target as an ObjectRef without fetching it, never part of the msgpack record.
+        """
+        t0 = time.perf_counter()
+        inp = DraftInput.from_bytes(rec, self.max_bytes)
+        params = inp.sampling.params()
+        gen = None if params.greedy else step_generator(inp.sampling.seed, Role.DRAFT, inp.step)
+        cache = self.caches.at(inp.request_id, inp.keep)
+        tokens, q, guess = draft_block(self.loaded.model, cache, inp.feed, inp.k, params, gen, inp.guess)
+        out = DraftOutput(tokens, guess, cache.length, time.perf_counter() - t0)
+        return out.to_bytes(), q
+
+    def release(self, request_id: str) -> bool:
+        return self.caches.release(request_id)
+
+    def active(self) -> list[str]:
+        """Request ids that hold a cache here (empty when nothing is running)."""
+        return self.caches.active()

@@ -1,0 +1,63 @@
+"""The judge scorer: a Ray actor holding the judge head (Bachmann et al. 2025) and its default threshold.
+
+`score` turns the target's hidden states of the K draft tokens into K verdicts with the pure functions
+of the engine: engine.verify.judge_accept over engine.judge.JudgeHead.scores. It keeps no per-request
+state.
+
+Placement. On CPU the judge is a plain actor call on rank 0's node (bundle 0 of the placement group, no
+CPUs of its own: a dot product per draft token). On GPU it belongs on target rank 0's GPU: the same
+placement-group bundle with a fractional GPU (rank 0 taking the rest), so that the hidden states, which
+rank 0 computes, never leave the GPU; the GPU fast path (Ray Compiled Graphs with on-device transport, a
+later issue) needs that. Until then the shard returns the hidden states as a CPU tensor through the object
+store and the head runs on the CPU, which costs about a small tensor's actor hop (DESIGN.md section 2).
+
+Not for: training heads, or combining the verdict with the standard rule (the scheduler does, through
+engine.verify.accepted_length).
+"""
+
+from __future__ import annotations
+
+import time
+
+import ray
+import torch
+
+from actors.messages import JudgeOutput
+from engine.config import Config
+from engine.judge import JudgeHead, load_judge
+from engine.verify import judge_accept
+
+
+def judge_verdicts(head: JudgeHead, hidden: torch.Tensor, threshold: float) -> list[bool]:
+    """hidden: [K, hidden] -> [K] verdicts, sigmoid(w . h_i + b) > threshold."""
+    return judge_accept(head.scores(hidden).cpu(), threshold).tolist()
+
+
+@ray.remote
+class JudgeScorer:
+    """Loads the config's judge file for the served target (refusing one trained for another target)."""
+
+    def __init__(self, config: Config, target_name: str, target_fingerprint: str, hidden_size: int):
+        self.head = load_judge(
+            config.judge.path, target_name=target_name, target_fingerprint=target_fingerprint, hidden_size=hidden_size
+        )
+        # engine.decode.Engine.default_threshold: the config's, else the file's own.
+        self.default_threshold = config.judge.threshold if config.judge.threshold is not None else self.head.threshold
+
+    def info(self) -> dict:
+        return {
+            "target_name": self.head.target_name,
+            "target_fingerprint": self.head.target_fingerprint,
+            "threshold": self.head.threshold,
+            "default_threshold": self.default_threshold,
+        }
+
+    def score(self, hidden: torch.Tensor, threshold: float | None = None) -> bytes:
+        """hidden [K, hidden] (the target's, of d_1..d_K) -> JudgeOutput; threshold None: the default."""
+        t0 = time.perf_counter()
+        t = self.default_threshold if threshold is None else threshold
+        return JudgeOutput(judge_verdicts(self.head, hidden, t), time.perf_counter() - t0).to_bytes()
+
+    def active(self) -> list[str]:
+        """The judge holds no per-request state; here for symmetry with the other actors' checks."""
+        return []

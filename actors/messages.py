@@ -1,0 +1,356 @@
+"""The records the actors exchange, one small typed record per phase, and the sampling RNG scheme.
+
+Every record is a frozen dataclass sent as msgpack (`to_bytes` / `from_bytes`): a map of its field names
+plus a `record` tag naming the type, checked on arrival against the field types below. `from_bytes` refuses
+data over `max_bytes` (ServeConfig.max_record_bytes) before unpacking it and every field of the wrong type,
+so a record never unpickles anything and a confused sender fails loudly at the receiver.
+
+Vocab-sized or hidden-sized tensors never go through msgpack: the draft's q (sampling only) and the
+target's hidden states for the judge travel as torch tensors in separate Ray return values, so the
+scheduler passes their ObjectRefs on without fetching them.
+
+The phases of one speculative step (DESIGN.md section 1):
+  scheduler --DraftInput--> draft worker --DraftOutput (+ q tensor when sampling)--> scheduler
+  scheduler --VerifyInput (+ q ref)--> every target shard --VerifyOutput (+ hidden tensor)--> scheduler
+  scheduler --hidden ref, threshold--> judge scorer --JudgeOutput--> scheduler
+  prefill and autoregressive steps: scheduler --TargetInput--> every target shard --TargetOutput--> scheduler
+  scheduler --StreamItem per step, then CompletionRecord--> driver (cluster.ray_backend)
+
+RNG scheme (sampling only; greedy draws no random numbers). A request's seed (the client's, else one the
+scheduler draws at admission) and a counter name every random stream: the draft worker draws from
+`step_generator(seed, Role.DRAFT, step)` and the target from `step_generator(seed, Role.TARGET, step)`, where
+`step` is the index of the target pass the draw belongs to (0 = prefill). No actor keeps RNG state between
+calls, so a seeded request gives the same tokens whatever the timing, the placement or a restarted actor.
+
+Not for: the client wire format (protos/) or anything the model computes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import types
+import typing
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import msgpack
+import torch
+
+from engine.sampling import SamplingParams
+
+
+class RecordError(ValueError):
+    """Bytes that are not a valid record of the expected type (too large, malformed, wrong fields)."""
+
+
+class Role(enum.IntEnum):
+    """Which actor a random stream belongs to."""
+
+    DRAFT = 1
+    TARGET = 2
+
+
+_MASK64 = (1 << 64) - 1
+
+
+def _splitmix64(x: int) -> int:
+    # Steele, Lea and Flood, "Fast splittable pseudorandom number generators" (2014): a bijective mixer,
+    # so distinct (seed, role, step) triples give well-separated torch seeds.
+    x = (x + 0x9E3779B97F4A7C15) & _MASK64
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return x ^ (x >> 31)
+
+
+def step_generator(seed: int, role: Role, step: int, device: torch.device | str = "cpu") -> torch.Generator:
+    """The generator of one actor's draws for one target pass of one request (see the module docstring)."""
+    mixed = _splitmix64(_splitmix64(_splitmix64(seed) ^ int(role)) ^ step)
+    return torch.Generator(device=device).manual_seed(mixed >> 1)  # manual_seed takes 63 bits
+
+
+# ---- the record base --------------------------------------------------------------------------------
+
+
+def _decode(value: Any, tp: Any, where: str) -> Any:
+    """A msgpack-decoded value checked against its annotated type (the few types records use); nested
+    records are rebuilt from their maps."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        for option in typing.get_args(tp):
+            try:
+                return _decode(value, option, where)
+            except RecordError:
+                pass
+        raise RecordError(f"{where}: expected {tp}, got {type(value).__name__}")
+    if origin is list:
+        (item,) = typing.get_args(tp)
+        if not isinstance(value, list):
+            raise RecordError(f"{where}: expected a list, got {type(value).__name__}")
+        if item in (int, bool, str, float):  # the common case, checked without a call per element
+            if not all(_is(v, item) for v in value):
+                raise RecordError(f"{where}: expected {tp}")
+            return value
+        return [_decode(v, item, f"{where}[{i}]") for i, v in enumerate(value)]
+    if isinstance(tp, type) and issubclass(tp, Record):
+        return tp._from_map(value)
+    if tp is type(None) and value is None or tp in (int, bool, str, float) and _is(value, tp):
+        return float(value) if tp is float else value
+    raise RecordError(f"{where}: expected {getattr(tp, '__name__', tp)}, got {type(value).__name__}")
+
+
+def _is(value: Any, tp: type) -> bool:
+    if tp is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if tp is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    return isinstance(value, tp)
+
+
+def _encode(value: Any) -> Any:
+    return value._to_map() if isinstance(value, Record) else value
+
+
+@dataclass(frozen=True)
+class Record:
+    """A msgpack record: `to_bytes`, and `from_bytes` with an explicit size cap and a type check."""
+
+    _types: ClassVar[dict[type, dict[str, Any]]] = {}
+
+    def to_bytes(self) -> bytes:
+        return msgpack.packb(self._to_map(), use_bin_type=True)
+
+    def _to_map(self) -> dict[str, Any]:
+        fields = {f.name: _encode(getattr(self, f.name)) for f in dataclasses.fields(self)}
+        return {"record": type(self).__name__, **fields}
+
+    @classmethod
+    def from_bytes(cls, data: bytes, max_bytes: int):
+        return cls._from_map(_unpack(data, max_bytes))
+
+    @classmethod
+    def _from_map(cls, raw: Any):
+        if not isinstance(raw, dict) or raw.get("record") != cls.__name__:
+            tag = raw.get("record") if isinstance(raw, dict) else type(raw).__name__
+            raise RecordError(f"expected a {cls.__name__} record, got {tag!r}")
+        hints = cls._field_types()
+        fields = {k: v for k, v in raw.items() if k != "record"}
+        if fields.keys() != hints.keys():
+            missing, extra = sorted(hints.keys() - fields.keys()), sorted(fields.keys() - hints.keys())
+            raise RecordError(f"{cls.__name__}: missing fields {missing}, unknown fields {extra}")
+        return cls(**{name: _decode(fields[name], tp, f"{cls.__name__}.{name}") for name, tp in hints.items()})
+
+    @classmethod
+    def _field_types(cls) -> dict[str, Any]:
+        if cls not in Record._types:
+            hints = typing.get_type_hints(cls)
+            Record._types[cls] = {f.name: hints[f.name] for f in dataclasses.fields(cls)}
+        return Record._types[cls]
+
+
+def _unpack(data: bytes, max_bytes: int) -> Any:
+    if not isinstance(data, (bytes, bytearray, memoryview)):
+        raise RecordError(f"a record is bytes, got {type(data).__name__}")
+    if len(data) > max_bytes:
+        raise RecordError(f"record of {len(data)} bytes exceeds the limit of {max_bytes} (serve.max_record_bytes)")
+    try:
+        # The per-object caps are msgpack's defaults spelt out (each is bounded by the data's length), and
+        # ext types, which could name arbitrary types, are refused outright.
+        return msgpack.unpackb(
+            data,
+            raw=False,
+            strict_map_key=True,
+            use_list=True,
+            max_str_len=len(data),
+            max_bin_len=len(data),
+            max_array_len=len(data),
+            max_map_len=len(data) // 2,
+            max_ext_len=0,
+        )
+    except (ValueError, msgpack.ExtraData, msgpack.FormatError, msgpack.StackError) as err:
+        raise RecordError(f"malformed record: {type(err).__name__} {err}".rstrip()) from None
+
+
+# ---- sampling parameters, as the workers need them ----------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Sampling(Record):
+    """What a worker needs of a request's SamplingParams to turn logits into tokens, plus the RNG key."""
+
+    temperature: float  # 0 = greedy
+    top_k: int
+    top_p: float
+    seed: int  # the request's seed (drawn by the scheduler when the client gave none)
+
+    @classmethod
+    def of(cls, params: SamplingParams, seed: int) -> "Sampling":
+        return cls(params.temperature, params.top_k, params.top_p, seed)
+
+    def params(self) -> SamplingParams:
+        """SamplingParams checks the values again on the worker (max_tokens is the scheduler's business)."""
+        return SamplingParams(max_tokens=1, temperature=self.temperature, top_k=self.top_k, top_p=self.top_p)
+
+
+# ---- draft worker --------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class DraftInput(Record):
+    """Roll the request's draft cache back to `keep`, feed `feed`, then propose `k` draft tokens.
+
+    With `guess`, the first token is not part of the block: it is the draft's argmax guess of the target's
+    next token (the bonus of the step being verified), fed before the block is drafted. Pipelining sends
+    feed = [d_K of block t] and guess = True to draft block t+1 while block t is verified.
+    """
+
+    request_id: str
+    keep: int  # the draft cache's length before this call, after the rollback
+    feed: list[int]  # tokens the draft has not seen yet (the whole prompt on the first call)
+    k: int  # K: draft tokens in the block
+    guess: bool
+    step: int  # the target pass this block will be verified in (the RNG counter)
+    sampling: Sampling
+
+
+@dataclass(frozen=True)
+class DraftOutput(Record):
+    """The block. In sampling mode the draft's q [K, vocab] is the propose call's second return value."""
+
+    tokens: list[int]  # d_1..d_K
+    guess: int | None  # the guessed bonus token (DraftInput.guess), else None
+    cache_len: int  # the draft cache's length after the call
+    compute_s: float  # wall time inside the worker
+
+
+# ---- target shards -------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class TargetInput(Record):
+    """One target pass that emits one token: the prefill (keep = 0, feed = the prompt) or an autoregressive
+    step (feed = [t_last]). Sampled per the params at RNG counter `step`."""
+
+    request_id: str
+    keep: int
+    feed: list[int]
+    step: int
+    sampling: Sampling
+
+
+@dataclass(frozen=True)
+class TargetOutput(Record):
+    token: int
+    cache_len: int
+    compute_s: float
+
+
+@dataclass(frozen=True)
+class VerifyInput(Record):
+    """One verification pass: roll back to `keep`, feed `feed` + `draft` ([t_last, d_1..d_K] in the usual
+    case). With `want_hidden` (judge mode) the shard also returns the hidden states of d_1..d_K."""
+
+    request_id: str
+    keep: int
+    feed: list[int]  # emitted tokens the target has not seen (normally just t_last)
+    draft: list[int]  # d_1..d_K
+    want_hidden: bool
+    step: int
+    sampling: Sampling
+
+
+@dataclass(frozen=True)
+class VerifyOutput(Record):
+    """Compact verification result: everything the scheduler needs to accept, nothing vocab-sized."""
+
+    matched: list[bool]  # [K] standard rule (engine.verify.standard_accept)
+    final_candidates: list[int]  # [K+1] the token after d_1..d_n for n = 0..K (correction; bonus at K)
+    cache_len: int
+    compute_s: float
+
+
+# ---- judge scorer --------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class JudgeOutput(Record):
+    judged: list[bool]  # [K] sigmoid(w . h_i + b) > threshold
+    compute_s: float
+
+
+# ---- scheduler <-> driver ------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class GenerateInput(Record):
+    """A checked engine Request (cluster.ray_backend made it with Engine.make_request's rules)."""
+
+    request_id: str
+    prompt_ids: list[int]
+    mode: str  # engine.config.Mode value
+    draft_tokens: int
+    threshold: float
+    max_tokens: int
+    temperature: float
+    top_k: int
+    top_p: float
+    seed: int | None
+    stop: list[str]
+    stop_token_ids: list[int]
+    ignore_eos: bool
+
+
+@dataclass(frozen=True)
+class Admitted(Record):
+    """The scheduler's first stream item: from here on `Scheduler.abort(request_id)` finds the request."""
+
+    request_id: str
+
+
+@dataclass(frozen=True)
+class EventRecord(Record):
+    """engine.decode.StepEvent."""
+
+    tokens: list[int]
+    provenance: list[int]  # engine.verify.Provenance values
+    text: str
+
+
+@dataclass(frozen=True)
+class CompletionRecord(Record):
+    """engine.decode.Completion, its timings flattened, plus the serving split (actors.scheduler.ServeTimings)."""
+
+    text: str
+    token_ids: list[int]
+    provenance: list[int]
+    finish_reason: str  # engine.output.FinishReason value
+    prompt_tokens: int
+    mode: str
+    steps: int
+    speculative_steps: int
+    draft_tokens_proposed: int
+    draft_tokens_accepted: int
+    judge_accepted_tokens: int
+    draft_s: float
+    verify_s: float
+    judge_s: float
+    total_s: float
+    overhead_s: float
+    draft_compute_s: float
+    verify_compute_s: float
+    judge_compute_s: float
+    pipelined_blocks: int
+    pipelined_blocks_used: int
+
+
+STREAM_RECORDS: tuple[type[Record], ...] = (Admitted, EventRecord, CompletionRecord)
+
+
+def stream_item_from_bytes(data: bytes, max_bytes: int) -> Admitted | EventRecord | CompletionRecord:
+    """One item of the scheduler's stream, whichever of the three it is."""
+    raw = _unpack(data, max_bytes)
+    tag = raw.get("record") if isinstance(raw, dict) else None
+    for cls in STREAM_RECORDS:
+        if tag == cls.__name__:
+            return cls._from_map(raw)
+    raise RecordError(f"not a stream record: {tag!r}")

@@ -1,0 +1,537 @@
+"""The scheduler: a Ray actor that admits requests, owns their state, runs the decoding loop across the
+draft worker, the target shards and the judge scorer, and streams each step back to the driver.
+
+One step reads like the paper and like engine.decode.Engine._speculative_step, one named call each:
+
+    block   = draft(state, K)            # draft worker: d_1..d_K (q stays in the object store)
+    verdict = verify(state, block)       # every target shard: matched [K], final candidates [K+1]
+    judged  = judge(state, verdict)      # judge scorer, on the hidden states rank 0 returned
+    step    = accept(block, verdict, judged)   # engine.verify.accepted_length + accept
+    advance(state, step)                 # append; both caches are rolled back on their next call
+
+and the results equal the in-process engine's: every actor makes the engine's forward calls, and the
+acceptance is engine.verify's. Prefill and autoregressive steps are one target pass each, as in the engine.
+
+Pipelining (serve.pipeline). While the target verifies block t, the draft worker already drafts block t+1
+assuming block t is accepted in full: it is fed d_K, guesses the bonus token (its argmax), and drafts K
+tokens after the guess. The speculative block is used only if the step accepted all K draft tokens and the
+bonus equals the guess: then the draft has seen exactly the sequence the next step starts from, and the
+block is what a fresh call would have drafted (the passes compute each row as a longer pass would:
+engine.model's batch invariance). Otherwise it is dropped and the block drafted again after the verdict,
+so greedy output is the same with or without pipelining. In sampling mode the speculative block draws
+from the same RNG stream a re-draft would (actors.messages), and a dropped block is never looked at, so
+the emitted tokens still follow the target's distribution.
+
+Requests run one at a time by default (serve.max_active_requests); more interleave step by step, each
+with its own caches (batching them into one pass is a later issue; `RequestState` is what a batch would
+hold). `abort(request_id)` stops a request at the next step boundary; its caches are released in every
+actor when its loop ends, however it ends.
+
+Not for: tokenizing or checking requests (cluster.ray_backend, with engine.decode's rules), the gRPC edge.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import secrets
+import time
+from dataclasses import dataclass, field
+from typing import AsyncIterator, Sequence
+
+import ray
+import torch
+from ray.actor import ActorHandle
+
+from actors.messages import (
+    Admitted,
+    CompletionRecord,
+    DraftInput,
+    DraftOutput,
+    EventRecord,
+    GenerateInput,
+    JudgeOutput,
+    Sampling,
+    TargetInput,
+    TargetOutput,
+    VerifyInput,
+    VerifyOutput,
+)
+from actors.target_group import call_all, submit_all
+from engine.config import Config, Mode, ModelSpec
+from engine.decode import Completion, Request, StepEvent, Timings
+from engine.model import ModelArgs
+from engine.output import FinishReason, Output
+from engine.sampling import SamplingParams
+from engine.tokenizer import ByteTokenizer, HFTokenizer, Tokenizer
+from engine.verify import Accepted, DraftBlock, Provenance, accept, accepted_length
+from engine.weights import resolve_checkpoint
+
+log = logging.getLogger("judgeserve.scheduler")
+
+
+# ---- records of a served request ---------------------------------------------------------------------
+
+
+@dataclass
+class ServeTimings(Timings):
+    """engine.decode.Timings as the scheduler sees it, plus where the rest of the time went.
+
+    draft_s, verify_s and judge_s are the wall time the scheduler waited on each phase (a pipelined
+    draft that finished during verification costs nothing here); overhead_s is the rest of total_s:
+    scheduling, msgpack and Ray transport. The *_compute_s fields are the time spent inside the actors,
+    overlapped or not, so wait - compute is the transport cost of a phase.
+    """
+
+    overhead_s: float = 0.0
+    draft_compute_s: float = 0.0
+    verify_compute_s: float = 0.0
+    judge_compute_s: float = 0.0
+
+
+@dataclass
+class ServedCompletion(Completion):
+    """engine.decode.Completion plus pipelining counters."""
+
+    pipelined_blocks: int = 0  # speculative blocks drafted during verification
+    pipelined_blocks_used: int = 0  # of those, blocks the next step used (the others were dropped)
+    timings: ServeTimings = field(default_factory=ServeTimings)
+
+
+def completion_record(done: ServedCompletion) -> CompletionRecord:
+    t = done.timings
+    return CompletionRecord(
+        text=done.text,
+        token_ids=list(done.token_ids),
+        provenance=[int(p) for p in done.provenance],
+        finish_reason=done.finish_reason.value,
+        prompt_tokens=done.prompt_tokens,
+        mode=done.mode.value,
+        steps=done.steps,
+        speculative_steps=done.speculative_steps,
+        draft_tokens_proposed=done.draft_tokens_proposed,
+        draft_tokens_accepted=done.draft_tokens_accepted,
+        judge_accepted_tokens=done.judge_accepted_tokens,
+        draft_s=t.draft_s,
+        verify_s=t.verify_s,
+        judge_s=t.judge_s,
+        total_s=t.total_s,
+        overhead_s=t.overhead_s,
+        draft_compute_s=t.draft_compute_s,
+        verify_compute_s=t.verify_compute_s,
+        judge_compute_s=t.judge_compute_s,
+        pipelined_blocks=done.pipelined_blocks,
+        pipelined_blocks_used=done.pipelined_blocks_used,
+    )
+
+
+def completion_from_record(rec: CompletionRecord) -> ServedCompletion:
+    timings = ServeTimings(
+        draft_s=rec.draft_s,
+        verify_s=rec.verify_s,
+        judge_s=rec.judge_s,
+        total_s=rec.total_s,
+        overhead_s=rec.overhead_s,
+        draft_compute_s=rec.draft_compute_s,
+        verify_compute_s=rec.verify_compute_s,
+        judge_compute_s=rec.judge_compute_s,
+    )
+    return ServedCompletion(
+        text=rec.text,
+        token_ids=rec.token_ids,
+        provenance=[Provenance(p) for p in rec.provenance],
+        finish_reason=FinishReason(rec.finish_reason),
+        prompt_tokens=rec.prompt_tokens,
+        mode=Mode(rec.mode),
+        steps=rec.steps,
+        speculative_steps=rec.speculative_steps,
+        draft_tokens_proposed=rec.draft_tokens_proposed,
+        draft_tokens_accepted=rec.draft_tokens_accepted,
+        judge_accepted_tokens=rec.judge_accepted_tokens,
+        timings=timings,
+        pipelined_blocks=rec.pipelined_blocks,
+        pipelined_blocks_used=rec.pipelined_blocks_used,
+    )
+
+
+def event_record(event: StepEvent) -> EventRecord:
+    return EventRecord(list(event.tokens), [int(p) for p in event.provenance], event.text)
+
+
+def event_from_record(rec: EventRecord) -> StepEvent:
+    return StepEvent(rec.tokens, [Provenance(p) for p in rec.provenance], rec.text)
+
+
+def generate_input(request_id: str, request: Request) -> GenerateInput:
+    p = request.params
+    return GenerateInput(
+        request_id=request_id,
+        prompt_ids=list(request.prompt_ids),
+        mode=request.mode.value,
+        draft_tokens=request.draft_tokens,
+        threshold=request.threshold,
+        max_tokens=p.max_tokens,
+        temperature=p.temperature,
+        top_k=p.top_k,
+        top_p=p.top_p,
+        seed=p.seed,
+        stop=list(p.stop),
+        stop_token_ids=list(p.stop_token_ids),
+        ignore_eos=p.ignore_eos,
+    )
+
+
+def request_from_input(inp: GenerateInput) -> Request:
+    """The engine Request again; SamplingParams re-checks its fields."""
+    params = SamplingParams(
+        max_tokens=inp.max_tokens,
+        temperature=inp.temperature,
+        top_k=inp.top_k,
+        top_p=inp.top_p,
+        seed=inp.seed,
+        stop=tuple(inp.stop),
+        stop_token_ids=tuple(inp.stop_token_ids),
+        ignore_eos=inp.ignore_eos,
+    )
+    return Request(tuple(inp.prompt_ids), params, Mode(inp.mode), inp.draft_tokens, inp.threshold)
+
+
+def tokenizer_for(spec: ModelSpec, args: ModelArgs) -> Tokenizer:
+    """The tokenizer engine.weights.load_model gives this model, without loading the weights (the driver
+    and the scheduler need text, not the model)."""
+    if spec.is_dummy:
+        return ByteTokenizer(args.vocab_size)
+    return HFTokenizer(resolve_checkpoint(spec.model), args.eos_token_ids)
+
+
+# ---- per-request state and the pure rules of the loop ------------------------------------------------
+
+
+@dataclass
+class Block:
+    """A drafted block as the scheduler holds it: the tokens, and q as a Ray ObjectRef (sampling) or None."""
+
+    tokens: list[int]  # d_1..d_K
+    q: ray.ObjectRef | None  # resolves to [K, vocab] on the target's rank 0
+
+
+@dataclass
+class Speculation:
+    """A block for the next step, drafted while this step is verified (see the module docstring)."""
+
+    k: int
+    out: ray.ObjectRef  # DraftOutput bytes: the guess and the block
+    q: ray.ObjectRef | None
+    bonus: int | None = None  # the step's actual final token; set when the step accepted all K
+
+
+class RequestState:
+    """One request in the scheduler: its tokens, its output, and how much of them each model's cache holds.
+
+    `ids` is the prompt plus every emitted token. The caches hold a prefix of it: `target_len` positions
+    of the target's, `draft_len` of the draft's; what a model has not seen is fed at its next call, which
+    first rolls its cache back to these lengths (so rejected positions are never read again).
+    """
+
+    def __init__(self, request_id: str, request: Request, seed: int, tokenizer: Tokenizer):
+        self.request_id, self.request = request_id, request
+        self.sampling = Sampling.of(request.params, seed)
+        self.ids = list(request.prompt_ids)
+        self.output = Output(tokenizer, request.params)
+        self.target_len = 0
+        self.draft_len = 0
+        self.speculation: Speculation | None = None
+        self.aborted = asyncio.Event()
+        self.started = time.perf_counter()
+        self.done = ServedCompletion("", [], [], FinishReason.STOP, len(request.prompt_ids), request.mode, 0, 0, 0, 0, 0)
+
+    @property
+    def step(self) -> int:
+        """Target passes so far: the index of the next one (the RNG counter)."""
+        return self.done.steps
+
+    def pending(self, model_len: int) -> list[int]:
+        return self.ids[model_len:]
+
+    def advance(self, step: Accepted) -> StepEvent:
+        """Appends a step's tokens and cuts both cache lengths back to what is still on the sequence (the
+        last emitted token is fed at the next step). Returns the event to stream (tokens a stop rule cut
+        are not in it), as engine.decode.Engine.stream yields it."""
+        self.ids.extend(step.tokens)
+        keep = len(self.ids) - 1
+        self.target_len, self.draft_len = min(self.target_len, keep), min(self.draft_len, keep)
+        out = self.output
+        before = len(out.token_ids)
+        text = out.extend(step.tokens, step.provenance)
+        before = min(before, len(out.token_ids))
+        return StepEvent(out.token_ids[before:], out.provenance[before:], text)
+
+    def completion(self) -> ServedCompletion:
+        done, out = self.done, self.output
+        done.timings.total_s = time.perf_counter() - self.started
+        t = done.timings
+        t.overhead_s = max(0.0, t.total_s - t.draft_s - t.verify_s - t.judge_s)
+        done.text, done.token_ids, done.provenance = out.text, list(out.token_ids), list(out.provenance)
+        done.finish_reason = out.finish or FinishReason.ABORT
+        # Tokens cut by a stop rule were never emitted: keep the judge count consistent with the output.
+        done.judge_accepted_tokens = min(done.judge_accepted_tokens, sum(p is Provenance.JUDGE for p in out.provenance))
+        return done
+
+
+def draft_length(request: Request, ids_len: int, emitted: int, max_seq_len: int) -> int:
+    """K for the next step, clipped so that it cannot overrun max_tokens or the cache (0: a plain target
+    step); engine.decode.Engine._draft_length's rule."""
+    left = request.params.max_tokens - emitted
+    room = max_seq_len - ids_len
+    return max(0, min(request.draft_tokens, left - 1, room))
+
+
+def stop_ids(request: Request, tokenizer: Tokenizer) -> frozenset[int]:
+    p = request.params
+    return frozenset(p.stop_token_ids) | (frozenset() if p.ignore_eos else frozenset(tokenizer.eos_ids))
+
+
+# ---- the actor -------------------------------------------------------------------------------------------
+
+
+class RequestIdActive(ValueError):
+    """Raised into the stream when the request id is already running here."""
+
+
+@ray.remote
+class Scheduler:
+    """Runs requests over the draft worker, the target shards (rank order) and the judge scorer (or None)."""
+
+    def __init__(
+        self,
+        config: Config,
+        draft: ActorHandle,
+        shards: Sequence[ActorHandle],
+        judge: ActorHandle | None,
+        target_args: ModelArgs,
+    ):
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+        self.config = config
+        self.draft, self.shards, self.judge = draft, list(shards), judge
+        self.tokenizer = tokenizer_for(config.target, target_args)
+        self.max_seq_len = config.decoding.max_seq_len
+        self.max_bytes = config.serve.max_record_bytes
+        self.pipeline = config.serve.pipeline
+        self._turns = asyncio.Semaphore(config.serve.max_active_requests)
+        self._requests: dict[str, RequestState] = {}
+        self._pipelined = [0, 0]  # blocks drafted ahead, blocks used: over all requests, for stats()
+
+    def ready(self) -> bool:
+        return True
+
+    def active(self) -> list[str]:
+        """Request ids admitted and not yet finished (queued or running)."""
+        return sorted(self._requests)
+
+    def stats(self) -> dict:
+        return {"active": self.active(), "pipelined_blocks": self._pipelined[0], "pipelined_blocks_used": self._pipelined[1]}
+
+    def abort(self, request_id: str) -> bool:
+        """Stops the request at its next step boundary (or in the queue); False if it is not here."""
+        state = self._requests.get(request_id)
+        if state is None:
+            return False
+        state.aborted.set()
+        return True
+
+    async def generate(self, rec: bytes) -> AsyncIterator[bytes]:
+        """GenerateInput -> a stream (Ray streaming generator) of msgpack records: Admitted, then an
+        EventRecord per step, then one CompletionRecord (finish_reason abort after `abort`, error after a
+        failure, which is logged here). Cancelling the task (ray.cancel) stops the request at once."""
+        inp = GenerateInput.from_bytes(rec, self.max_bytes)
+        if inp.request_id in self._requests:
+            raise RequestIdActive(f"request_id: {inp.request_id!r} is already active")
+        request = request_from_input(inp)
+        seed = request.params.seed if request.params.seed is not None else secrets.randbits(63)
+        state = self._requests[inp.request_id] = RequestState(inp.request_id, request, seed, self.tokenizer)
+        try:
+            yield Admitted(inp.request_id).to_bytes()
+            if not await self._wait_turn(state):
+                yield completion_record(state.completion()).to_bytes()
+                return
+            try:
+                state.started = time.perf_counter()  # wall time excludes the queue, as LocalBackend's does
+                async for event in self._run(state):
+                    yield event_record(event).to_bytes()
+                done = state.completion()
+            except Exception:
+                log.exception("request %s failed", inp.request_id)
+                done = state.completion()
+                done.finish_reason = FinishReason.ERROR
+            finally:
+                self._release(state)
+                self._turns.release()
+            yield completion_record(done).to_bytes()
+        finally:
+            del self._requests[inp.request_id]
+
+    # ---- the loop ------------------------------------------------------------------------------------
+
+    async def _run(self, state: RequestState) -> AsyncIterator[StepEvent]:
+        request, out = state.request, state.output
+        while out.finish is None and not state.aborted.is_set():
+            k = draft_length(request, len(state.ids), len(out.token_ids), self.max_seq_len)
+            if not request.mode.is_speculative or k == 0 or state.target_len == 0:
+                step = await self._target_step(state)
+            else:
+                step = await self._speculative_step(state, k)
+            state.done.steps += 1
+            yield state.advance(step)
+
+    async def _target_step(self, state: RequestState) -> Accepted:
+        """One target pass over what its cache lacks (the prompt, or the last token): autoregressive."""
+        inp = TargetInput(state.request_id, state.target_len, state.pending(state.target_len), state.step, state.sampling)
+        method = "prefill" if state.target_len == 0 else "decode"
+        t0 = time.perf_counter()
+        out = TargetOutput.from_bytes(await call_all(self.shards, method, inp.to_bytes()), self.max_bytes)
+        timings = state.done.timings
+        timings.verify_s += time.perf_counter() - t0
+        timings.verify_compute_s += out.compute_s
+        state.target_len = out.cache_len
+        return Accepted([out.token], [Provenance.TARGET])
+
+    async def _speculative_step(self, state: RequestState, k: int) -> Accepted:
+        block = await self._draft(state, k)
+        verifying = self._verify(state, block)
+        if self.pipeline:
+            state.speculation = self._speculate(state, block)
+        verdict = await self._verdict(state, verifying)
+        judged = await self._judge(state, verifying.leader[1]) if state.request.mode is Mode.JUDGE else None
+        step = self._accept(state, block, verdict, judged)
+        done = state.done
+        done.speculative_steps += 1
+        done.draft_tokens_proposed += k
+        done.draft_tokens_accepted += step.draft_accepted
+        done.judge_accepted_tokens += sum(p is Provenance.JUDGE for p in step.provenance)
+        return step
+
+    async def _draft(self, state: RequestState, k: int) -> Block:
+        """d_1..d_K: the speculative block drafted during the last verification if it is valid (the last step
+        accepted all K draft tokens and its bonus is the draft's guess), else a fresh draft call."""
+        spec, state.speculation = state.speculation, None
+        t0 = time.perf_counter()
+        if spec is not None and spec.bonus is not None and spec.k == k:
+            out = DraftOutput.from_bytes(await spec.out, self.max_bytes)
+            self._time_draft(state, t0, out)
+            if out.guess == spec.bonus:
+                state.draft_len = out.cache_len
+                state.done.pipelined_blocks_used += 1
+                self._pipelined[1] += 1
+                return Block(out.tokens, spec.q)
+            t0 = time.perf_counter()
+        # A dropped speculation changed nothing the next call relies on: it rolls back to draft_len.
+        inp = DraftInput(
+            state.request_id, state.draft_len, state.pending(state.draft_len), k, False, state.step, state.sampling
+        )
+        out_ref, q_ref = self.draft.propose.remote(inp.to_bytes())
+        out = DraftOutput.from_bytes(await out_ref, self.max_bytes)
+        self._time_draft(state, t0, out)
+        state.draft_len = out.cache_len
+        return Block(out.tokens, None if state.request.params.greedy else q_ref)
+
+    def _speculate(self, state: RequestState, block: Block) -> Speculation | None:
+        """Drafts the next step's block assuming this one is accepted in full (fed d_K; the draft guesses
+        the bonus first). None where that next step would not be a speculative step, or would not come."""
+        k = len(block.tokens)
+        if any(t in stop_ids(state.request, self.tokenizer) for t in block.tokens):
+            return None  # accepted in full, the output ends within this step
+        ids_len, emitted = len(state.ids) + k + 1, len(state.output.token_ids) + k + 1
+        k_next = draft_length(state.request, ids_len, emitted, self.max_seq_len)
+        if k_next == 0:
+            return None
+        inp = DraftInput(state.request_id, state.draft_len, block.tokens[-1:], k_next, True, state.step + 1, state.sampling)
+        out_ref, q_ref = self.draft.propose.remote(inp.to_bytes())
+        state.done.pipelined_blocks += 1
+        self._pipelined[0] += 1
+        return Speculation(k_next, out_ref, None if state.request.params.greedy else q_ref)
+
+    def _verify(self, state: RequestState, block: Block):
+        """Submits the verification pass [t_last, d_1..d_K] to every shard (q to rank 0 only)."""
+        want_hidden = state.request.mode is Mode.JUDGE
+        inp = VerifyInput(
+            state.request_id,
+            state.target_len,
+            state.pending(state.target_len),
+            block.tokens,
+            want_hidden,
+            state.step,
+            state.sampling,
+        )
+        return submit_all(self.shards, "verify", inp.to_bytes(), leader_args=(block.q,))
+
+    async def _verdict(self, state: RequestState, verifying) -> VerifyOutput:
+        t0 = time.perf_counter()
+        out = VerifyOutput.from_bytes(await verifying.result(), self.max_bytes)
+        timings = state.done.timings
+        timings.verify_s += time.perf_counter() - t0
+        timings.verify_compute_s += out.compute_s
+        state.target_len = out.cache_len
+        return out
+
+    async def _judge(self, state: RequestState, hidden: ray.ObjectRef) -> list[bool]:
+        """The judge's verdicts on d_1..d_K; the hidden states go from rank 0 to the judge by reference."""
+        t0 = time.perf_counter()
+        out = JudgeOutput.from_bytes(await self.judge.score.remote(hidden, state.request.threshold), self.max_bytes)
+        timings = state.done.timings
+        timings.judge_s += time.perf_counter() - t0
+        timings.judge_compute_s += out.compute_s
+        return out.judged
+
+    def _accept(self, state: RequestState, block: Block, verdict: VerifyOutput, judged: list[bool] | None) -> Accepted:
+        """n leading draft tokens that pass (matched or judged), then the candidate for that n."""
+        matched = torch.tensor(verdict.matched, dtype=torch.bool)  # [K]
+        judged_t = torch.tensor(judged, dtype=torch.bool) if judged is not None else None  # [K]
+        n = accepted_length(matched, judged_t)
+        last = verdict.final_candidates[n]
+        spec = state.speculation
+        if spec is not None:
+            if n == len(block.tokens):
+                spec.bonus = last  # used at the next step if the draft guessed it
+            else:
+                state.speculation = None  # dropped: the draft rolls back at its next call
+        return accept(DraftBlock(torch.tensor(block.tokens), None), matched, judged_t, last)
+
+    def _time_draft(self, state: RequestState, t0: float, out: DraftOutput) -> None:
+        timings = state.done.timings
+        timings.draft_s += time.perf_counter() - t0
+        timings.draft_compute_s += out.compute_s
+
+    # ---- queue and clean-up --------------------------------------------------------------------------
+
+    async def _wait_turn(self, state: RequestState) -> bool:
+        """Waits for a free slot (serve.max_active_requests); False, holding none, if aborted first."""
+        if state.aborted.is_set():
+            return False
+        acquire = asyncio.ensure_future(self._turns.acquire())
+        aborted = asyncio.ensure_future(state.aborted.wait())
+        try:
+            await asyncio.wait((acquire, aborted), return_when=asyncio.FIRST_COMPLETED)
+        except BaseException:  # cancelled while queued: leave the queue, then let the cancellation through
+            aborted.cancel()
+            self._give_up_turn(acquire)
+            raise
+        aborted.cancel()
+        if acquire.done() and not state.aborted.is_set():
+            return True
+        self._give_up_turn(acquire)
+        return False
+
+    def _give_up_turn(self, acquire: asyncio.Future) -> None:
+        if not acquire.done():
+            acquire.cancel()  # asyncio.Semaphore passes the slot on when a woken waiter is cancelled
+        elif not acquire.cancelled():
+            self._turns.release()
+
+    def _release(self, state: RequestState) -> None:
+        """Frees the request's caches in every actor. Not awaited: each actor runs the release after the
+        request's calls still in flight there (one caller's calls run in order), and a request that
+        reuses the id later is submitted after it."""
+        state.speculation = None
+        self.draft.release.remote(state.request_id)
+        for shard in self.shards:
+            shard.release.remote(state.request_id)

@@ -1,0 +1,163 @@
+"""A target shard: one Ray actor per tensor-parallel rank, holding its slice of the target model.
+
+Every rank loads the full weights, shards them with `engine.tp.apply_tp`, joins one torch.distributed group
+(gloo on CPU, NCCL on CUDA; actors.target_group forms it) and runs the same forward passes in the same
+order, driven through `actors.target_group.call_all`. The LM head and final norm are replicated, so every
+rank ends a pass with the full logits and hidden states; rank 0 alone turns them into the compact result
+(the other ranks return None), so nothing vocab-sized leaves the shard.
+
+The pure parts, `target_token` and `verify_pass` + `verdicts`, make the same forward calls as the
+in-process engine (engine.decode.Engine._target_step and ._verify), so TP=1 results are bitwise the
+engine's, and verification uses engine.verify unchanged.
+
+Not for: choosing K, accepting tokens, or the judge (actors.scheduler, actors.judge_scorer).
+"""
+
+from __future__ import annotations
+
+import socket
+import time
+from datetime import timedelta
+
+import ray
+import torch
+import torch.distributed as dist
+
+from actors.caches import RequestCaches, actor_device, set_threads
+from actors.messages import Role, TargetInput, TargetOutput, VerifyInput, VerifyOutput, step_generator
+from engine.config import Config
+from engine.model import KVCache, Transformer
+from engine.sampling import SamplingParams, next_token
+from engine.tp import apply_tp
+from engine.verify import DraftBlock, final_token, standard_accept
+from engine.weights import load_model
+
+# A rank whose peer died waits this long in a collective before failing (torch's default is 30 minutes).
+COLLECTIVE_TIMEOUT = timedelta(minutes=5)
+
+
+@torch.inference_mode()
+def target_token(
+    model: Transformer, cache: KVCache, feed: list[int], params: SamplingParams, gen: torch.Generator | None
+) -> int:
+    """One target pass over `feed` (the prompt, or the last emitted token) -> the next token."""
+    logits, _ = model(torch.tensor([feed], device=cache.k.device), cache, last_only=True)
+    return next_token(logits[0, -1], params, gen)
+
+
+@torch.inference_mode()
+def verify_pass(model: Transformer, cache: KVCache, feed: list[int], draft: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """One target pass over feed + [d_1..d_K] -> logits [K+1, vocab] (CPU), hidden [K, hidden] of d_1..d_K."""
+    k = len(draft)
+    logits, hidden = model(torch.tensor([feed + draft], device=cache.k.device), cache)
+    return logits[0, -(k + 1) :].cpu(), hidden[0, -k:]
+
+
+def verdicts(
+    draft: list[int],
+    q: torch.Tensor | None,
+    logits: torch.Tensor,
+    params: SamplingParams,
+    gen: torch.Generator | None,
+) -> tuple[list[bool], list[int]]:
+    """draft: d_1..d_K; q: [K, vocab] or None (greedy); logits: [K+1, vocab].
+
+    Returns (matched [K], final_candidates [K+1]): the standard rule's verdict per draft token, and for each
+    n = 0..K the token emitted after d_1..d_n (the correction at n + 1, the bonus at n = K), so the
+    scheduler can accept with whatever the judge says without another call. Sampling draws the K uniforms
+    first, then the K+1 candidates, each from the generator's fresh numbers, so the candidate used for the
+    n the verdicts pick is independent of them.
+    """
+    block = DraftBlock(torch.tensor(draft), q)
+    matched, probs = standard_accept(block, logits, params, gen)
+    candidates = [final_token(n, block, logits, probs, params, gen) for n in range(len(draft) + 1)]
+    return matched.tolist(), candidates
+
+
+@ray.remote
+class TargetShard:
+    """Rank `rank` of `world` of the target. Call every method on every rank through target_group."""
+
+    def __init__(self, config: Config, rank: int, world: int):
+        set_threads(config)
+        self.config, self.rank, self.world = config, rank, world
+        self.device = actor_device(config)
+        loaded = load_model(config.target, device=self.device, max_seq_len=config.decoding.max_seq_len)
+        # Before sharding: ModelInfo describes the whole model, and the judge checks this fingerprint.
+        self._info = {"name": loaded.name, "fingerprint": loaded.fingerprint, "args": loaded.args}
+        # Refuses an uneven split here, before any collective could hang on it.
+        self.model = apply_tp(loaded.model, rank, world)
+        self.caches = RequestCaches(self.model, config.decoding.max_seq_len, config.serve.max_active_requests)
+        self.max_bytes = config.serve.max_record_bytes
+
+    # ---- the process group (actors.target_group.form_group) --------------------------------------------
+
+    def free_port(self) -> int:
+        """Rank 0: a free TCP port on loopback for the group's rendezvous (STRICT_PACK: one node)."""
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            s.bind(("127.0.0.1", 0))
+            return s.getsockname()[1]
+
+    def join(self, host: str, port: int) -> int:
+        backend = "nccl" if self.device.type == "cuda" else "gloo"
+        kwargs = {"device_id": torch.device("cuda", 0)} if backend == "nccl" else {}
+        dist.init_process_group(
+            backend,
+            init_method=f"tcp://{host}:{port}",
+            rank=self.rank,
+            world_size=self.world,
+            timeout=COLLECTIVE_TIMEOUT,
+            **kwargs,
+        )
+        return dist.get_rank()
+
+    def info(self) -> dict:
+        return dict(self._info, rank=self.rank, world=self.world)
+
+    # ---- passes ------------------------------------------------------------------------------------------
+
+    def prefill(self, rec: bytes) -> bytes | None:
+        """TargetInput with keep = 0 and the prompt -> TargetOutput with the first token (rank 0; else None)."""
+        return self._one_token(rec)
+
+    def decode(self, rec: bytes) -> bytes | None:
+        """TargetInput with feed = [t_last] -> TargetOutput: one autoregressive step (rank 0; else None)."""
+        return self._one_token(rec)
+
+    @ray.method(num_returns=2)
+    def verify(self, rec: bytes, q: torch.Tensor | None) -> tuple[bytes | None, torch.Tensor | None]:
+        """VerifyInput, q [K, vocab] (sampling; rank 0 only) -> (VerifyOutput, hidden [K, hidden] or None).
+
+        The hidden states of d_1..d_K are the judge's input (when VerifyInput.want_hidden): not vocab-sized,
+        they go as a CPU tensor in the second return value, which the scheduler hands to the judge scorer as
+        an ObjectRef. Ranks other than 0 return (None, None).
+        """
+        t0 = time.perf_counter()
+        inp = VerifyInput.from_bytes(rec, self.max_bytes)
+        cache = self.caches.at(inp.request_id, inp.keep)
+        logits, hidden = verify_pass(self.model, cache, inp.feed, inp.draft)
+        if self.rank != 0:
+            return None, None
+        params = inp.sampling.params()
+        gen = None if params.greedy else step_generator(inp.sampling.seed, Role.TARGET, inp.step)
+        matched, candidates = verdicts(inp.draft, q, logits, params, gen)
+        out = VerifyOutput(matched, candidates, cache.length, time.perf_counter() - t0)
+        return out.to_bytes(), (hidden.cpu() if inp.want_hidden else None)
+
+    def release(self, request_id: str) -> bool:
+        return self.caches.release(request_id)
+
+    def active(self) -> list[str]:
+        """Request ids that hold a cache on this rank (empty when nothing is running)."""
+        return self.caches.active()
+
+    def _one_token(self, rec: bytes) -> bytes | None:
+        t0 = time.perf_counter()
+        inp = TargetInput.from_bytes(rec, self.max_bytes)
+        params = inp.sampling.params()
+        gen = None if params.greedy else step_generator(inp.sampling.seed, Role.TARGET, inp.step)
+        cache = self.caches.at(inp.request_id, inp.keep)
+        token = target_token(self.model, cache, inp.feed, params, gen)
+        if self.rank != 0:
+            return None
+        return TargetOutput(token, cache.length, time.perf_counter() - t0).to_bytes()

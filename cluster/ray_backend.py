@@ -1,0 +1,293 @@
+"""`RayBackend`: the Backend of cluster.backend over the Ray actors of actors/, for cluster.server.
+
+It starts (or joins) Ray, places the actors with one STRICT_PACK placement group: bundles 0..N-1 hold the
+N target shards (one CPU-or-GPU bundle each), bundle N the draft worker; the judge scorer shares bundle 0
+with target rank 0 (actors.judge_scorer says why) and the scheduler bundle N, both without resources of
+their own. `ready()` finishes the start (the shards' process group, the judge, which must be loaded for
+the target's fingerprint, and the scheduler) and is True once every actor is up.
+
+Requests are checked here, in the driver, by engine.decode.Engine.make_request itself (on `_Models`, the
+parts of an Engine it reads, built from the actors' info), and each stream relays the scheduler's records
+as StepEvents through a cluster.backend.StreamTracker, which keeps what is streamed equal to the
+Completion and supplies one if the scheduler fails. Same contract as LocalBackend.
+
+Not for: the decoding loop (actors.scheduler), the gRPC edge (cluster.server).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from dataclasses import dataclass, field
+from typing import AsyncIterator, Sequence
+
+import ray
+from ray.util.placement_group import placement_group, remove_placement_group
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+from actors.draft_worker import DraftWorker
+from actors.judge_scorer import JudgeScorer
+from actors.messages import Admitted, EventRecord, RecordError, stream_item_from_bytes
+from actors.scheduler import Scheduler, completion_from_record, event_from_record, generate_input, tokenizer_for
+from actors.target_group import form_group
+from actors.target_shard import TargetShard
+from cluster.backend import RequestIdInUse, StreamTracker, describe
+from engine.config import Config, Mode
+from engine.decode import Completion, Engine, Request, RequestError, StepEvent
+from engine.model import ModelArgs
+from engine.output import FinishReason
+from engine.sampling import SamplingParams
+from engine.tokenizer import ChatMessage, Tokenizer
+
+log = logging.getLogger("judgeserve.ray_backend")
+
+
+class NotReady(RequestError):
+    """A request before the actors are up (health says NOT_SERVING until then)."""
+
+
+class BackendStartError(RuntimeError):
+    """The Ray cluster cannot hold the actors as configured; the message says what is missing."""
+
+
+@dataclass(frozen=True)
+class _Loaded:
+    """What describe and make_request read of an engine.weights.LoadedModel."""
+
+    name: str
+    args: ModelArgs
+    fingerprint: str
+
+
+@dataclass(frozen=True)
+class _JudgeInfo:
+    """What describe and Engine.default_threshold read of an engine.judge.JudgeHead."""
+
+    target_name: str
+    target_fingerprint: str
+    threshold: float
+
+
+class _Models:
+    """The parts of an Engine that Engine.make_request and cluster.backend.describe read, for models that
+    live in actors: so requests are checked by the engine's own rules, not a copy of them."""
+
+    make_request = Engine.make_request
+    default_threshold = Engine.default_threshold
+
+    def __init__(self, config: Config, tokenizer: Tokenizer, target: _Loaded, draft: _Loaded, judge: _JudgeInfo | None):
+        self.config, self.tokenizer = config, tokenizer
+        self.target, self.draft, self.judge = target, draft, judge
+        self.max_seq_len = config.decoding.max_seq_len
+
+
+@dataclass
+class _Active:
+    aborted: bool = False
+    admitted: bool = False  # the scheduler knows the request (its first stream item arrived)
+    items: ray.ObjectRefGenerator | None = field(default=None, repr=False)
+
+
+class RayBackend:
+    """Serves the config's models with the actors of actors/; `ray_address` joins a running cluster
+    (default: serve.ray_address, else a local Ray on loopback that `close` shuts down)."""
+
+    def __init__(self, config: Config, ray_address: str | None = None):
+        self.config = config
+        serve = config.serve
+        self._cuda = config.runtime.device.startswith("cuda")
+        self._max_bytes = serve.max_record_bytes
+        bundle = {"CPU": serve.cpus_per_actor, **({"GPU": 1} if self._cuda else {})}
+        bundles = [dict(bundle) for _ in range(serve.tensor_parallel + 1)]  # the shards, then the draft
+        self._owns_ray = _start_ray(ray_address or serve.ray_address, bundles)
+        self._pg = placement_group(bundles, strategy="STRICT_PACK")
+        gpus = 1 if self._cuda else 0
+        world = serve.tensor_parallel
+        self._shards = [
+            TargetShard.options(num_cpus=serve.cpus_per_actor, num_gpus=gpus, scheduling_strategy=self._in(rank)).remote(
+                config, rank, world
+            )
+            for rank in range(world)
+        ]
+        self._draft = DraftWorker.options(
+            num_cpus=serve.cpus_per_actor, num_gpus=gpus, scheduling_strategy=self._in(world)
+        ).remote(config)
+        self._judge: ray.actor.ActorHandle | None = None
+        self._scheduler: ray.actor.ActorHandle | None = None
+        self._models: _Models | None = None
+        self._startup: asyncio.Future | None = None
+        self._active: dict[str, _Active] = {}
+
+    # ---- Backend -------------------------------------------------------------------------------------
+
+    def make_request(
+        self,
+        *,
+        prompt: str | None = None,
+        messages: Sequence[ChatMessage] | None = None,
+        prompt_ids: Sequence[int] | None = None,
+        params: SamplingParams,
+        mode: Mode | None,
+        draft_tokens: int | None,
+        threshold: float | None,
+    ) -> Request:
+        return self._ready_models().make_request(
+            prompt=prompt,
+            messages=messages,
+            prompt_ids=prompt_ids,
+            params=params,
+            mode=mode,
+            draft_tokens=draft_tokens,
+            threshold=threshold,
+        )
+
+    async def stream(self, request_id: str, request: Request) -> AsyncIterator[StepEvent | Completion]:
+        if request_id in self._active:
+            raise RequestIdInUse(f"request_id: {request_id!r} is already active")
+        models = self._ready_models()
+        active = self._active[request_id] = _Active()
+        tracker = StreamTracker(models.tokenizer, request)
+        completed = False  # the scheduler's Completion arrived: its task is over
+        try:
+            active.items = self._scheduler.generate.remote(generate_input(request_id, request).to_bytes())
+            try:
+                async for ref in active.items:
+                    item = stream_item_from_bytes(await ref, self._max_bytes)
+                    if isinstance(item, Admitted):
+                        active.admitted = True
+                        if active.aborted:  # abort() came before the scheduler knew the request
+                            self._scheduler.abort.remote(request_id)
+                    elif isinstance(item, EventRecord):
+                        yield tracker.step(event_from_record(item))
+                    else:
+                        completed = True
+                        yield completion_from_record(item)
+                        return
+                raise RecordError("the scheduler's stream ended without a completion")
+            except (ray.exceptions.RayError, RecordError):
+                log.exception("request %s failed", request_id)
+                yield tracker.completion(FinishReason.ERROR)
+        finally:
+            del self._active[request_id]
+            if not completed and active.items is not None:
+                # Closed early (client cancellation or deadline) or failed: stop the scheduler's task now;
+                # its clean-up releases the request's caches in every actor.
+                with contextlib.suppress(ray.exceptions.RayError, ValueError):
+                    ray.cancel(active.items)
+
+    async def abort(self, request_id: str) -> bool:
+        active = self._active.get(request_id)
+        if active is None:
+            return False
+        active.aborted = True
+        if active.admitted:
+            await self._scheduler.abort.remote(request_id)
+        return True
+
+    def model_info(self) -> dict:
+        return describe(self._ready_models())
+
+    async def ready(self) -> bool:
+        if self._startup is None:
+            self._startup = asyncio.ensure_future(self._start())
+        try:
+            await asyncio.shield(self._startup)
+        except Exception:
+            log.exception("the Ray actors failed to start")
+            return False
+        return True
+
+    # ---- observability and shutdown ------------------------------------------------------------------
+
+    async def actor_stats(self) -> dict:
+        """Request ids holding state in each actor (all empty when nothing runs), and pipelining counts."""
+        scheduler = await self._scheduler.stats.remote()
+        return {
+            "scheduler": scheduler["active"],
+            "draft": await self._draft.active.remote(),
+            "target": list(await asyncio.gather(*(s.active.remote() for s in self._shards))),
+            "judge": await self._judge.active.remote() if self._judge is not None else [],
+            "pipelined_blocks": scheduler["pipelined_blocks"],
+            "pipelined_blocks_used": scheduler["pipelined_blocks_used"],
+        }
+
+    def close(self) -> None:
+        """Kills the actors and removes the placement group (and stops a Ray this backend started)."""
+        if self._startup is not None and not self._startup.done():
+            self._startup.cancel()
+        for actor in (self._scheduler, self._judge, self._draft, *self._shards):
+            if actor is not None:
+                with contextlib.suppress(ray.exceptions.RayError, ValueError):
+                    ray.kill(actor)
+        remove_placement_group(self._pg)
+        if self._owns_ray:
+            ray.shutdown()
+
+    # ---- internals -----------------------------------------------------------------------------------
+
+    def _in(self, bundle: int) -> PlacementGroupSchedulingStrategy:
+        return PlacementGroupSchedulingStrategy(placement_group=self._pg, placement_group_bundle_index=bundle)
+
+    def _ready_models(self) -> _Models:
+        if self._models is None:
+            raise NotReady("the models are still loading (health is NOT_SERVING until they are up); retry")
+        return self._models
+
+    async def _start(self) -> None:
+        config = self.config
+        await self._pg.ready()
+        await form_group(self._shards)
+        target, draft = await self._shards[0].info.remote(), await self._draft.info.remote()
+        if draft["args"].vocab_size != target["args"].vocab_size:
+            raise BackendStartError(
+                f"draft vocabulary ({draft['args'].vocab_size}) differs from the target's ({target['args'].vocab_size})"
+            )
+        judge = None
+        if config.judge.path is not None:
+            self._judge = JudgeScorer.options(num_cpus=0, scheduling_strategy=self._in(0)).remote(
+                config, target["name"], target["fingerprint"], target["args"].hidden_size
+            )
+            info = await self._judge.info.remote()
+            judge = _JudgeInfo(info["target_name"], info["target_fingerprint"], info["threshold"])
+        world = config.serve.tensor_parallel
+        self._scheduler = Scheduler.options(num_cpus=0, scheduling_strategy=self._in(world)).remote(
+            config, self._draft, self._shards, self._judge, target["args"]
+        )
+        await self._scheduler.ready.remote()
+        self._models = _Models(
+            config,
+            tokenizer_for(config.target, target["args"]),
+            _Loaded(target["name"], target["args"], target["fingerprint"]),
+            _Loaded(draft["name"], draft["args"], draft["fingerprint"]),
+            judge,
+        )
+
+
+def _start_ray(address: str | None, bundles: list[dict[str, float]]) -> bool:
+    """Joins `address`, or starts a local Ray bound to loopback sized for the bundles (True: this process
+    started it). A Ray already initialised in this process (a test's, a job's) is used as it is."""
+    need = {k: sum(b.get(k, 0) for b in bundles) for k in ("CPU", "GPU")}
+    started = False
+    if not ray.is_initialized():
+        if address:
+            ray.init(address=address, include_dashboard=False)
+        else:
+            ray.init(
+                num_cpus=int(need["CPU"]),
+                num_gpus=int(need["GPU"]) or None,
+                include_dashboard=False,
+                _node_ip_address="127.0.0.1",
+            )
+            started = True
+    have = ray.cluster_resources()
+    short = [f"{k}: {need[k]:g} needed, {have.get(k, 0):g} in the cluster" for k in need if need[k] > have.get(k, 0)]
+    if short:
+        if started:
+            ray.shutdown()
+        raise BackendStartError(
+            "the Ray cluster is too small for serve.tensor_parallel shards + the draft worker ("
+            + "; ".join(short)
+            + "): lower serve.tensor_parallel or serve.cpus_per_actor, or add nodes"
+        )
+    return started

@@ -1,0 +1,50 @@
+"""actors.draft_worker.draft_block (no Ray): the engine's draft tokens and q, and the pipelining guess."""
+
+from __future__ import annotations
+
+import torch
+
+from actors.draft_worker import draft_block
+from engine.decode import _Sequence
+from engine.sampling import SamplingParams
+
+PROMPT = list(b"The quick brown")
+K = 4
+
+
+def _engine_draft(engine, params, gen):
+    seq = _Sequence(PROMPT, engine.target.model.new_cache(64), engine.draft.model.new_cache(64))
+    return engine._draft(seq, K, params, gen)
+
+
+def test_greedy_block_equals_the_engines(tiny_engine):
+    want = _engine_draft(tiny_engine, SamplingParams(), None)
+    cache = tiny_engine.draft.model.new_cache(64)
+    tokens, q, guess = draft_block(tiny_engine.draft.model, cache, PROMPT, K, SamplingParams(), None, False)
+    assert tokens == want.tokens.tolist() and q is None and guess is None
+    assert cache.length == len(PROMPT) + K - 1  # d_K is fed at the next call
+
+
+def test_sampled_block_and_q_equal_the_engines_for_one_generator(tiny_engine):
+    params = SamplingParams(temperature=0.8, top_p=0.9, top_k=40)
+    want = _engine_draft(tiny_engine, params, torch.Generator().manual_seed(3))
+    cache = tiny_engine.draft.model.new_cache(64)
+    tokens, q, _ = draft_block(tiny_engine.draft.model, cache, PROMPT, K, params, torch.Generator().manual_seed(3), False)
+    assert tokens == want.tokens.tolist()
+    assert q.shape == (K, tiny_engine.draft.args.vocab_size) and torch.equal(q, want.probs)
+
+
+def test_guessed_block_equals_a_block_drafted_after_the_bonus(tiny_engine):
+    """Pipelining's premise: feeding d_K, guessing g and drafting on gives the block a fresh call fed
+    [d_K, g] gives (the draft's passes are row-exact), so a used speculative block changes nothing."""
+    model, greedy = tiny_engine.draft.model, SamplingParams()
+    ahead = model.new_cache(64)
+    block, _, _ = draft_block(model, ahead, PROMPT, K, greedy, None, False)
+    spec, _, guess = draft_block(model, ahead, block[-1:], K, greedy, None, True)
+    assert guess is not None and ahead.length == len(PROMPT) + 2 * K
+
+    after = model.new_cache(64)
+    draft_block(model, after, PROMPT, K, greedy, None, False)
+    fresh, _, _ = draft_block(model, after, [block[-1], guess], K, greedy, None, False)
+    assert spec == fresh and after.length == ahead.length
+    assert torch.equal(after.k[:, :, :, : after.length], ahead.k[:, :, :, : ahead.length])

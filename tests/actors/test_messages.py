@@ -1,0 +1,112 @@
+"""actors.messages: msgpack records round-trip, refuse oversize or mistyped data; the RNG scheme (no Ray)."""
+
+from __future__ import annotations
+
+import msgpack
+import pytest
+import torch
+
+from actors.messages import (
+    DraftInput,
+    DraftOutput,
+    EventRecord,
+    GenerateInput,
+    RecordError,
+    Role,
+    Sampling,
+    VerifyInput,
+    VerifyOutput,
+    stream_item_from_bytes,
+    step_generator,
+)
+
+LIMIT = 1 << 20
+SAMPLING = Sampling(temperature=0.7, top_k=50, top_p=0.9, seed=2**62 + 5)
+
+RECORDS = [
+    DraftInput("req-1", 17, [1, 2, 3], 8, True, 4, SAMPLING),
+    DraftOutput([5, 6, 7], None, 21, 0.003),
+    DraftOutput([5], 9, 21, 0.0),
+    VerifyInput("req-1", 16, [3], [5, 6, 7], True, 4, SAMPLING),
+    VerifyOutput([True, False, True], [1, 2, 3, 4], 20, 0.01),
+    GenerateInput("r", [104, 105], "judge", 8, 0.5, 64, 0.0, 0, 1.0, None, ["\n\n"], [256], False),
+    EventRecord([104, 105], [1, 3], "hi"),
+]
+
+
+@pytest.mark.parametrize("record", RECORDS, ids=lambda r: type(r).__name__)
+def test_round_trip(record):
+    assert type(record).from_bytes(record.to_bytes(), LIMIT) == record
+
+
+def test_oversize_record_is_refused_before_unpacking():
+    big = DraftInput("r", 0, list(range(100_000)), 8, False, 0, SAMPLING).to_bytes()
+    with pytest.raises(RecordError, match="exceeds the limit"):
+        DraftInput.from_bytes(big, len(big) - 1)
+    assert DraftInput.from_bytes(big, len(big)).feed[-1] == 99_999
+
+
+def test_wrong_record_type_is_refused():
+    with pytest.raises(RecordError, match="expected a VerifyInput record, got 'DraftInput'"):
+        VerifyInput.from_bytes(RECORDS[0].to_bytes(), LIMIT)
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"tokens": [1, True]}, "DraftOutput.tokens"),  # a bool is not a token id
+        ({"tokens": "abc"}, "DraftOutput.tokens"),
+        ({"guess": "x"}, "DraftOutput.guess"),
+        ({"cache_len": 1.5}, "DraftOutput.cache_len"),
+        ({"extra": 1}, "unknown fields \\['extra'\\]"),
+    ],
+)
+def test_mistyped_or_unknown_fields_are_refused(change, message):
+    raw = {"record": "DraftOutput", "tokens": [1], "guess": None, "cache_len": 1, "compute_s": 0.0, **change}
+    with pytest.raises(RecordError, match=message):
+        DraftOutput.from_bytes(msgpack.packb(raw), LIMIT)
+
+
+def test_missing_field_and_malformed_bytes_are_refused():
+    with pytest.raises(RecordError, match="missing fields \\['compute_s'\\]"):
+        DraftOutput.from_bytes(msgpack.packb({"record": "DraftOutput", "tokens": [], "guess": None, "cache_len": 0}), LIMIT)
+    with pytest.raises(RecordError, match="malformed"):
+        DraftOutput.from_bytes(b"\xc1", LIMIT)
+    with pytest.raises(RecordError, match="malformed"):
+        DraftOutput.from_bytes(RECORDS[1].to_bytes()[:-2], LIMIT)
+    with pytest.raises(RecordError, match="is bytes"):
+        DraftOutput.from_bytes("text", LIMIT)
+
+
+def test_ext_types_are_refused():
+    data = msgpack.packb({"record": "DraftOutput", "tokens": msgpack.ExtType(1, b"x")})
+    with pytest.raises(RecordError, match="malformed"):
+        DraftOutput.from_bytes(data, LIMIT)
+
+
+def test_nested_record_is_checked():
+    raw = msgpack.unpackb(RECORDS[0].to_bytes())
+    raw["sampling"]["top_k"] = "50"
+    with pytest.raises(RecordError, match="Sampling.top_k"):
+        DraftInput.from_bytes(msgpack.packb(raw), LIMIT)
+
+
+def test_stream_items_dispatch_on_their_tag():
+    assert stream_item_from_bytes(RECORDS[-1].to_bytes(), LIMIT) == RECORDS[-1]
+    with pytest.raises(RecordError, match="not a stream record"):
+        stream_item_from_bytes(RECORDS[0].to_bytes(), LIMIT)
+
+
+def test_sampling_params_are_checked_again_on_the_worker():
+    with pytest.raises(ValueError, match="top_p"):
+        Sampling(0.7, 0, 0.0, 1).params()
+
+
+def test_step_generators_are_reproducible_and_distinct():
+    def draw(seed, role, step):
+        return torch.rand(4, generator=step_generator(seed, role, step))
+
+    assert torch.equal(draw(7, Role.DRAFT, 3), draw(7, Role.DRAFT, 3))
+    others = [draw(7, Role.TARGET, 3), draw(7, Role.DRAFT, 4), draw(8, Role.DRAFT, 3)]
+    assert not any(torch.equal(draw(7, Role.DRAFT, 3), o) for o in others)
+    assert draw(2**63 - 1, Role.TARGET, 10**6).shape == (4,)

@@ -1,0 +1,307 @@
+"""The Ray actors through cluster.ray_backend.RayBackend (and once through the gRPC server), on the tiny pair.
+
+One local Ray per module (loopback, logical CPUs only: the actors are idle between tests); three backends
+are started once each and shared: TP=1 and TP=2 (gloo) with pipelining, TP=1 without. Greedy outputs must
+equal the in-process Engine's in every mode, with and without pipelining; abort and cancellation must
+leave no request state in any actor. The async backend runs on an event loop in a background thread.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import ray
+import torch
+
+from cluster.backend import describe
+from cluster.client import Final, JudgeserveClient
+from cluster.ray_backend import RayBackend
+from cluster.server import build_server
+from engine.config import Config, Mode, load_config
+from engine.decode import Completion, Engine, RequestError, StepEvent
+from engine.judge import JudgeHead
+from engine.output import FinishReason
+from engine.sampling import SamplingParams
+
+TINY_YAML = Path(__file__).resolve().parents[2] / "config" / "tiny.yaml"
+PROMPT = "The quick"
+SHORT, LONG = 12, 40  # max_tokens of the equality checks and of the pipelining comparison
+ENDLESS = 400  # max_tokens of requests that must still be running when aborted (ignore_eos)
+
+pytestmark = pytest.mark.timeout(120)
+
+
+class _Loop:
+    """An asyncio loop on a daemon thread: the backends' (and the gRPC server's) loop."""
+
+    def __init__(self):
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.thread.start()
+
+    def run(self, coro, timeout: float = 60.0):
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
+
+    def close(self) -> None:
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(5)
+
+
+@pytest.fixture(scope="module")
+def config(tmp_path_factory) -> Config:
+    """tiny.yaml with a lenient judge (a large bias: it accepts draft tokens the standard rule rejects, so
+    judge mode's output differs from the target's and the lossy path is exercised), saved for the actors."""
+    plain = Engine.from_config(load_config(TINY_YAML))
+    w = torch.randn(plain.target.args.hidden_size, generator=torch.Generator().manual_seed(7))
+    path = tmp_path_factory.mktemp("judge") / "tiny-judge.safetensors"
+    JudgeHead(w, 20.0, 0.5, plain.target.name, plain.target.fingerprint).save(path)
+    return load_config(TINY_YAML, {"judge.path": str(path), "decoding.mode": "judge"})
+
+
+@pytest.fixture(scope="module")
+def engine(config) -> Engine:
+    return Engine.from_config(config)
+
+
+@pytest.fixture(scope="module")
+def expected(engine) -> dict[tuple[Mode, int], Completion]:
+    """The in-process engine's greedy outputs, by (mode, max_tokens)."""
+    out = {}
+    for mode in Mode:
+        for n in (SHORT, LONG):
+            out[mode, n] = engine.generate(engine.make_request(prompt=PROMPT, params=SamplingParams(max_tokens=n), mode=mode))
+    assert out[Mode.JUDGE, SHORT].judge_accepted_tokens > 0, "the judge case must be lossy to test anything"
+    return out
+
+
+@pytest.fixture(scope="module")
+def loop():
+    lp = _Loop()
+    yield lp
+    lp.close()
+
+
+class _Backends:
+    """RayBackends by (tensor_parallel, pipeline), each started once, all closed at the end."""
+
+    def __init__(self, config: Config, loop: _Loop):
+        self.config, self.loop, self.started = config, loop, {}
+
+    def get(self, tp: int, pipeline: bool) -> RayBackend:
+        if (tp, pipeline) not in self.started:
+            serve = self.config.serve.model_copy(update={"tensor_parallel": tp, "pipeline": pipeline})
+            backend = RayBackend(self.config.model_copy(update={"serve": serve}))
+            assert self.loop.run(backend.ready(), timeout=90)
+            self.started[tp, pipeline] = backend
+        return self.started[tp, pipeline]
+
+    def close(self) -> None:
+        for backend in self.started.values():
+            backend.close()
+
+
+@pytest.fixture(scope="module")
+def backends(config, loop):
+    ray.init(num_cpus=8, include_dashboard=False, _node_ip_address="127.0.0.1", logging_level="warning")
+    started = _Backends(config, loop)
+    yield started
+    started.close()
+    ray.shutdown()
+
+
+@pytest.fixture(params=[1, 2], ids=["tp1", "tp2"])
+def backend(request, backends) -> RayBackend:
+    return backends.get(request.param, pipeline=True)
+
+
+async def _collect(backend: RayBackend, request_id: str, **kwargs) -> tuple[list[StepEvent], Completion]:
+    mode = kwargs.pop("mode", None)
+    request = backend.make_request(prompt=PROMPT, params=SamplingParams(**kwargs), mode=mode, draft_tokens=None, threshold=None)
+    events = []
+    async with contextlib.aclosing(backend.stream(request_id, request)) as items:
+        async for item in items:
+            if isinstance(item, Completion):
+                return events, item
+            events.append(item)
+    raise AssertionError("no completion")
+
+
+def _wait_empty(backend: RayBackend, loop: _Loop, timeout: float = 20.0) -> dict:
+    deadline = time.monotonic() + timeout
+    while True:
+        stats = loop.run(backend.actor_stats())
+        held = [stats["scheduler"], stats["draft"], *stats["target"], stats["judge"]]
+        if not any(held) or time.monotonic() > deadline:
+            return stats
+        time.sleep(0.05)
+
+
+def _assert_same(got: Completion, want: Completion, events: list[StepEvent] | None = None) -> None:
+    assert got.token_ids == want.token_ids
+    assert got.text == want.text
+    assert got.provenance == want.provenance
+    for key in ("finish_reason", "steps", "speculative_steps", "draft_tokens_accepted", "judge_accepted_tokens"):
+        assert getattr(got, key) == getattr(want, key), key
+    if events is not None:
+        assert [t for e in events for t in e.tokens] == want.token_ids
+        assert "".join(e.text for e in events) == want.text
+
+
+# ---- outputs ------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("mode", list(Mode), ids=lambda m: m.value)
+def test_greedy_output_equals_in_process_engine(backend, loop, expected, mode):
+    events, done = loop.run(_collect(backend, f"eq-{mode.value}", max_tokens=SHORT, mode=mode))
+    _assert_same(done, expected[mode, SHORT], events)
+    t = done.timings
+    assert t.total_s > 0 and t.verify_s > 0 and t.overhead_s >= 0
+    assert (t.draft_s > 0) == mode.is_speculative and (t.judge_s > 0) == (mode is Mode.JUDGE)
+
+
+@pytest.mark.parametrize("mode", [Mode.STANDARD, Mode.JUDGE], ids=lambda m: m.value)
+def test_pipelined_and_unpipelined_give_the_same_output(backends, loop, expected, mode):
+    runs = {}
+    for pipeline in (True, False):
+        backend = backends.get(1, pipeline)
+        _, runs[pipeline] = loop.run(_collect(backend, f"pipe-{pipeline}", max_tokens=LONG, mode=mode))
+        _assert_same(runs[pipeline], expected[mode, LONG])
+    on, off = runs[True], runs[False]
+    assert off.pipelined_blocks == 0
+    assert 0 < on.pipelined_blocks_used <= on.pipelined_blocks <= on.speculative_steps
+    print(
+        f"\n{mode.value}: {on.speculative_steps} speculative steps, {on.pipelined_blocks} blocks drafted ahead, "
+        f"{on.pipelined_blocks_used} used; wall {on.timings.total_s:.3f} s pipelined vs {off.timings.total_s:.3f} s; "
+        f"waits draft {on.timings.draft_s:.3f} vs {off.timings.draft_s:.3f} s"
+    )
+
+
+def test_grpc_server_over_ray_backend_streams_the_engines_output(backends, loop, expected):
+    backend = backends.get(2, pipeline=True)
+
+    async def start():
+        server, port = await build_server(backend, host="127.0.0.1", port=0)
+        await server.start()
+        return server, port
+
+    server, port = loop.run(start())
+    try:
+        with JudgeserveClient(f"127.0.0.1:{port}") as client:
+            assert client.health() == "SERVING"
+            assert client.model_info()["target"]["name"] == "dummy:tiny"
+            for mode in Mode:
+                *deltas, final = list(client.stream(PROMPT, max_tokens=SHORT, mode=mode.value, timeout=60))
+                want = expected[mode, SHORT]
+                assert isinstance(final, Final) and final.result["token_ids"] == want.token_ids
+                assert final.result["text"] == want.text == "".join(d.text for d in deltas)
+                assert final.result["provenance"] == [p.name.lower() for p in want.provenance]
+    finally:
+        loop.run(server.stop(0))
+
+
+def test_seeded_sampling_is_reproducible(backends, loop):
+    backend = backends.get(1, pipeline=True)
+    kwargs = dict(max_tokens=16, temperature=0.8, top_p=0.9, top_k=50, seed=3, mode=Mode.JUDGE)
+    _, a = loop.run(_collect(backend, "sample-a", **kwargs))
+    _, b = loop.run(_collect(backend, "sample-b", **kwargs))
+    assert a.token_ids == b.token_ids and len(a.token_ids) == 16
+
+
+# ---- requests, model info -----------------------------------------------------------------------------
+
+
+def test_model_info_and_request_checks_are_the_engines(backends, engine):
+    backend = backends.get(1, pipeline=True)
+    assert backend.model_info() == describe(engine)
+    with pytest.raises(RequestError, match="^prompt_ids:"):
+        backend.make_request(prompt_ids=[10**6], params=SamplingParams(), mode=None, draft_tokens=None, threshold=None)
+    request = backend.make_request(prompt=PROMPT, params=SamplingParams(), mode=None, draft_tokens=None, threshold=None)
+    assert request == engine.make_request(prompt=PROMPT, params=SamplingParams())
+
+
+# ---- abort and cancellation ---------------------------------------------------------------------------
+
+
+def test_abort_stops_the_request_and_frees_every_actor(backend, loop):
+    async def run() -> tuple[list[StepEvent], Completion, bool]:
+        request = backend.make_request(
+            prompt=PROMPT, params=SamplingParams(max_tokens=ENDLESS, ignore_eos=True), mode=Mode.STANDARD,
+            draft_tokens=None, threshold=None,
+        )
+        events, found = [], None
+        async with contextlib.aclosing(backend.stream("abort-me", request)) as items:
+            async for item in items:
+                if isinstance(item, Completion):
+                    return events, item, found
+                events.append(item)
+                if len(events) == 2:
+                    found = await backend.abort("abort-me")
+
+    events, done, found = loop.run(run())
+    assert found is True and done.finish_reason is FinishReason.ABORT
+    assert 2 <= len(done.token_ids) < ENDLESS and done.token_ids == [t for e in events for t in e.tokens]
+    stats = _wait_empty(backend, loop)
+    assert stats["scheduler"] == [] and stats["draft"] == [] and stats["judge"] == []
+    assert stats["target"] == [[]] * len(stats["target"])
+    assert loop.run(backend.abort("abort-me")) is False
+
+
+def test_closing_the_stream_cancels_the_request_and_frees_every_actor(backends, loop, expected):
+    backend = backends.get(2, pipeline=True)
+
+    async def run() -> int:
+        request = backend.make_request(
+            prompt=PROMPT, params=SamplingParams(max_tokens=ENDLESS, ignore_eos=True), mode=Mode.JUDGE,
+            draft_tokens=None, threshold=None,
+        )
+        items = backend.stream("cancel-me", request)
+        for _ in range(2):
+            await items.__anext__()
+        await items.aclose()  # what a cancelled gRPC call does
+        return len(backend._active)
+
+    assert loop.run(run()) == 0
+    stats = _wait_empty(backend, loop)
+    assert not any([stats["scheduler"], stats["draft"], *stats["target"]]), stats
+    # The freed id is usable again at once, with the same output as before.
+    _, done = loop.run(_collect(backend, "cancel-me", max_tokens=SHORT, mode=Mode.JUDGE))
+    _assert_same(done, expected[Mode.JUDGE, SHORT])
+
+
+def test_a_queued_request_can_be_aborted(backends, loop):
+    backend = backends.get(1, pipeline=True)  # serve.max_active_requests = 1: the second request waits
+
+    async def run() -> tuple[Completion, Completion]:
+        def request(n):
+            return backend.make_request(
+                prompt=PROMPT, params=SamplingParams(max_tokens=n, ignore_eos=True), mode=Mode.AR,
+                draft_tokens=None, threshold=None,
+            )
+
+        async def drain(request_id, n):
+            async for item in backend.stream(request_id, request(n)):
+                if isinstance(item, Completion):
+                    return item
+
+        running = asyncio.ensure_future(drain("hold", ENDLESS))
+        while "hold" not in backend._active or not backend._active["hold"].admitted:
+            await asyncio.sleep(0.01)
+        queued = asyncio.ensure_future(drain("queued", 4))
+        while "queued" not in backend._active or not backend._active["queued"].admitted:
+            await asyncio.sleep(0.01)
+        assert await backend.abort("queued")
+        waited = await queued
+        assert not running.done()
+        assert await backend.abort("hold")
+        return waited, await running
+
+    waited, held = loop.run(run())
+    assert waited.finish_reason is FinishReason.ABORT and waited.token_ids == []
+    assert held.finish_reason is FinishReason.ABORT and 1 <= len(held.token_ids) < ENDLESS
+    stats = _wait_empty(backend, loop)
+    assert not any([stats["scheduler"], stats["draft"], *stats["target"]]), stats

@@ -1,0 +1,56 @@
+"""actors.target_shard's pure passes (no Ray, TP=1): the engine's target token and verification verdicts."""
+
+from __future__ import annotations
+
+import torch
+
+from actors.target_shard import target_token, verdicts, verify_pass
+from engine.decode import Timings, _Sequence
+from engine.sampling import SamplingParams
+from engine.verify import DraftBlock, final_token, standard_accept
+
+PROMPT = list(b"The quick brown")
+DRAFT = list(b" fox")  # K = 4
+
+
+def _prefilled(engine):
+    seq = _Sequence(PROMPT, engine.target.model.new_cache(64), engine.draft.model.new_cache(64))
+    first = engine._target_step(seq, SamplingParams(), None, Timings())
+    return seq, first.tokens[0]
+
+
+def test_target_token_equals_the_engines_step(tiny_engine):
+    _, want = _prefilled(tiny_engine)
+    cache = tiny_engine.target.model.new_cache(64)
+    assert target_token(tiny_engine.target.model, cache, PROMPT, SamplingParams(), None) == want
+    assert cache.length == len(PROMPT)
+
+
+def test_greedy_verdicts_equal_the_engines(tiny_engine):
+    seq, first = _prefilled(tiny_engine)
+    block = DraftBlock(torch.tensor(DRAFT), None)
+    logits_want, hidden_want = tiny_engine._verify(seq, block)
+    matched_want, _ = standard_accept(block, logits_want, SamplingParams(), None)
+
+    cache = tiny_engine.target.model.new_cache(64)
+    target_token(tiny_engine.target.model, cache, PROMPT, SamplingParams(), None)
+    logits, hidden = verify_pass(tiny_engine.target.model, cache, [first], DRAFT)
+    assert torch.equal(logits, logits_want) and torch.equal(hidden, hidden_want)
+    matched, candidates = verdicts(DRAFT, None, logits, SamplingParams(), None)
+    assert matched == matched_want.tolist()
+    assert candidates == [int(logits[n].argmax()) for n in range(len(DRAFT) + 1)]
+
+
+def test_sampled_verdicts_draw_the_uniforms_first(tiny_engine):
+    """Same generator state -> the same matched as engine.verify, and the n = 0 candidate as final_token."""
+    params = SamplingParams(temperature=0.9)
+    seq, first = _prefilled(tiny_engine)
+    q = torch.softmax(torch.randn(len(DRAFT), tiny_engine.target.args.vocab_size, generator=torch.Generator().manual_seed(1)), -1)
+    block = DraftBlock(torch.tensor(DRAFT), q)
+    logits, _ = tiny_engine._verify(seq, block)
+    gen = torch.Generator().manual_seed(5)
+    matched_want, probs = standard_accept(block, logits, params, gen)
+    first_candidate = final_token(0, block, logits, probs, params, gen)
+    matched, candidates = verdicts(DRAFT, q, logits, params, torch.Generator().manual_seed(5))
+    assert matched == matched_want.tolist() and candidates[0] == first_candidate
+    assert len(candidates) == len(DRAFT) + 1

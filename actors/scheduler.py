@@ -243,7 +243,8 @@ class RequestState:
         self.speculation: Speculation | None = None
         self.aborted = asyncio.Event()
         self.started = time.perf_counter()
-        self.done = ServedCompletion("", [], [], FinishReason.STOP, len(request.prompt_ids), request.mode, 0, 0, 0, 0, 0)
+        prompt_tokens = len(request.prompt_ids)
+        self.done = ServedCompletion("", [], [], FinishReason.STOP, prompt_tokens, request.mode, 0, 0, 0, 0, 0)
 
     @property
     def step(self) -> int:
@@ -320,6 +321,9 @@ class Scheduler:
         self._turns = asyncio.Semaphore(config.serve.max_active_requests)
         self._requests: dict[str, RequestState] = {}
         self._pipelined = [0, 0]  # blocks drafted ahead, blocks used: over all requests, for stats()
+        # request id -> tokens emitted when its task was cancelled (cluster.backend.LocalBackend's
+        # closed_early): lets tests and operators see that cancelled work really stopped
+        self._cancelled: dict[str, int] = {}
 
     def ready(self) -> bool:
         return True
@@ -329,7 +333,12 @@ class Scheduler:
         return sorted(self._requests)
 
     def stats(self) -> dict:
-        return {"active": self.active(), "pipelined_blocks": self._pipelined[0], "pipelined_blocks_used": self._pipelined[1]}
+        return {
+            "active": self.active(),
+            "cancelled": dict(self._cancelled),
+            "pipelined_blocks": self._pipelined[0],
+            "pipelined_blocks_used": self._pipelined[1],
+        }
 
     def abort(self, request_id: str) -> bool:
         """Stops the request at its next step boundary (or in the queue); False if it is not here."""
@@ -363,6 +372,10 @@ class Scheduler:
                 log.exception("request %s failed", inp.request_id)
                 done = state.completion()
                 done.finish_reason = FinishReason.ERROR
+            except (asyncio.CancelledError, GeneratorExit):
+                # ray.cancel raises CancelledError at an await, or closes the generator at a yield
+                self._cancelled[inp.request_id] = len(state.output.token_ids)
+                raise
             finally:
                 self._release(state)
                 self._turns.release()
@@ -385,7 +398,8 @@ class Scheduler:
 
     async def _target_step(self, state: RequestState) -> Accepted:
         """One target pass over what its cache lacks (the prompt, or the last token): autoregressive."""
-        inp = TargetInput(state.request_id, state.target_len, state.pending(state.target_len), state.step, state.sampling)
+        pending = state.pending(state.target_len)
+        inp = TargetInput(state.request_id, state.target_len, pending, state.step, state.sampling)
         method = "prefill" if state.target_len == 0 else "decode"
         t0 = time.perf_counter()
         out = TargetOutput.from_bytes(await call_all(self.shards, method, inp.to_bytes()), self.max_bytes)
@@ -444,7 +458,8 @@ class Scheduler:
         k_next = draft_length(state.request, ids_len, emitted, self.max_seq_len)
         if k_next == 0:
             return None
-        inp = DraftInput(state.request_id, state.draft_len, block.tokens[-1:], k_next, True, state.step + 1, state.sampling)
+        feed, step = block.tokens[-1:], state.step + 1
+        inp = DraftInput(state.request_id, state.draft_len, feed, k_next, True, step, state.sampling)
         out_ref, q_ref = self.draft.propose.remote(inp.to_bytes())
         state.done.pipelined_blocks += 1
         self._pipelined[0] += 1

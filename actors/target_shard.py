@@ -46,7 +46,9 @@ def target_token(
 
 
 @torch.inference_mode()
-def verify_pass(model: Transformer, cache: KVCache, feed: list[int], draft: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+def verify_pass(
+    model: Transformer, cache: KVCache, feed: list[int], draft: list[int]
+) -> tuple[torch.Tensor, torch.Tensor]:
     """One target pass over feed + [d_1..d_K] -> logits [K+1, vocab] (CPU), hidden [K, hidden] of d_1..d_K."""
     k = len(draft)
     logits, hidden = model(torch.tensor([feed + draft], device=cache.k.device), cache)

@@ -105,9 +105,9 @@ class RayBackend:
         gpus = 1 if self._cuda else 0
         world = serve.tensor_parallel
         self._shards = [
-            TargetShard.options(num_cpus=serve.cpus_per_actor, num_gpus=gpus, scheduling_strategy=self._in(rank)).remote(
-                config, rank, world
-            )
+            TargetShard.options(
+                num_cpus=serve.cpus_per_actor, num_gpus=gpus, scheduling_strategy=self._in(rank)
+            ).remote(config, rank, world)
             for rank in range(world)
         ]
         self._draft = DraftWorker.options(
@@ -172,9 +172,10 @@ class RayBackend:
             del self._active[request_id]
             if not completed and active.items is not None:
                 # Closed early (client cancellation or deadline) or failed: stop the scheduler's task now;
-                # its clean-up releases the request's caches in every actor.
+                # its clean-up releases the request's caches in every actor. Not recursive: that would also
+                # cancel the release calls the clean-up submits (children of the cancelled task).
                 with contextlib.suppress(ray.exceptions.RayError, ValueError):
-                    ray.cancel(active.items)
+                    ray.cancel(active.items, recursive=False)
 
     async def abort(self, request_id: str) -> bool:
         active = self._active.get(request_id)
@@ -201,10 +202,12 @@ class RayBackend:
     # ---- observability and shutdown ------------------------------------------------------------------
 
     async def actor_stats(self) -> dict:
-        """Request ids holding state in each actor (all empty when nothing runs), and pipelining counts."""
+        """Request ids holding state in each actor (all empty when nothing runs), tokens emitted by each
+        request whose stream was closed early (when it was stopped), and pipelining counts."""
         scheduler = await self._scheduler.stats.remote()
         return {
             "scheduler": scheduler["active"],
+            "cancelled": scheduler["cancelled"],
             "draft": await self._draft.active.remote(),
             "target": list(await asyncio.gather(*(s.active.remote() for s in self._shards))),
             "judge": await self._judge.active.remote() if self._judge is not None else [],

@@ -29,7 +29,8 @@ def test_sampled_block_and_q_equal_the_engines_for_one_generator(tiny_engine):
     params = SamplingParams(temperature=0.8, top_p=0.9, top_k=40)
     want = _engine_draft(tiny_engine, params, torch.Generator().manual_seed(3))
     cache = tiny_engine.draft.model.new_cache(64)
-    tokens, q, _ = draft_block(tiny_engine.draft.model, cache, PROMPT, K, params, torch.Generator().manual_seed(3), False)
+    gen = torch.Generator().manual_seed(3)
+    tokens, q, _ = draft_block(tiny_engine.draft.model, cache, PROMPT, K, params, gen, False)
     assert tokens == want.tokens.tolist()
     assert q.shape == (K, tiny_engine.draft.args.vocab_size) and torch.equal(q, want.probs)
 

@@ -69,7 +69,8 @@ def test_mistyped_or_unknown_fields_are_refused(change, message):
 
 def test_missing_field_and_malformed_bytes_are_refused():
     with pytest.raises(RecordError, match="missing fields \\['compute_s'\\]"):
-        DraftOutput.from_bytes(msgpack.packb({"record": "DraftOutput", "tokens": [], "guess": None, "cache_len": 0}), LIMIT)
+        raw = {"record": "DraftOutput", "tokens": [], "guess": None, "cache_len": 0}
+        DraftOutput.from_bytes(msgpack.packb(raw), LIMIT)
     with pytest.raises(RecordError, match="malformed"):
         DraftOutput.from_bytes(b"\xc1", LIMIT)
     with pytest.raises(RecordError, match="malformed"):

@@ -74,7 +74,8 @@ def expected(engine) -> dict[tuple[Mode, int], Completion]:
     out = {}
     for mode in Mode:
         for n in (SHORT, LONG):
-            out[mode, n] = engine.generate(engine.make_request(prompt=PROMPT, params=SamplingParams(max_tokens=n), mode=mode))
+            request = engine.make_request(prompt=PROMPT, params=SamplingParams(max_tokens=n), mode=mode)
+            out[mode, n] = engine.generate(request)
     assert out[Mode.JUDGE, SHORT].judge_accepted_tokens > 0, "the judge case must be lossy to test anything"
     return out
 
@@ -121,7 +122,8 @@ def backend(request, backends) -> RayBackend:
 
 async def _collect(backend: RayBackend, request_id: str, **kwargs) -> tuple[list[StepEvent], Completion]:
     mode = kwargs.pop("mode", None)
-    request = backend.make_request(prompt=PROMPT, params=SamplingParams(**kwargs), mode=mode, draft_tokens=None, threshold=None)
+    params = SamplingParams(**kwargs)
+    request = backend.make_request(prompt=PROMPT, params=params, mode=mode, draft_tokens=None, threshold=None)
     events = []
     async with contextlib.aclosing(backend.stream(request_id, request)) as items:
         async for item in items:
@@ -256,7 +258,7 @@ def test_closing_the_stream_cancels_the_request_and_frees_every_actor(backends, 
 
     async def run() -> int:
         request = backend.make_request(
-            prompt=PROMPT, params=SamplingParams(max_tokens=ENDLESS, ignore_eos=True), mode=Mode.JUDGE,
+            prompt=PROMPT, params=SamplingParams(max_tokens=ENDLESS, ignore_eos=True), mode=Mode.STANDARD,
             draft_tokens=None, threshold=None,
         )
         items = backend.stream("cancel-me", request)
@@ -268,6 +270,7 @@ def test_closing_the_stream_cancels_the_request_and_frees_every_actor(backends, 
     assert loop.run(run()) == 0
     stats = _wait_empty(backend, loop)
     assert not any([stats["scheduler"], stats["draft"], *stats["target"]]), stats
+    assert 2 <= stats["cancelled"]["cancel-me"] < ENDLESS  # stopped, not run to the end
     # The freed id is usable again at once, with the same output as before.
     _, done = loop.run(_collect(backend, "cancel-me", max_tokens=SHORT, mode=Mode.JUDGE))
     _assert_same(done, expected[Mode.JUDGE, SHORT])

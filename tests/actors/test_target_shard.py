@@ -45,7 +45,8 @@ def test_sampled_verdicts_draw_the_uniforms_first(tiny_engine):
     """Same generator state -> the same matched as engine.verify, and the n = 0 candidate as final_token."""
     params = SamplingParams(temperature=0.9)
     seq, first = _prefilled(tiny_engine)
-    q = torch.softmax(torch.randn(len(DRAFT), tiny_engine.target.args.vocab_size, generator=torch.Generator().manual_seed(1)), -1)
+    vocab = tiny_engine.target.args.vocab_size
+    q = torch.softmax(torch.randn(len(DRAFT), vocab, generator=torch.Generator().manual_seed(1)), -1)  # [K, vocab]
     block = DraftBlock(torch.tensor(DRAFT), q)
     logits, _ = tiny_engine._verify(seq, block)
     gen = torch.Generator().manual_seed(5)

@@ -4,6 +4,7 @@
   judgeserve generate --config C --prompt T in-process generation, no Ray
   judgeserve serve --config C               the gRPC server (in-process engine for now)
   judgeserve client --target H:P --prompt T one request to a running server
+  judgeserve judge mine | train | eval      label mismatches, fit and evaluate a judge head (docs/judge.md)
 
 Errors a user can cause (bad config, missing model, bad request) print one clear message and exit 1;
 tracebacks are for bugs.
@@ -131,6 +132,9 @@ def build_parser() -> argparse.ArgumentParser:
     client = sub.add_parser("client", help="send one request to a running server")
     add_client_arguments(client)
     client.set_defaults(func=_cmd_client)
+    from training.cli import add_judge_parser
+
+    add_judge_parser(sub)
     return parser
 
 
@@ -140,11 +144,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     from engine.fetch import FetchError
     from engine.judge import JudgeError
     from engine.weights import ModelLoadError
+    from training import TrainingError
 
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (ConfigError, RequestError, FetchError, JudgeError, ModelLoadError) as err:
+    except (ConfigError, RequestError, FetchError, JudgeError, ModelLoadError, TrainingError) as err:
         print(f"judgeserve: {err}", file=sys.stderr)
         return 1
     except ValueError as err:  # SamplingParams and similar field checks

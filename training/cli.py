@@ -29,7 +29,8 @@ def _cmd_mine(args: argparse.Namespace) -> int:
     tasks = select(load_tasks(args.tasks), args.offset, args.limit)
     max_new = args.max_new_tokens or config.decoding.max_new_tokens
     engine = Engine.from_config(config)
-    counts = mine(engine, tasks, Path(args.out), source=args.tasks, max_new_tokens=max_new, batch_size=args.batch_size)
+    counts = mine(engine, tasks, Path(args.out), source=args.tasks, max_new_tokens=max_new, batch_size=args.batch_size,
+                  keep_unfinished=args.keep_unfinished)
     print(json.dumps(counts))
     return 0
 
@@ -104,6 +105,8 @@ def add_judge_parser(subparsers) -> None:
     _task_range(mine)
     mine.add_argument("--out", required=True, help="output folder; an interrupted run resumes from it")
     mine.add_argument("--batch-size", type=int, default=16, help="target continuations run together")
+    mine.add_argument("--keep-unfinished", action="store_true",
+                      help="also label tasks whose answer was cut by --max-new-tokens (skipped by default)")
     mine.set_defaults(func=_cmd_mine)
 
     train = sub.add_parser("train", help="fit the judge head on mined and/or hand-labelled data")

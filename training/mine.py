@@ -13,7 +13,10 @@ For each task:
 
 Only mismatches are labelled: a matched token is accepted by the standard rule whatever the judge says, so
 the judge only ever decides on mismatches, and matched tokens (most of them) would swamp the classes with
-easy positives. Tasks whose own answer has no outcome to compare (no number in it) are recorded as skipped.
+easy positives. Tasks whose own answer has no outcome to compare (no number in it) are recorded as skipped,
+and so, unless `keep_unfinished`, are answers cut by max_new_tokens: the last number of a cut chain of
+thought is not its answer. (A continuation that runs past the limit is compared as it stands: a swap that
+makes the target ramble has changed the outcome.)
 
 Not for: training (training.train) or the storage format (training.data).
 """
@@ -27,25 +30,40 @@ import torch
 
 from engine.config import Mode
 from engine.decode import Engine, RequestError
+from engine.output import FinishReason
 from engine.sampling import SamplingParams
 from training.data import BAD, GOOD, MinedStore, MinedTask, Mismatch
 from training.rollout import continue_greedy, teacher_forced
 from training.tasks import Task, parse_source
 
 
-def label_task(engine: Engine, task: Task, *, max_new_tokens: int, batch_size: int) -> tuple[MinedTask, torch.Tensor | None]:
-    """One task's labelled mismatches and their features [mismatches, hidden] (None when there are none)."""
+def label_task(
+    engine: Engine,
+    task: Task,
+    *,
+    max_new_tokens: int,
+    batch_size: int,
+    keep_unfinished: bool = False,
+    note: Callable[[str], None] = lambda _: None,
+) -> tuple[MinedTask, torch.Tensor | None]:
+    """One task's labelled mismatches and their features [mismatches, hidden] (None when there are none).
+    `note` hears which stage the task is in (a task of the real pair takes minutes on a CPU)."""
+    note("answering")
     try:
         request = engine.make_request(
             messages=task.messages(), params=SamplingParams(max_tokens=max_new_tokens), mode=Mode.STANDARD
         )
     except RequestError as err:  # a prompt too long for the context window: skip it, keep mining
         return MinedTask(task.id, [], [], None, False, skipped=str(err)), None
-    answer = engine.generate(request).token_ids
-    prompt, decode = list(request.prompt_ids), engine.tokenizer.decode
+    completion = engine.generate(request)
+    prompt, answer, decode = list(request.prompt_ids), completion.token_ids, engine.tokenizer.decode
+    if completion.finish_reason is FinishReason.LENGTH and not keep_unfinished:
+        why = f"the answer did not end within max_new_tokens ({max_new_tokens})"
+        return MinedTask(task.id, prompt, answer, None, False, skipped=why), None
     own = task.outcome(decode(answer))
     if own.answer is None:
         return MinedTask(task.id, prompt, answer, None, False, skipped=f"no outcome to compare ({own.detail})"), None
+    note("drafting")
     drafted = teacher_forced(engine.draft.model, prompt, answer).predictions  # [n]
     positions = [i for i, (d, a) in enumerate(zip(drafted, answer)) if d != a]
     if not positions:
@@ -57,6 +75,7 @@ def label_task(engine: Engine, task: Task, *, max_new_tokens: int, batch_size: i
     # the fewest forced passes.
     for b in range(0, len(positions), batch_size):
         batch = positions[b : b + batch_size]
+        note(f"continuing {b}-{b + len(batch)} of {len(positions)} mismatches")
         first = batch[0]
         forced = [answer[first:i] + [drafted[i]] for i in batch]
         rows = continue_greedy(engine.target.model, base, len(prompt) + first, forced, end=end, eos_ids=eos)
@@ -68,7 +87,7 @@ def label_task(engine: Engine, task: Task, *, max_new_tokens: int, batch_size: i
     return MinedTask(task.id, prompt, answer, own.answer, own.correct, mismatches=mismatches), torch.stack(features)
 
 
-def settings_for(engine: Engine, source: str, max_new_tokens: int) -> dict:
+def settings_for(engine: Engine, source: str, max_new_tokens: int, keep_unfinished: bool = False) -> dict:
     """What a mined folder must have been mined with to be resumed (or trained on) with this engine."""
     kind, path = parse_source(source)
     return {
@@ -76,6 +95,7 @@ def settings_for(engine: Engine, source: str, max_new_tokens: int) -> dict:
         "target": {"name": engine.target.name, "fingerprint": engine.target.fingerprint},
         "draft": {"name": engine.draft.name, "fingerprint": engine.draft.fingerprint},
         "max_new_tokens": max_new_tokens,
+        "keep_unfinished": keep_unfinished,
     }
 
 
@@ -87,6 +107,7 @@ def mine(
     source: str,
     max_new_tokens: int,
     batch_size: int = 16,
+    keep_unfinished: bool = False,
     progress: bool = True,
     on_task: Callable[[MinedTask], None] | None = None,
 ) -> dict[str, int]:
@@ -96,15 +117,21 @@ def mine(
 
     if engine.draft is None:
         raise RequestError("mining needs a draft model")
-    store = MinedStore(out, settings_for(engine, source, max_new_tokens))
+    store = MinedStore(out, settings_for(engine, source, max_new_tokens, keep_unfinished))
     todo = [t for t in tasks if t.id not in store.done]
     bar = tqdm(total=len(tasks), initial=len(tasks) - len(todo), unit="task", desc="mining", disable=not progress)
+
+    def note(stage: str) -> None:
+        c = store.counts()
+        bar.set_postfix_str(f"labelled {c['mismatches']} (good {c['good']}, bad {c['bad']}); {task.id}: {stage}")
+
     with bar:
         for task in todo:
-            record, features = label_task(engine, task, max_new_tokens=max_new_tokens, batch_size=batch_size)
+            record, features = label_task(
+                engine, task, max_new_tokens=max_new_tokens, batch_size=batch_size, keep_unfinished=keep_unfinished, note=note
+            )
             store.append(record, features)
-            c = store.counts()
-            bar.set_postfix(mismatches=c["mismatches"], good=c["good"], bad=c["bad"], refresh=False)
+            note("done")
             bar.update()
             if on_task is not None:
                 on_task(record)

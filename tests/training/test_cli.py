@@ -11,8 +11,7 @@ import torch
 from cluster.cli import main
 from engine.judge import JudgeHead
 from tests.training.fakes import id_engine
-from tests.training.test_mine import SOURCE, _tasks
-from training.mine import mine
+from tests.training.test_mine import SOURCE, _tasks, mine
 
 EVAL_KEYS = {"accuracy", "mean_accepted_per_step", "correct", "tasks", "judge_accepted_tokens", "completion_tokens"}
 
@@ -23,12 +22,13 @@ def _json_out(capsys) -> dict:
 
 def test_mine_command_makes_a_resumable_folder(tiny_yaml, gsm8k_file, tmp_path, capsys):
     argv = ["judge", "mine", "--config", str(tiny_yaml), "--tasks", str(gsm8k_file), "--out", str(tmp_path / "m"),
-            "--limit", "2", "--max-new-tokens", "16"]
+            "--max-new-tokens", "16", "--keep-unfinished", "--limit", "2"]
     assert main(argv) == 0
     assert _json_out(capsys)["tasks_done"] == 2
-    assert main(argv[:-4] + ["--offset", "1", "--max-new-tokens", "16"]) == 0  # tasks 1, 2: only 2 is new
+    assert main(argv[:-2] + ["--offset", "1"]) == 0  # tasks 1 and 2: only 2 is new
     progress = json.loads((tmp_path / "m" / "progress.json").read_text())
-    assert progress["tasks_done"] == 3 and progress["settings"]["max_new_tokens"] == 16
+    assert progress["tasks_done"] == 3  # the random model's answers hold no number: skipped, but done
+    assert progress["settings"]["max_new_tokens"] == 16 and progress["settings"]["keep_unfinished"]
 
 
 def test_user_errors_print_one_line(tiny_yaml, tmp_path, capsys):

@@ -14,11 +14,17 @@ from engine.config import Mode
 from tests.training.fakes import PrefixTask, id_engine
 from training import TrainingError, sandbox
 from training.data import BAD, GOOD, LABELS, MinedStore, load_hand_labels, load_mined, read_mined
-from training.mine import label_task, mine, settings_for
+from training.mine import label_task, settings_for
+from training.mine import mine as _mine
 from training.tasks import Outcome
 
 MAX_NEW = 30
 SOURCE = "gsm8k:/nonexistent/fake.jsonl"  # only recorded: the fake tasks are passed in directly
+
+
+def mine(*args, **kwargs):
+    """training.mine.mine, keeping answers cut by the length limit: the random tiny model never emits EOS."""
+    return _mine(*args, keep_unfinished=True, **kwargs)
 
 
 @pytest.fixture(scope="module")
@@ -34,7 +40,7 @@ def _tasks(n: int, m: int = 10) -> list[PrefixTask]:
 def test_mining_labels_known_case(ids_engine):
     """The outcome is the first m answer tokens, so a draft token swapped in at i is BAD exactly when i < m."""
     task = _tasks(1)[0]
-    record, features = label_task(ids_engine, task, max_new_tokens=MAX_NEW, batch_size=4)
+    record, features = label_task(ids_engine, task, max_new_tokens=MAX_NEW, batch_size=4, keep_unfinished=True)
     request = ids_engine.make_request(messages=task.messages(), params=SamplingParams(max_tokens=MAX_NEW), mode=Mode.AR)
     answer = ids_engine.generate(request).token_ids
     prompt = list(request.prompt_ids)
@@ -138,6 +144,13 @@ def test_mined_folder_loads_as_labelled_examples_and_refuses_another_target(ids_
     assert (first.token, first.target_token, first.label) == (mismatch.draft_token, mismatch.target_token, mismatch.label)
     with pytest.raises(TrainingError, match="another model's hidden states"):
         load_mined(tmp_path, engine1.draft)
+
+
+def test_answers_cut_by_the_length_limit_are_skipped_by_default(ids_engine, tmp_path):
+    counts = _mine(ids_engine, _tasks(1), tmp_path, source=SOURCE, max_new_tokens=MAX_NEW, progress=False)
+    _, records = read_mined(tmp_path)
+    assert counts["tasks_skipped"] == 1 and "did not end within max_new_tokens (30)" in records[0].skipped
+    assert records[0].answer_ids and not records[0].mismatches
 
 
 def test_settings_record_the_pair_and_the_resolved_source(engine1, gsm8k_file):

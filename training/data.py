@@ -121,15 +121,28 @@ class MinedStore:
         (folder / FEATURES).mkdir(exist_ok=True)
         progress = folder / PROGRESS
         if progress.is_file():
-            old = json.loads(progress.read_text()).get("settings")
+            old = json.loads(progress.read_text()).get("settings") or {}
             if old != settings:
                 changed = sorted(k for k in settings.keys() | old.keys() if settings.get(k) != old.get(k))
                 raise TrainingError(
                     f"{folder} holds data mined with other settings ({', '.join(changed)} differ): resume with the "
                     "same config, tasks and --max-new-tokens, or choose another --out"
                 )
-        self.records = self._read_finished()
-        self.done = {r.task for r in self.records}
+        self.done: set[str] = set()  # ids of finished tasks (the records themselves are not kept in memory)
+        self._counts = {"tasks_done": 0, "tasks_skipped": 0, "mismatches": 0, "good": 0, "bad": 0}
+        for r in self._read_finished():
+            self.done.add(r.task)
+            self._count(r)
+
+    def _count(self, record: MinedTask) -> None:
+        """Running counts, so that progress costs nothing per task however large the folder grows."""
+        labels = [m.label for m in record.mismatches]
+        c = self._counts
+        c["tasks_done"] += 1
+        c["tasks_skipped"] += record.skipped is not None
+        c["mismatches"] += len(labels)
+        c["good"] += labels.count(GOOD)
+        c["bad"] += labels.count(BAD)
 
     def _read_finished(self) -> list[MinedTask]:
         path = self.folder / LABELS
@@ -147,26 +160,19 @@ class MinedStore:
         from safetensors.torch import save
 
         if features is not None:
-            name = f"{FEATURES}/{len(self.records):06d}.safetensors"
+            name = f"{FEATURES}/{self._counts['tasks_done']:06d}.safetensors"  # the line's index
             _write_atomic(self.folder / name, save({"hidden": features.contiguous().cpu()}))
             record = replace(record, features=name)
         with open(self.folder / LABELS, "a") as f:
             f.write(record.to_json() + "\n")
             f.flush()
             os.fsync(f.fileno())
-        self.records.append(record)
         self.done.add(record.task)
+        self._count(record)
         self._write_progress()
 
     def counts(self) -> dict[str, int]:
-        labels = [m.label for r in self.records for m in r.mismatches]
-        return {
-            "tasks_done": len(self.records),
-            "tasks_skipped": sum(r.skipped is not None for r in self.records),
-            "mismatches": len(labels),
-            "good": labels.count(GOOD),
-            "bad": labels.count(BAD),
-        }
+        return dict(self._counts)
 
     def _write_progress(self) -> None:
         state = {"format": FORMAT, "settings": self.settings, **self.counts(), "updated": time.strftime("%Y-%m-%dT%H:%M:%S")}
@@ -182,7 +188,8 @@ def read_mined(folder: Path) -> tuple[dict[str, Any], list[MinedTask]]:
     if state.get("format") != FORMAT:
         raise TrainingError(f"{folder}: format {state.get('format')!r}, expected {FORMAT!r}")
     labels = folder / LABELS
-    lines = labels.read_text().splitlines() if labels.is_file() else []
+    text = labels.read_text() if labels.is_file() else ""
+    lines = text.split("\n")[:-1]  # a last line without its newline is a task still being written
     return state["settings"], [MinedTask.from_json(line) for line in lines if line.strip()]
 
 
@@ -211,7 +218,7 @@ def load_mined(folder: Path, target: LoadedModel) -> LabelledSet:
             examples.append(
                 LabelledToken(group, sequence, len(r.prompt_ids), m.position, m.draft_token, m.target_token, m.label)
             )
-        feats.append(hidden.float())
+        feats.append(hidden.float().cpu())
     width = target.args.hidden_size
     return LabelledSet(examples, torch.cat(feats) if feats else torch.empty(0, width))
 
@@ -253,7 +260,7 @@ def load_hand_labels(path: Path, target: LoadedModel) -> LabelledSet:
         for i, token in enumerate(kept):
             label = BAD if i == wrong else GOOD
             examples.append(LabelledToken(group, sequence, len(prompt_ids), i, token, None, label))
-        feats.append(hidden.float())
+        feats.append(hidden.float().cpu())
     width = target.args.hidden_size
     return LabelledSet(examples, torch.cat(feats) if feats else torch.empty(0, width))
 

@@ -23,6 +23,7 @@ Not for: training (training.train) or the storage format (training.data).
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -121,17 +122,22 @@ def mine(
     todo = [t for t in tasks if t.id not in store.done]
     bar = tqdm(total=len(tasks), initial=len(tasks) - len(todo), unit="task", desc="mining", disable=not progress)
 
-    def note(stage: str) -> None:
+    def show(task_id: str, stage: str) -> None:
         c = store.counts()
-        bar.set_postfix_str(f"labelled {c['mismatches']} (good {c['good']}, bad {c['bad']}); {task.id}: {stage}")
+        bar.set_postfix_str(f"labelled {c['mismatches']} (good {c['good']}, bad {c['bad']}); {task_id}: {stage}")
 
     with bar:
         for task in todo:
             record, features = label_task(
-                engine, task, max_new_tokens=max_new_tokens, batch_size=batch_size, keep_unfinished=keep_unfinished, note=note
+                engine,
+                task,
+                max_new_tokens=max_new_tokens,
+                batch_size=batch_size,
+                keep_unfinished=keep_unfinished,
+                note=functools.partial(show, task.id),
             )
             store.append(record, features)
-            note("done")
+            show(task.id, "stored")
             bar.update()
             if on_task is not None:
                 on_task(record)

@@ -128,6 +128,8 @@ def train_judge(
 ) -> TrainReport:
     if not 0.0 <= far < 1.0:
         raise TrainingError("--far must be in [0, 1)")
+    if not 0.0 < holdout < 1.0:
+        raise TrainingError("--holdout must be in (0, 1)")
     if data.features.shape[1:] != (target.args.hidden_size,):
         raise TrainingError(f"features of width {tuple(data.features.shape[1:])}, the target's hidden size is {target.args.hidden_size}")
     labels = torch.tensor([e.label for e in data.examples])

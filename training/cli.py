@@ -29,8 +29,15 @@ def _cmd_mine(args: argparse.Namespace) -> int:
     tasks = select(load_tasks(args.tasks), args.offset, args.limit)
     max_new = args.max_new_tokens or config.decoding.max_new_tokens
     engine = Engine.from_config(config)
-    counts = mine(engine, tasks, Path(args.out), source=args.tasks, max_new_tokens=max_new, batch_size=args.batch_size,
-                  keep_unfinished=args.keep_unfinished)
+    counts = mine(
+        engine,
+        tasks,
+        Path(args.out),
+        source=args.tasks,
+        max_new_tokens=max_new,
+        batch_size=args.batch_size,
+        keep_unfinished=args.keep_unfinished,
+    )
     print(json.dumps(counts))
     return 0
 
@@ -47,8 +54,9 @@ def _cmd_train(args: argparse.Namespace) -> int:
         torch.set_num_threads(config.runtime.threads)
     target = load_model(config.target, device=config.runtime.device, max_seq_len=config.decoding.max_seq_len)
     data = load_data([Path(d) for d in args.data], target)
-    report = train_judge(data, target, far=args.far, holdout=args.holdout, seed=args.seed, l2=args.l2,
-                         sources=", ".join(args.data))
+    report = train_judge(
+        data, target, far=args.far, holdout=args.holdout, seed=args.seed, l2=args.l2, sources=", ".join(args.data)
+    )
     report.head.save(args.out)
     print(json.dumps({"out": args.out, **report.as_dict()}))
     return 0
@@ -88,11 +96,17 @@ def _thresholds(text: str) -> list[float]:
 
 
 def _task_range(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--tasks", required=True, metavar="SOURCE",
-                   help="humaneval[:PATH], PATH or gsm8k:PATH (GSM8K JSONL, prose), gsm8k-code:PATH (programs)")
+    p.add_argument(
+        "--tasks",
+        required=True,
+        metavar="SOURCE",
+        help="humaneval[:PATH], PATH or gsm8k:PATH (GSM8K JSONL, prose), gsm8k-code:PATH (programs)",
+    )
     p.add_argument("--limit", type=int, help="at most this many tasks")
     p.add_argument("--offset", type=int, default=0, help="skip this many tasks first")
-    p.add_argument("--max-new-tokens", type=int, help="answer length limit; default: the config's decoding.max_new_tokens")
+    p.add_argument(
+        "--max-new-tokens", type=int, help="answer length limit; default: the config's decoding.max_new_tokens"
+    )
 
 
 def add_judge_parser(subparsers) -> None:
@@ -105,14 +119,18 @@ def add_judge_parser(subparsers) -> None:
     _task_range(mine)
     mine.add_argument("--out", required=True, help="output folder; an interrupted run resumes from it")
     mine.add_argument("--batch-size", type=int, default=16, help="target continuations run together")
-    mine.add_argument("--keep-unfinished", action="store_true",
-                      help="also label tasks whose answer was cut by --max-new-tokens (skipped by default)")
+    mine.add_argument(
+        "--keep-unfinished",
+        action="store_true",
+        help="also label tasks whose answer was cut by --max-new-tokens (skipped by default)",
+    )
     mine.set_defaults(func=_cmd_mine)
 
     train = sub.add_parser("train", help="fit the judge head on mined and/or hand-labelled data")
     train.add_argument("--config", default=DEFAULT_CONFIG)
-    train.add_argument("--data", action="append", required=True,
-                       help="a mined folder or a hand-label .jsonl file (repeatable)")
+    train.add_argument(
+        "--data", action="append", required=True, help="a mined folder or a hand-label .jsonl file (repeatable)"
+    )
     train.add_argument("--out", required=True, help="the judge file to write (.safetensors)")
     train.add_argument("--far", type=float, default=0.05, help="false-accept rate on held-out bad tokens (threshold)")
     train.add_argument("--holdout", type=float, default=0.2, help="share of tasks held out")

@@ -23,9 +23,10 @@ from __future__ import annotations
 import json
 import os
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 
@@ -64,7 +65,7 @@ class MinedTask:
         return json.dumps(asdict(self), separators=(",", ":"))
 
     @classmethod
-    def from_json(cls, line: str) -> "MinedTask":
+    def from_json(cls, line: str) -> MinedTask:
         raw = json.loads(line)
         raw["mismatches"] = [Mismatch(**m) for m in raw["mismatches"]]
         return cls(**raw)
@@ -94,7 +95,7 @@ class LabelledSet:
     features: torch.Tensor  # [N, hidden] float32, row i for examples[i]
 
     @staticmethod
-    def concat(parts: Sequence["LabelledSet"], hidden_size: int) -> "LabelledSet":
+    def concat(parts: Sequence[LabelledSet], hidden_size: int) -> LabelledSet:
         examples = [e for p in parts for e in p.examples]
         feats = [p.features for p in parts if len(p.examples)]
         return LabelledSet(examples, torch.cat(feats) if feats else torch.empty(0, hidden_size))
@@ -175,7 +176,12 @@ class MinedStore:
         return dict(self._counts)
 
     def _write_progress(self) -> None:
-        state = {"format": FORMAT, "settings": self.settings, **self.counts(), "updated": time.strftime("%Y-%m-%dT%H:%M:%S")}
+        state = {
+            "format": FORMAT,
+            "settings": self.settings,
+            **self.counts(),
+            "updated": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        }
         _write_atomic(self.folder / PROGRESS, (json.dumps(state, indent=2) + "\n").encode())
 
 

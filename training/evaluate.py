@@ -12,9 +12,9 @@ Not for: timing (see bench/; this runs on whatever machine and reports no speed)
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Sequence
 
 from engine.config import Mode
 from engine.decode import Engine
@@ -36,8 +36,16 @@ class ModeResult:
     completion_tokens: int
 
 
-def run_mode(engine: Engine, tasks: Sequence[Task], mode: Mode, *, threshold: float | None, draft_tokens: int,
-             max_new_tokens: int, bar=None) -> ModeResult:
+def run_mode(
+    engine: Engine,
+    tasks: Sequence[Task],
+    mode: Mode,
+    *,
+    threshold: float | None,
+    draft_tokens: int,
+    max_new_tokens: int,
+    bar=None,
+) -> ModeResult:
     correct = accepted = steps = judged = tokens = 0
     params = SamplingParams(max_tokens=max_new_tokens)
     for task in tasks:
@@ -62,8 +70,15 @@ def run_mode(engine: Engine, tasks: Sequence[Task], mode: Mode, *, threshold: fl
     )
 
 
-def evaluate(engine: Engine, tasks: Sequence[Task], thresholds: Sequence[float], *, draft_tokens: int,
-             max_new_tokens: int, progress: bool = True) -> dict:
+def evaluate(
+    engine: Engine,
+    tasks: Sequence[Task],
+    thresholds: Sequence[float],
+    *,
+    draft_tokens: int,
+    max_new_tokens: int,
+    progress: bool = True,
+) -> dict:
     """The JSON report: {"ar", "standard", "judge" (at the judge file's own threshold), "sweep": [...]}."""
     from tqdm import tqdm
 
@@ -74,8 +89,11 @@ def evaluate(engine: Engine, tasks: Sequence[Task], thresholds: Sequence[float],
     with tqdm(total=len(runs) * len(tasks), unit="answer", desc="evaluating", disable=not progress) as bar:
         for mode, t in runs:
             bar.set_postfix(mode=mode.value if t is None else f"judge@{_t(t)}", refresh=False)
-            results.append(run_mode(engine, tasks, mode, threshold=t, draft_tokens=draft_tokens,
-                                    max_new_tokens=max_new_tokens, bar=bar))
+            results.append(
+                run_mode(
+                    engine, tasks, mode, threshold=t, draft_tokens=draft_tokens, max_new_tokens=max_new_tokens, bar=bar
+                )
+            )
     judged = results[2:]
     return {
         "ar": asdict(results[0]),
@@ -99,9 +117,12 @@ def _t(threshold: float) -> str:
 def markdown_table(report: dict) -> str:
     rows = [("target only (ar)", report["ar"]), ("standard", report["standard"])]
     rows += [(f"judge @ {_t(r['threshold'])}", r) for r in report["sweep"]]
+    header = (
+        f"{report['tasks']} tasks, K = {report['draft_tokens']}, greedy, at most {report['max_new_tokens']} new "
+        f"tokens; judge file threshold {_t(report['judge']['threshold'])}"
+    )
     lines = [
-        f"{report['tasks']} tasks, K = {report['draft_tokens']}, greedy, at most {report['max_new_tokens']} new tokens; "
-        f"judge file threshold {_t(report['judge']['threshold'])}",
+        header,
         "",
         "| decoding | accuracy | mean accepted / step | judge-accepted tokens | output tokens |",
         "|---|---|---|---|---|",
@@ -126,8 +147,13 @@ def plot(report: dict, path: Path) -> None:
     sweep = report["sweep"]
     ax.plot([r["mean_accepted_per_step"] for r in sweep], [r["accuracy"] for r in sweep], "o-", label="judge")
     for r in sweep:
-        ax.annotate(_t(r["threshold"]), (r["mean_accepted_per_step"], r["accuracy"]), textcoords="offset points",
-                    xytext=(4, 4), fontsize=8)
+        ax.annotate(
+            _t(r["threshold"]),
+            (r["mean_accepted_per_step"], r["accuracy"]),
+            textcoords="offset points",
+            xytext=(4, 4),
+            fontsize=8,
+        )
     std = report["standard"]
     ax.plot([std["mean_accepted_per_step"]], [std["accuracy"]], "s", color="black", label="standard")
     ax.axhline(report["ar"]["accuracy"], color="grey", linestyle="--", label="target only")

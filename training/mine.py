@@ -24,8 +24,8 @@ Not for: training (training.train) or the storage format (training.data).
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Callable, Sequence
 
 import torch
 

@@ -18,8 +18,8 @@ its positions, so a batch is many continuations of one shared prefix).
 
 from __future__ import annotations
 
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
-from typing import Collection, Sequence
 
 import torch
 

@@ -63,6 +63,9 @@ class Limits:
     output_bytes: int = 64 * 1024  # a GSM8K answer is one number; a test prints nothing
 
 
+DEFAULT_LIMITS = Limits()
+
+
 @dataclass(frozen=True)
 class Result:
     status: Status
@@ -98,7 +101,7 @@ def available_isolation() -> Isolation:
     if unshare is None:
         return Isolation.PREAMBLE
     try:
-        probe = subprocess.run([unshare, "-rn", "true"], capture_output=True, timeout=10)
+        probe = subprocess.run([unshare, "-rn", "true"], check=False, capture_output=True, timeout=10)
     except (OSError, subprocess.TimeoutExpired):
         return Isolation.PREAMBLE
     return Isolation.NAMESPACE if probe.returncode == 0 else Isolation.PREAMBLE
@@ -132,7 +135,7 @@ def _classify(returncode: int, stderr: str) -> Status:
     return Status.ERROR
 
 
-def run(code: str, limits: Limits = Limits(), isolation: Isolation | None = None) -> Result:
+def run(code: str, limits: Limits = DEFAULT_LIMITS, isolation: Isolation | None = None) -> Result:
     """Runs `code` as a program in a child process under `limits`; never raises for what the code does."""
     isolation = isolation or available_isolation()
     t0 = time.perf_counter()
@@ -149,7 +152,7 @@ def run(code: str, limits: Limits = Limits(), isolation: Isolation | None = None
                 stdout=out,
                 stderr=err,
                 start_new_session=True,  # its own process group, so that a kill reaches its children too
-                preexec_fn=functools.partial(_set_limits, limits),
+                preexec_fn=functools.partial(_set_limits, limits),  # noqa: PLW1509 (setrlimit only)
             )
             try:
                 returncode: int | None = proc.wait(timeout=limits.wall_s)

@@ -57,13 +57,19 @@ class Task(Protocol):
 
 _NUMBER = r"-?\d[\d,]*(?:\.\d+)?"
 # In order of trust: the phrase the prompt asks for, a LaTeX box (instruct models like it), any number.
-_FINAL = [re.compile(rf"answer is\s*:?\s*\**\s*\$?\s*({_NUMBER})", re.IGNORECASE), re.compile(rf"\\boxed\{{\s*\$?({_NUMBER})")]
+_FINAL = [
+    re.compile(rf"answer is\s*:?\s*\**\s*\$?\s*({_NUMBER})", re.IGNORECASE),
+    re.compile(rf"\\boxed\{{\s*\$?({_NUMBER})"),
+]
 _ANY_NUMBER = re.compile(_NUMBER)
-_FENCE = [re.compile(r"```(?:python|py)[ \t]*\n(.*?)(?:```|\Z)", re.DOTALL), re.compile(r"```[^\n]*\n(.*?)(?:```|\Z)", re.DOTALL)]
+_FENCE = [
+    re.compile(r"```(?:python|py)[ \t]*\n(.*?)(?:```|\Z)", re.DOTALL),
+    re.compile(r"```[^\n]*\n(.*?)(?:```|\Z)", re.DOTALL),
+]
 
 
 def normalize_number(text: str) -> str | None:
-    """"1,234.50" -> "1234.5", "18.00" -> "18", "-3" -> "-3"; None when `text` is not a number."""
+    """Canonical text of a number: "1,234.50" -> "1234.5", "18.00" -> "18"; None when `text` is not one."""
     try:
         value = Decimal(text.replace(",", "").strip())
     except InvalidOperation:
@@ -116,7 +122,7 @@ class Gsm8kTask:
     question: str
     gold: str  # normalized number
     program: bool  # False: prose ending "The answer is N"; True: a program printing N
-    limits: sandbox.Limits = sandbox.Limits()
+    limits: sandbox.Limits = sandbox.DEFAULT_LIMITS
 
     def messages(self) -> list[ChatMessage]:
         template = _PROGRAM_PROMPT if self.program else _PROSE_PROMPT
@@ -168,7 +174,7 @@ class HumanEvalTask:
     prompt: str  # the signature and docstring
     test: str  # defines check(candidate)
     entry_point: str
-    limits: sandbox.Limits = sandbox.Limits()
+    limits: sandbox.Limits = sandbox.DEFAULT_LIMITS
 
     def messages(self) -> list[ChatMessage]:
         return [{"role": "user", "content": _HUMANEVAL_PROMPT.format(prompt=self.prompt)}]
@@ -210,7 +216,7 @@ def parse_source(spec: str) -> tuple[SourceKind, Path | None]:
     return SourceKind.GSM8K, Path(spec).expanduser()
 
 
-def load_tasks(spec: str, limits: sandbox.Limits = sandbox.Limits()) -> list[Task]:
+def load_tasks(spec: str, limits: sandbox.Limits = sandbox.DEFAULT_LIMITS) -> list[Task]:
     kind, path = parse_source(spec)
     if kind is SourceKind.HUMANEVAL:
         return list(load_humaneval(path, limits=limits))

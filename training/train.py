@@ -57,7 +57,9 @@ def heldout_mask(groups: list[str], fraction: float, seed: int) -> torch.Tensor:
     return torch.tensor([g in held for g in groups], dtype=torch.bool)
 
 
-def fit_logistic(x: torch.Tensor, y: torch.Tensor, *, l2: float = 1e-3, max_iter: int = 500) -> tuple[torch.Tensor, float]:
+def fit_logistic(
+    x: torch.Tensor, y: torch.Tensor, *, l2: float = 1e-3, max_iter: int = 500
+) -> tuple[torch.Tensor, float]:
     """x: [N, hidden], y: [N] in {0, 1} -> (weight [hidden], bias) on the raw features.
 
     Class-weighted BCE (each class weighs half in total, however rare bad tokens are) plus l2 / 2 |w|^2, by
@@ -131,12 +133,20 @@ def train_judge(
     if not 0.0 < holdout < 1.0:
         raise TrainingError("--holdout must be in (0, 1)")
     if data.features.shape[1:] != (target.args.hidden_size,):
-        raise TrainingError(f"features of width {tuple(data.features.shape[1:])}, the target's hidden size is {target.args.hidden_size}")
+        raise TrainingError(
+            f"features of width {tuple(data.features.shape[1:])}, the target's hidden size is {target.args.hidden_size}"
+        )
     labels = torch.tensor([e.label for e in data.examples])
     held = heldout_mask([e.group for e in data.examples], holdout, seed)
-    counts = {name: (int((labels[m] == GOOD).sum()), int((labels[m] == BAD).sum())) for name, m in (("train", ~held), ("heldout", held))}
+    counts = {
+        name: (int((labels[m] == GOOD).sum()), int((labels[m] == BAD).sum()))
+        for name, m in (("train", ~held), ("heldout", held))
+    }
     if min(counts["heldout"]) == 0:
-        raise TrainingError(f"the held-out tasks have {counts['heldout'][0]} good and {counts['heldout'][1]} bad examples: mine more tasks, or change --seed / --holdout")
+        good, bad = counts["heldout"]
+        raise TrainingError(
+            f"the held-out tasks have {good} good and {bad} bad examples: mine more tasks, or change --seed / --holdout"
+        )
     weight, bias = fit_logistic(data.features[~held], labels[~held], l2=l2)
     probe = JudgeHead(weight, bias, 1.0, target.name, target.fingerprint)
     scores = probe.scores(data.features[held])
@@ -145,11 +155,12 @@ def train_judge(
     recall = float(judge_accept(good, threshold).float().mean())
     far_seen = float(judge_accept(bad, threshold).float().mean())
     auc = roc_auc(scores, labels[held])
+    (train_good, train_bad), (held_good, held_bad) = counts["train"], counts["heldout"]
     notes = {
         "trained": (
             f"{time.strftime('%Y-%m-%d')}: {len(data.examples)} labelled tokens ({sources}); train good/bad "
-            f"{counts['train'][0]}/{counts['train'][1]}, held-out good/bad {counts['heldout'][0]}/{counts['heldout'][1]}; "
-            f"held-out AUC {auc:.4f}, recall {recall:.4f} at FAR {far_seen:.4f} (target FAR {far})"
+            f"{train_good}/{train_bad}, held-out good/bad {held_good}/{held_bad}; held-out AUC {auc:.4f}, "
+            f"recall {recall:.4f} at FAR {far_seen:.4f} (target FAR {far})"
         ),
         "auc": f"{auc:.6f}",
         "recall": f"{recall:.6f}",

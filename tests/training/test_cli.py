@@ -21,8 +21,21 @@ def _json_out(capsys) -> dict:
 
 
 def test_mine_command_makes_a_resumable_folder(tiny_yaml, gsm8k_file, tmp_path, capsys):
-    argv = ["judge", "mine", "--config", str(tiny_yaml), "--tasks", str(gsm8k_file), "--out", str(tmp_path / "m"),
-            "--max-new-tokens", "16", "--keep-unfinished", "--limit", "2"]
+    argv = [
+        "judge",
+        "mine",
+        "--config",
+        str(tiny_yaml),
+        "--tasks",
+        str(gsm8k_file),
+        "--out",
+        str(tmp_path / "m"),
+        "--max-new-tokens",
+        "16",
+        "--keep-unfinished",
+        "--limit",
+        "2",
+    ]
     assert main(argv) == 0
     assert _json_out(capsys)["tasks_done"] == 2
     assert main(argv[:-2] + ["--offset", "1"]) == 0  # tasks 1 and 2: only 2 is new
@@ -32,7 +45,21 @@ def test_mine_command_makes_a_resumable_folder(tiny_yaml, gsm8k_file, tmp_path, 
 
 
 def test_user_errors_print_one_line(tiny_yaml, tmp_path, capsys):
-    assert main(["judge", "mine", "--config", str(tiny_yaml), "--tasks", str(tmp_path / "none.jsonl"), "--out", str(tmp_path)]) == 1
+    assert (
+        main(
+            [
+                "judge",
+                "mine",
+                "--config",
+                str(tiny_yaml),
+                "--tasks",
+                str(tmp_path / "none.jsonl"),
+                "--out",
+                str(tmp_path),
+            ]
+        )
+        == 1
+    )
     err = capsys.readouterr().err
     assert err.startswith("judgeserve: task file") and err.count("\n") == 1
     assert main(["judge", "train", "--config", str(tiny_yaml), "--data", str(tmp_path / "x.txt"), "--out", "j"]) == 1
@@ -43,7 +70,11 @@ def test_user_errors_print_one_line(tiny_yaml, tmp_path, capsys):
 def hand_labels(tmp_path):
     path = tmp_path / "hand.jsonl"
     rows = [
-        {"prompt": f"Question {i}: add {i} and {i + 1}.", "response": f"{i} + {i + 1} = {2 * i + 2}. Done.", "first_wrong_token_index": 6 + i % 4}
+        {
+            "prompt": f"Question {i}: add {i} and {i + 1}.",
+            "response": f"{i} + {i + 1} = {2 * i + 2}. Done.",
+            "first_wrong_token_index": 6 + i % 4,
+        }
         for i in range(12)
     ]
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
@@ -55,8 +86,20 @@ def judge_file(tiny_yaml, hand_labels, engine1, tmp_path, capsys):
     mined = tmp_path / "mined"
     mine(id_engine(engine1), _tasks(3), mined, source=SOURCE, max_new_tokens=20, progress=False)
     out = tmp_path / "judge.safetensors"
-    argv = ["judge", "train", "--config", str(tiny_yaml), "--data", str(hand_labels), "--data", str(mined),
-            "--out", str(out), "--far", "0.1"]
+    argv = [
+        "judge",
+        "train",
+        "--config",
+        str(tiny_yaml),
+        "--data",
+        str(hand_labels),
+        "--data",
+        str(mined),
+        "--out",
+        str(out),
+        "--far",
+        "0.1",
+    ]
     assert main(argv) == 0
     report = _json_out(capsys)
     assert {"threshold", "auc", "recall", "far", "train", "heldout"} <= report.keys()
@@ -66,8 +109,27 @@ def judge_file(tiny_yaml, hand_labels, engine1, tmp_path, capsys):
 
 def test_eval_writes_table_plot_and_json(tiny_yaml, gsm8k_file, judge_file, tmp_path, capsys):
     out = tmp_path / "eval"
-    argv = ["judge", "eval", "--config", str(tiny_yaml), "--judge", str(judge_file), "--tasks", str(gsm8k_file),
-            "--limit", "2", "--max-new-tokens", "22", "--thresholds", "0.0,1.0", "--draft-tokens", "6", "--json", "--out", str(out)]
+    argv = [
+        "judge",
+        "eval",
+        "--config",
+        str(tiny_yaml),
+        "--judge",
+        str(judge_file),
+        "--tasks",
+        str(gsm8k_file),
+        "--limit",
+        "2",
+        "--max-new-tokens",
+        "22",
+        "--thresholds",
+        "0.0,1.0",
+        "--draft-tokens",
+        "6",
+        "--json",
+        "--out",
+        str(out),
+    ]
     assert main(argv) == 0
     report = _json_out(capsys)
     assert {"ar", "standard", "judge", "sweep"} <= report.keys()
@@ -92,6 +154,17 @@ def test_eval_refuses_a_judge_of_another_target(tiny_yaml, gsm8k_file, engine1, 
     draft = engine1.draft
     path = tmp_path / "foreign.safetensors"
     JudgeHead(torch.zeros(draft.args.hidden_size), 0.0, 0.5, draft.name, draft.fingerprint).save(path)
-    argv = ["judge", "eval", "--config", str(tiny_yaml), "--judge", str(path), "--tasks", str(gsm8k_file), "--limit", "1"]
+    argv = [
+        "judge",
+        "eval",
+        "--config",
+        str(tiny_yaml),
+        "--judge",
+        str(path),
+        "--tasks",
+        str(gsm8k_file),
+        "--limit",
+        "1",
+    ]
     assert main(argv) == 1
     assert "trained for target" in capsys.readouterr().err

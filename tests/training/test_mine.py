@@ -9,8 +9,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from engine.sampling import SamplingParams
 from engine.config import Mode
+from engine.sampling import SamplingParams
 from tests.training.fakes import PrefixTask, id_engine
 from training import TrainingError, sandbox
 from training.data import BAD, GOOD, LABELS, MinedStore, load_hand_labels, load_mined, read_mined
@@ -80,13 +80,27 @@ def test_resumed_run_equals_uninterrupted_run(ids_engine, tmp_path):
             raise Interrupt
 
     with pytest.raises(Interrupt):
-        mine(ids_engine, tasks, tmp_path / "resumed", source=SOURCE, max_new_tokens=MAX_NEW, progress=False,
-             on_task=stop_after_two)
+        mine(
+            ids_engine,
+            tasks,
+            tmp_path / "resumed",
+            source=SOURCE,
+            max_new_tokens=MAX_NEW,
+            progress=False,
+            on_task=stop_after_two,
+        )
     _, partial = read_mined(tmp_path / "resumed")
     assert [r.task for r in partial] == ["fake/0", "fake/1"]
     seen = []
-    resumed = mine(ids_engine, tasks, tmp_path / "resumed", source=SOURCE, max_new_tokens=MAX_NEW, progress=False,
-                   on_task=lambda r: seen.append(r.task))
+    resumed = mine(
+        ids_engine,
+        tasks,
+        tmp_path / "resumed",
+        source=SOURCE,
+        max_new_tokens=MAX_NEW,
+        progress=False,
+        on_task=lambda r: seen.append(r.task),
+    )
     assert seen == ["fake/2", "fake/3"]  # finished tasks are not redone
     assert resumed == whole and whole["mismatches"] > 0
     labels_a, feats_a = _folder_contents(tmp_path / "whole")
@@ -141,7 +155,11 @@ def test_mined_folder_loads_as_labelled_examples_and_refuses_another_target(ids_
     assert len(data.examples) == data.features.shape[0] == sum(len(r.mismatches) for r in records)
     first, mismatch = data.examples[0], records[0].mismatches[0]
     assert first.prefix_ids == records[0].prompt_ids + records[0].answer_ids[: mismatch.position]
-    assert (first.token, first.target_token, first.label) == (mismatch.draft_token, mismatch.target_token, mismatch.label)
+    assert (first.token, first.target_token, first.label) == (
+        mismatch.draft_token,
+        mismatch.target_token,
+        mismatch.label,
+    )
     with pytest.raises(TrainingError, match="another model's hidden states"):
         load_mined(tmp_path, engine1.draft)
 

@@ -16,7 +16,9 @@ MAX_NEW = 40
 
 
 def _answer(engine: Engine, prompt: str) -> tuple[list[int], list[int]]:
-    request = engine.make_request(prompt=prompt, params=SamplingParams(max_tokens=MAX_NEW, ignore_eos=True), mode=Mode.STANDARD)
+    request = engine.make_request(
+        prompt=prompt, params=SamplingParams(max_tokens=MAX_NEW, ignore_eos=True), mode=Mode.STANDARD
+    )
     return list(request.prompt_ids), engine.generate(request).token_ids
 
 
@@ -43,7 +45,9 @@ def _batched_and_sequential(engine: Engine, prompt: list[int], answer: list[int]
     forced = [answer[first:i] + [d] for i, d in swaps]
     end, eos = len(prompt) + MAX_NEW, set(engine.tokenizer.eos_ids)
     batched = continue_greedy(engine.target.model, base, len(prompt) + first, forced, end=end, eos_ids=eos)
-    sequential = [continue_greedy(engine.target.model, base, len(prompt) + first, [f], end=end, eos_ids=eos)[0] for f in forced]
+    sequential = [
+        continue_greedy(engine.target.model, base, len(prompt) + first, [f], end=end, eos_ids=eos)[0] for f in forced
+    ]
     return swaps, batched, sequential
 
 
@@ -97,7 +101,7 @@ def test_own_tokens_forced_reproduce_the_answer_and_eos_ends_a_row(engine1):
     p, end = len(prompt), len(prompt) + MAX_NEW
     eos = engine1.tokenizer.eos_ids[0]
     rows = continue_greedy(
-        engine1.target.model, base, p + 3, [answer[3:6], answer[3:5] + [eos], answer[3 : MAX_NEW]], end=end, eos_ids={eos}
+        engine1.target.model, base, p + 3, [answer[3:6], answer[3:5] + [eos], answer[3:MAX_NEW]], end=end, eos_ids={eos}
     )
     assert rows[0].tokens == answer[6:]  # forcing the target's own tokens changes nothing
     assert rows[1].tokens == []  # a forced EOS ends the sequence

@@ -56,7 +56,9 @@ def test_network_connection_to_a_listening_local_port_fails(isolation):
         port = server.getsockname()[1]
         code = f"import socket\ns = socket.create_connection(('127.0.0.1', {port}), timeout=2)\nprint('connected')"
         result = sandbox.run(code, FAST, isolation)
-        code2 = f"import socket\ns = socket.socket()\ns.settimeout(2)\ns.connect(('127.0.0.1', {port}))\nprint('connected')"
+        code2 = (
+            f"import socket\ns = socket.socket()\ns.settimeout(2)\ns.connect(('127.0.0.1', {port}))\nprint('connected')"
+        )
         result2 = sandbox.run(code2, FAST, isolation)
     for r in (result, result2):
         assert r.status is Status.ERROR and "connected" not in r.stdout

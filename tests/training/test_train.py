@@ -77,14 +77,20 @@ def test_train_judge_reports_auc_and_recall_and_saves_a_head_for_its_target(engi
     assert "AUC" in report.head.notes["trained"] and report.head.notes["far_target"] == "0.05"
     path = tmp_path / "judge.safetensors"
     report.head.save(path)
-    head = load_judge(path, target_name=target.name, target_fingerprint=target.fingerprint, hidden_size=target.args.hidden_size)
+    head = load_judge(
+        path, target_name=target.name, target_fingerprint=target.fingerprint, hidden_size=target.args.hidden_size
+    )
     assert head.threshold == report.head.threshold and torch.equal(head.weight, report.head.weight)
     with pytest.raises(JudgeError, match="trained for target"):
-        load_judge(path, target_name=draft.name, target_fingerprint=draft.fingerprint, hidden_size=draft.args.hidden_size)
+        load_judge(
+            path, target_name=draft.name, target_fingerprint=draft.fingerprint, hidden_size=draft.args.hidden_size
+        )
 
 
 def test_train_judge_refuses_data_without_both_labels(engine1):
     data = _toy_set(engine1.target.args.hidden_size)
-    only_good = LabelledSet([e for e in data.examples if e.label == GOOD], data.features[[e.label == GOOD for e in data.examples]])
+    only_good = LabelledSet(
+        [e for e in data.examples if e.label == GOOD], data.features[[e.label == GOOD for e in data.examples]]
+    )
     with pytest.raises(TrainingError, match="good and 0 bad"):
         train_judge(only_good, engine1.target)

@@ -33,6 +33,7 @@ from engine.config import Mode
 from engine.decode import Engine, RequestError
 from engine.output import FinishReason
 from engine.sampling import SamplingParams
+from training import TrainingError
 from training.data import BAD, GOOD, MinedStore, MinedTask, Mismatch
 from training.rollout import continue_greedy, teacher_forced
 from training.tasks import Task, parse_source
@@ -118,6 +119,8 @@ def mine(
 
     if engine.draft is None:
         raise RequestError("mining needs a draft model")
+    if max_new_tokens < 1 or batch_size < 1:
+        raise TrainingError("--max-new-tokens and --batch-size must be at least 1")
     store = MinedStore(out, settings_for(engine, source, max_new_tokens, keep_unfinished))
     todo = [t for t in tasks if t.id not in store.done]
     bar = tqdm(total=len(tasks), initial=len(tasks) - len(todo), unit="task", desc="mining", disable=not progress)

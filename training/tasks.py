@@ -229,4 +229,7 @@ def select(tasks: list[Task], offset: int = 0, limit: int | None = None) -> list
         raise TrainingError("--offset and --limit must be >= 0")
     if tasks and offset >= len(tasks):
         raise TrainingError(f"--offset {offset} is past the last of {len(tasks)} tasks")
-    return tasks[offset : None if limit is None else offset + limit]
+    chosen = tasks[offset : None if limit is None else offset + limit]
+    if not chosen:
+        raise TrainingError("no tasks selected (the source is empty, or --limit is 0)")
+    return chosen

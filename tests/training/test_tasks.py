@@ -132,3 +132,5 @@ def test_select_applies_offset_and_limit():
     assert select(tasks, 8) == [8, 9]
     with pytest.raises(TrainingError, match="past the last"):
         select(tasks, 10)
+    with pytest.raises(TrainingError, match="no tasks selected"):
+        select(tasks, 0, 0)

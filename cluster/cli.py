@@ -2,8 +2,9 @@
 
   judgeserve models list | fetch NAME       the real weights (MODELS.md) into the local cache
   judgeserve generate --config C --prompt T in-process generation, no Ray
-  judgeserve serve --config C               the gRPC server (in-process engine for now)
+  judgeserve serve --config C               the gRPC server over Ray actors (--no-ray: in-process)
   judgeserve client --target H:P --prompt T one request to a running server
+  judgeserve demo [--config C]              serve + one streamed request per mode, then stop
   judgeserve judge mine | train | eval      label mismatches, fit and evaluate a judge head (docs/judge.md)
 
 Errors a user can cause (bad config, missing model, bad request) print one clear message and exit 1;
@@ -18,6 +19,7 @@ import sys
 from typing import Sequence
 
 DEFAULT_CONFIG = "config/qwen-coder.yaml"
+DEMO_PROMPT = "Write a Python function that returns the n-th Fibonacci number."
 
 
 def _cmd_models(args: argparse.Namespace) -> int:
@@ -73,13 +75,9 @@ def _cmd_generate(args: argparse.Namespace) -> int:
             break
         sys.stdout.write(event.text)
         sys.stdout.flush()
-    r = result.as_dict()
-    print(
-        f"\n--\n{r['completion_tokens']} tokens in {r['wall_seconds']:.2f} s ({r['tokens_per_second']:.2f} tokens/s), "
-        f"mode {r['mode']}, {r['steps']} steps, {r['mean_accepted_per_step']:.2f} draft tokens accepted per step, "
-        f"{r['judge_accepted_tokens']} judge-accepted, finish: {r['finish_reason']}",
-        file=sys.stderr,
-    )
+    from cluster.client import summary
+
+    print("\n--\n" + summary(result.as_dict()), file=sys.stderr)
     return 0
 
 
@@ -93,6 +91,12 @@ def _cmd_client(args: argparse.Namespace) -> int:
     from cluster.client import cmd_client
 
     return cmd_client(args)
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from cluster.demo import cmd_demo
+
+    return cmd_demo(args)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -132,6 +136,11 @@ def build_parser() -> argparse.ArgumentParser:
     client = sub.add_parser("client", help="send one request to a running server")
     add_client_arguments(client)
     client.set_defaults(func=_cmd_client)
+    demo = sub.add_parser("demo", help="serve with an embedded Ray and stream one request in each mode")
+    demo.add_argument("--config", default=DEFAULT_CONFIG)
+    demo.add_argument("--prompt", default=DEMO_PROMPT)
+    demo.add_argument("--max-tokens", type=int, default=96)
+    demo.set_defaults(func=_cmd_demo)
     from training.cli import add_judge_parser
 
     add_judge_parser(sub)

@@ -52,6 +52,7 @@ class Final:
     request_id: str
     result: dict
     error: str = ""  # finish_reason "error" only: what failed, in words
+    message: pb.Final | None = None  # the wire message, with every field (e.g. timings' compute split)
 
 
 def read_token(token_file: str | Path | None) -> str | None:
@@ -144,7 +145,7 @@ class JudgeserveClient:
                     yield Delta(response.request_id, d.text, list(d.token_ids), prov)
                 elif response.HasField("final"):
                     f = response.final
-                    yield Final(response.request_id, _result("".join(text), ids, provenance, f), f.error)
+                    yield Final(response.request_id, _result("".join(text), ids, provenance, f), f.error, f)
         finally:
             call.cancel()  # no-op once the stream has ended; frees the server's work if the caller left early
 
@@ -220,6 +221,7 @@ def _result(text: str, ids: list[int], provenance: list[str], f: pb.Final) -> di
             "verify_s": round(t.verify_seconds, 4),
             "judge_s": round(t.judge_seconds, 4),
             "total_s": round(t.total_seconds, 4),
+            "overhead_s": round(t.overhead_seconds, 4),
         },
     }
 
@@ -289,11 +291,14 @@ def cmd_client(args: argparse.Namespace) -> int:
         return 0
     if not args.stream:
         sys.stdout.write(result["text"])
-    r = result
-    print(
-        f"\n--\n{r['completion_tokens']} tokens in {r['wall_seconds']:.2f} s ({r['tokens_per_second']:.2f} tokens/s), "
+    print("\n--\n" + summary(result), file=sys.stderr)
+    return 0 if result["finish_reason"] != "error" else 1
+
+
+def summary(r: dict) -> str:
+    """One line of a result's statistics (the keys of `generate --json`)."""
+    return (
+        f"{r['completion_tokens']} tokens in {r['wall_seconds']:.2f} s ({r['tokens_per_second']:.2f} tokens/s), "
         f"mode {r['mode']}, {r['steps']} steps, {r['mean_accepted_per_step']:.2f} draft tokens accepted per step, "
-        f"{r['judge_accepted_tokens']} judge-accepted, finish: {r['finish_reason']}",
-        file=sys.stderr,
+        f"{r['judge_accepted_tokens']} judge-accepted, finish: {r['finish_reason']}"
     )
-    return 0 if r["finish_reason"] != "error" else 1

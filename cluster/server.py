@@ -23,13 +23,14 @@ import sys
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import AsyncIterator, Awaitable, Callable
+from typing import TYPE_CHECKING, AsyncIterator, Awaitable, Callable
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from cluster.backend import Backend, RequestIdInUse
+from cluster.backend import Backend, BackendNotReady, RequestIdInUse
 from cluster.client import DEFAULT_HOST, DEFAULT_PORT, TOKEN_ENV, read_token
+from cluster.metrics import Metrics
 from engine.config import Mode
 from engine.decode import Completion, RequestError, StepEvent
 from engine.output import FinishReason
@@ -38,6 +39,9 @@ from engine.tokenizer import ChatMessage
 from engine.verify import Provenance
 from protos import judgeserve_pb2 as pb
 from protos import judgeserve_pb2_grpc as pb_grpc
+
+if TYPE_CHECKING:
+    from engine.config import Config
 
 log = logging.getLogger("judgeserve.server")
 
@@ -221,7 +225,16 @@ def final_message(done: Completion) -> pb.Final:
         wall_seconds=t.total_s,
         tokens_per_second=done.tokens_per_second,
         timings=pb.Timings(
-            draft_seconds=t.draft_s, verify_seconds=t.verify_s, judge_seconds=t.judge_s, total_seconds=t.total_s
+            draft_seconds=t.draft_s,
+            verify_seconds=t.verify_s,
+            judge_seconds=t.judge_s,
+            total_seconds=t.total_s,
+            overhead_seconds=t.overhead_s,
+            # Only the Ray scheduler's timings (actors.scheduler.ServeTimings) tell compute from waiting;
+            # in-process the phase is all compute.
+            draft_compute_seconds=getattr(t, "draft_compute_s", t.draft_s),
+            verify_compute_seconds=getattr(t, "verify_compute_s", t.verify_s),
+            judge_compute_seconds=getattr(t, "judge_compute_s", t.judge_s),
         ),
         error=ERROR_TEXT if done.finish_reason is FinishReason.ERROR else "",
     )
@@ -246,12 +259,14 @@ def model_info_message(info: dict) -> pb.ModelInfoResponse:
 
 
 class JudgeserveServicer(pb_grpc.JudgeserveServicer):
-    def __init__(self, backend: Backend, limits: EdgeLimits = EdgeLimits()):
+    def __init__(self, backend: Backend, limits: EdgeLimits = EdgeLimits(), metrics: Metrics | None = None):
         self.backend, self.limits = backend, limits
+        self.metrics = metrics or Metrics(backend.load)
 
     async def Generate(
         self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.GenerateResponse]:
+        observed = self.metrics.request()
         try:
             args = parse_generate(request, self.limits, self.backend.model_info()["default_max_tokens"])
             # Tokenized on the event loop: a thread pool would run encodes concurrently, which HF fast
@@ -267,6 +282,8 @@ class JudgeserveServicer(pb_grpc.JudgeserveServicer):
             )
         except ValueError as err:  # RequestError, and SamplingParams' own checks
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(err))
+        except BackendNotReady as err:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, str(err))
         request_id = args.request_id or uuid.uuid4().hex
         log.info(
             "request %s: %s, %d prompt tokens, max_tokens %d",
@@ -286,9 +303,11 @@ class JudgeserveServicer(pb_grpc.JudgeserveServicer):
                             item.completion_tokens,
                             item.tokens_per_second,
                         )
+                        observed.done(item)
                         yield pb.GenerateResponse(request_id=request_id, final=final_message(item))
                         return
                     if item.tokens or item.text:
+                        observed.step(item)
                         yield pb.GenerateResponse(request_id=request_id, delta=delta_message(item))
         except RequestIdInUse as err:
             log.info("request %s: refused, the id is in use", request_id)
@@ -307,7 +326,10 @@ class JudgeserveServicer(pb_grpc.JudgeserveServicer):
         return pb.AbortResponse(found=found)
 
     async def ModelInfo(self, request: pb.ModelInfoRequest, context: grpc.aio.ServicerContext) -> pb.ModelInfoResponse:
-        return model_info_message(self.backend.model_info())
+        try:
+            return model_info_message(self.backend.model_info())
+        except BackendNotReady as err:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, str(err))
 
 
 # ---- authentication, TLS, the server -----------------------------------------------------------------
@@ -368,6 +390,7 @@ class _Served:
     port: int
     health: health.aio.HealthServicer
     ready: asyncio.Task  # sets SERVING once backend.ready(); its result is that bool
+    metrics: Metrics
 
 
 async def _build(
@@ -386,7 +409,8 @@ async def _build(
         ],
         maximum_concurrent_rpcs=limits.max_concurrent_rpcs,
     )
-    pb_grpc.add_JudgeserveServicer_to_server(JudgeserveServicer(backend, limits), server)
+    metrics = Metrics(backend.load)
+    pb_grpc.add_JudgeserveServicer_to_server(JudgeserveServicer(backend, limits, metrics), server)
     status = health.aio.HealthServicer()
     for name in ("", SERVICE_NAME):
         await status.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
@@ -414,7 +438,7 @@ async def _build(
                 await status.set(name, health_pb2.HealthCheckResponse.SERVING)
         return ok
 
-    return _Served(server, bound, status, asyncio.ensure_future(mark_ready()))
+    return _Served(server, bound, status, asyncio.ensure_future(mark_ready()), metrics)
 
 
 def _enable_reflection(server: grpc.aio.Server) -> None:
@@ -449,11 +473,20 @@ async def serve(
     tls: TLSFiles | None = None,
     grace_s: float = DEFAULT_GRACE_S,
     limits: EdgeLimits = EdgeLimits(),
+    metrics_port: int | None = None,
 ) -> None:
-    """Serves until SIGINT or SIGTERM, then drains: health NOT_SERVING, in-flight requests get grace_s."""
+    """Serves until SIGINT or SIGTERM, then drains: health NOT_SERVING, in-flight requests get grace_s.
+    metrics_port: Prometheus /metrics on host:metrics_port (None: off)."""
     served = await _build(backend, host, port, token, tls, limits)
     await served.server.start()
     log.info("listening on %s:%d%s", host, served.port, " (TLS)" if tls else "")
+    if metrics_port is not None:
+        try:
+            bound = served.metrics.serve_http(host, metrics_port)
+        except OSError as err:
+            await served.server.stop(0)
+            raise ServeError(f"cannot serve metrics on {host}:{metrics_port}: {err}") from None
+        log.info("Prometheus metrics on http://%s:%d/metrics", host, bound)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -483,8 +516,16 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     from cluster.cli import DEFAULT_CONFIG
 
     parser.add_argument("--config", default=DEFAULT_CONFIG)
-    parser.add_argument("--host", default=DEFAULT_HOST, help=f"address to bind (default {DEFAULT_HOST}: local only)")
-    parser.add_argument("--port", type=int, default=DEFAULT_PORT, help="0 picks a free port")
+    parser.add_argument("--host", help="address to bind (default serve.host, 127.0.0.1: this machine only)")
+    parser.add_argument("--port", type=int, help="gRPC port (default serve.port); 0 picks a free port")
+    parser.add_argument("--metrics-port", type=int, help="Prometheus port (default serve.metrics_port); -1: off")
+    parser.add_argument(
+        "--ray-address", help="join this running Ray cluster (default serve.ray_address; none: a local Ray in-process)"
+    )
+    parser.add_argument(
+        "--no-ray", action="store_true", help="run the engine in this process, without Ray (one request at a time)"
+    )
+    parser.add_argument("--tensor-parallel", type=int, help="target shards (default serve.tensor_parallel)")
     parser.add_argument(
         "--token-file", type=Path, help=f"require this bearer token (file contents; or set {TOKEN_ENV})"
     )
@@ -494,11 +535,41 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", help="override runtime.device (cpu, cuda)")
 
 
-def cmd_serve(args: argparse.Namespace) -> int:
-    """`judgeserve serve`: loads the config's models in-process and serves them (LocalBackend)."""
-    from cluster.backend import LocalBackend
+def load_serve_config(args: argparse.Namespace) -> "Config":
+    """The config with the command line's overrides applied (and checked like the YAML)."""
     from engine.config import load_config
-    from engine.decode import Engine
+
+    overrides = {
+        "runtime.device": args.device,
+        "serve.host": args.host,
+        "serve.port": args.port,
+        "serve.ray_address": args.ray_address,
+        "serve.tensor_parallel": args.tensor_parallel,
+        "serve.metrics_port": args.metrics_port,
+    }
+    given = {k: v for k, v in overrides.items() if v is not None}
+    if args.metrics_port == -1:
+        given["serve.metrics_port"] = None
+    return load_config(args.config, given)
+
+
+def make_backend(config: "Config", in_process: bool) -> Backend:
+    """The Ray actors (joining serve.ray_address, else a local Ray on loopback), or the engine in this
+    process. The Ray backend loads its models in the actors after the server is up (health says
+    NOT_SERVING until then); the in-process one loads them here."""
+    if in_process:
+        from cluster.backend import LocalBackend
+        from engine.decode import Engine
+
+        return LocalBackend(Engine.from_config(config))
+    from cluster.ray_backend import RayBackend
+
+    return RayBackend(config)
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    """`judgeserve serve`: serves the config's models over gRPC, through Ray actors unless --no-ray."""
+    from cluster.ray_backend import BackendStartError
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
@@ -506,13 +577,24 @@ def cmd_serve(args: argparse.Namespace) -> int:
             raise ServeError("--tls-cert and --tls-key go together")
         tls = TLSFiles(args.tls_cert, args.tls_key) if args.tls_cert else None
         token = read_token(args.token_file)
-        config = load_config(args.config, {"runtime.device": args.device} if args.device else {})
-        backend = LocalBackend(Engine.from_config(config))
+        config = load_serve_config(args)
+        s = config.serve
+        backend = make_backend(config, args.no_ray)
         try:
-            asyncio.run(serve(backend, host=args.host, port=args.port, token=token, tls=tls, grace_s=args.grace))
+            asyncio.run(
+                serve(
+                    backend,
+                    host=s.host,
+                    port=s.port,
+                    token=token,
+                    tls=tls,
+                    grace_s=args.grace,
+                    metrics_port=s.metrics_port,
+                )
+            )
         finally:
             backend.close()
-    except (ServeError, OSError) as err:  # config, model and request errors are the CLI's (cluster.cli.main)
+    except (ServeError, BackendStartError, OSError) as err:  # config, model and request errors: cluster.cli.main
         print(f"judgeserve serve: {err}", file=sys.stderr)
         return 1
     return 0

@@ -116,6 +116,9 @@ class ServeConfig(_Section):
     )
     host: str = Field("127.0.0.1", description="address the gRPC server binds (loopback: this machine only)")
     port: int = Field(50051, ge=0, le=65535, description="gRPC port; 0 picks a free one")
+    metrics_port: int | None = Field(
+        9464, ge=0, le=65535, description="Prometheus /metrics port on serve.host; 0 picks a free one, null turns it off"
+    )
     ray_address: str | None = Field(
         None, description="a running Ray cluster to join (ray.init address); none starts a local Ray on loopback"
     )

@@ -52,6 +52,11 @@ class Timings:
     verify_s: float = 0.0  # target passes: prefill, verification, and autoregressive decodes
     judge_s: float = 0.0
     total_s: float = 0.0
+    overhead_s: float = 0.0  # the rest of total_s: acceptance bookkeeping, detokenizing, stop rules
+
+    def close(self, total_s: float) -> None:
+        self.total_s = total_s
+        self.overhead_s = max(0.0, total_s - self.draft_s - self.verify_s - self.judge_s)
 
 
 @dataclass
@@ -229,7 +234,7 @@ class Engine:
             # A stop rule may drop the step's later tokens (and a stop string even earlier ones).
             before = min(before, len(out.token_ids))
             yield StepEvent(out.token_ids[before:], out.provenance[before:], text)
-        timings.total_s = time.perf_counter() - t0
+        timings.close(time.perf_counter() - t0)
         stats.text, stats.token_ids, stats.provenance, stats.finish_reason = out.text, out.token_ids, out.provenance, out.finish
         # Tokens cut by a stop rule were never emitted: keep the judge count consistent with the output.
         stats.judge_accepted_tokens = min(stats.judge_accepted_tokens, sum(p is Provenance.JUDGE for p in out.provenance))

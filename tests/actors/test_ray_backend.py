@@ -183,8 +183,9 @@ def test_pipelined_and_unpipelined_give_the_same_output(backends, loop, expected
     )
 
 
-def test_grpc_server_over_ray_backend_streams_the_engines_output(backends, loop, expected):
-    backend = backends.get(2, pipeline=True)
+@pytest.mark.parametrize("tp", [1, 2])
+def test_grpc_server_over_ray_backend_streams_the_engines_output(backends, loop, expected, tp):
+    backend = backends.get(tp, pipeline=True)
 
     async def start():
         server, port = await build_server(backend, host="127.0.0.1", port=0)

@@ -13,6 +13,7 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,7 +23,7 @@ import pytest
 import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from cluster.backend import LocalBackend
+from cluster.backend import BackendNotReady, LocalBackend
 from cluster.client import Final, JudgeserveClient
 from cluster.server import EdgeLimits, TLSFiles, build_server
 from engine.config import Mode, load_config
@@ -321,15 +322,15 @@ def test_a_queued_request_past_its_deadline_leaves_the_queue(client, servers):
     _wait_idle(servers.backend)
 
 
-def test_serve_entry_point_drains_on_sigterm():
-    """`python -m cluster.server` (what `judgeserve serve` runs): logs the address and "ready", serves;
-    on SIGTERM health turns NOT_SERVING (seen by a Watch opened before), then it stops and exits 0."""
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "cluster.server", "--config", str(TINY_YAML), "--port", "0", "--grace", "1"],
-        cwd=TINY_YAML.parents[1],
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+@pytest.mark.timeout(180)
+@pytest.mark.parametrize("backend", ["no-ray", "ray"])
+def test_serve_entry_point_drains_on_sigterm(backend):
+    """`python -m cluster.server` (what `judgeserve serve` runs), in-process and over an embedded local Ray:
+    logs the address, the metrics port and "ready", serves and counts in /metrics; on SIGTERM health turns
+    NOT_SERVING (seen by a Watch opened before), then it stops and exits 0 (with Ray: shut down)."""
+    command = [sys.executable, "-m", "cluster.server", "--config", str(TINY_YAML), "--port", "0", "--grace", "1"]
+    command += ["--metrics-port", "0"] + (["--no-ray"] if backend == "no-ray" else [])
+    proc = subprocess.Popen(command, cwd=TINY_YAML.parents[1], stderr=subprocess.PIPE, text=True)
     try:
         lines = []
         for line in proc.stderr:
@@ -337,14 +338,21 @@ def test_serve_entry_point_drains_on_sigterm():
             if line.rstrip().endswith(" ready"):
                 break
         address = next(re.search(r"listening on (\S+)", x).group(1) for x in lines if "listening on" in x)
+        metrics_url = next(re.search(r"metrics on (\S+)", x).group(1) for x in lines if "metrics on" in x)
         with JudgeserveClient(address) as c:
-            assert c.generate(PROMPT, max_tokens=3, mode="ar", timeout=30)["completion_tokens"] == 3
+            result = c.generate(PROMPT, max_tokens=6, mode="standard", timeout=60)
+            assert result["completion_tokens"] == 6
+        metrics = urllib.request.urlopen(metrics_url, timeout=10).read().decode()
+        drafts = result["steps"] - 1  # every step after the prefill is speculative here
+        assert f"judgeserve_spec_decode_num_drafts_total {float(drafts)}" in metrics
+        assert 'judgeserve_requests_total{finish_reason="length",mode="standard"} 1.0' in metrics
+        assert "judgeserve_time_to_first_token_seconds_count 1.0" in metrics
         with grpc.insecure_channel(address) as channel:
             watch = health_pb2_grpc.HealthStub(channel).Watch(health_pb2.HealthCheckRequest(), timeout=30)
             assert next(watch).status == health_pb2.HealthCheckResponse.SERVING
             proc.send_signal(signal.SIGTERM)
             assert next(watch).status == health_pb2.HealthCheckResponse.NOT_SERVING
-        _, rest = proc.communicate(timeout=30)
+        _, rest = proc.communicate(timeout=60)
         assert proc.returncode == 0 and "stopped" in rest
     finally:
         if proc.poll() is None:
@@ -402,6 +410,11 @@ def test_health_is_not_serving_until_the_backend_is_ready(servers, engine):
             await self.go.wait()
             return True
 
+        def model_info(self) -> dict:  # as RayBackend's, before its actors are up
+            if not self.go.is_set():
+                raise BackendNotReady("the models are still loading")
+            return super().model_info()
+
     backend = SlowBackend(engine)
 
     async def start():
@@ -413,11 +426,16 @@ def test_health_is_not_serving_until_the_backend_is_ready(servers, engine):
     try:
         with JudgeserveClient(f"127.0.0.1:{port}") as c:
             assert c.health() == "NOT_SERVING"
+            for call in (lambda: c.generate(PROMPT, max_tokens=2), c.model_info):
+                with pytest.raises(grpc.RpcError) as err:
+                    call()
+                assert err.value.code() == grpc.StatusCode.UNAVAILABLE and "loading" in err.value.details()
             servers.loop.loop.call_soon_threadsafe(backend.go.set)
             deadline = time.monotonic() + 5
             while c.health() != "SERVING":
                 assert time.monotonic() < deadline
                 time.sleep(0.01)
+            assert c.generate(PROMPT, max_tokens=2)["completion_tokens"] == 2
     finally:
         servers.loop.run(server.stop(0))
         backend.close()

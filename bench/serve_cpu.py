@@ -1,0 +1,191 @@
+"""The serving path's overhead: tokens/s through gRPC and the Ray actors against the in-process engine.
+
+One run, the same prompts (HumanEval and GSM8K-train chain-of-thought questions, greedy), each prompt run
+back to back in-process and end to end, so that both see the same machine state:
+  - in-process    engine.decode.Engine, runtime.threads torch threads (the baseline)
+  - served        a gRPC client -> cluster.server -> RayBackend -> scheduler, draft worker, target shard
+                  (serve.cpus_per_actor torch threads each; set equal to runtime.threads so each pass has
+                  the same cores), pipelined or not as serve.pipeline (or --pipeline) says
+Greedy outputs must be equal (checked and reported). Prints one table: tokens/s, served / in-process, and
+the per-step time split the scheduler's own timers report (draft, verify, judge waits; compute inside the
+actors; scheduling + transport), and writes the figures as JSON.
+
+    python3 -m bench.serve_cpu --humaneval 4 --gsm8k 4 --max-tokens 128 --out bench/results/serve_cpu.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import datetime
+import json
+import os
+import platform
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import ray
+import torch
+from tqdm import tqdm
+
+from bench.engine_cpu import GSM8K, prompts
+from cluster.client import Final, JudgeserveClient
+from cluster.ray_backend import RayBackend
+from cluster.server import build_server, final_message
+from engine.config import Config, Mode, load_config
+from engine.decode import Engine
+from engine.sampling import SamplingParams
+
+PHASES = ("draft", "verify", "judge", "overhead")
+
+
+@dataclass
+class Tally:
+    tokens: int = 0
+    steps: int = 0
+    seconds: float = 0.0
+    wait: dict = field(default_factory=lambda: dict.fromkeys(PHASES, 0.0))  # seconds per phase
+    compute: dict = field(default_factory=lambda: dict.fromkeys(PHASES[:3], 0.0))  # inside the actors
+    outputs: list = field(default_factory=list)
+
+    def add(self, token_ids: list[int], steps: int, t) -> None:
+        """t: a pb.Timings."""
+        self.tokens += len(token_ids)
+        self.steps += steps
+        self.seconds += t.total_seconds
+        for phase in PHASES:
+            self.wait[phase] += getattr(t, f"{phase}_seconds")
+        for phase in PHASES[:3]:
+            self.compute[phase] += getattr(t, f"{phase}_compute_seconds")
+        self.outputs.append(token_ids)
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.tokens / self.seconds if self.seconds else 0.0
+
+    def per_step_ms(self) -> dict:
+        s = max(self.steps, 1)
+        split = {f"{p}_wait_ms": 1e3 * v / s for p, v in self.wait.items()}
+        split.update({f"{p}_compute_ms": 1e3 * v / s for p, v in self.compute.items()})
+        split["transport_ms"] = sum(split[f"{p}_wait_ms"] - split[f"{p}_compute_ms"] for p in PHASES[:3])
+        return split
+
+
+class _Loop:
+    """The served side's event loop (server and RayBackend) on a thread; the client blocks on the main one."""
+
+    def __init__(self):
+        self.loop = asyncio.new_event_loop()
+        threading.Thread(target=self.loop.run_forever, daemon=True).start()
+
+    def run(self, coro, timeout: float = 900.0):
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
+
+
+def served(config: Config, loop: _Loop) -> tuple[RayBackend, object, str]:
+    backend = RayBackend(config)
+
+    async def start():
+        server, port = await build_server(backend, host="127.0.0.1", port=0)
+        await server.start()
+        assert await backend.ready(), "the actors failed to start"
+        return server, port
+
+    server, port = loop.run(start())
+    return backend, server, f"127.0.0.1:{port}"
+
+
+def run_served(client: JudgeserveClient, ids: list[int], mode: Mode, max_tokens: int, tally: Tally) -> None:
+    *_, final = client.stream(prompt_ids=ids, max_tokens=max_tokens, mode=mode.value, timeout=3600)
+    assert isinstance(final, Final) and final.result["finish_reason"] != "error", final
+    tally.add(final.result["token_ids"], final.result["steps"], final.message.timings)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--config", default="config/qwen-coder.yaml")
+    ap.add_argument("--humaneval", type=int, default=4)
+    ap.add_argument("--gsm8k", type=int, default=4)
+    ap.add_argument("--gsm8k-path", type=Path, default=GSM8K)
+    ap.add_argument("--max-tokens", type=int, default=128)
+    ap.add_argument("--threads", type=int, default=2, help="torch threads in-process and per actor")
+    ap.add_argument("--modes", default="standard,ar")
+    ap.add_argument("--pipeline", choices=["on", "off"], help="default: the config's serve.pipeline")
+    ap.add_argument("--out", type=Path, default=Path("bench/results/serve_cpu.json"))
+    args = ap.parse_args()
+
+    overrides = {"runtime.threads": args.threads, "serve.cpus_per_actor": args.threads}
+    if args.pipeline:
+        overrides["serve.pipeline"] = args.pipeline == "on"
+    config = load_config(args.config, overrides)
+    modes = [Mode(m) for m in args.modes.split(",")]
+    engine = Engine.from_config(config)
+    loop = _Loop()
+    os.environ.setdefault("RAY_worker_niceness", "0")  # as cluster.ray_backend's local Ray: actors at nice 0
+    ray.init(num_cpus=2 * args.threads, include_dashboard=False, _node_ip_address="127.0.0.1", logging_level="warning")
+    backend, server, address = served(config, loop)  # idle actors take no CPU while the engine runs
+    client = JudgeserveClient(address)
+    served_name = "served_pipelined" if config.serve.pipeline else "served"
+    tallies = {(m, v): Tally() for m in modes for v in ("in_process", served_name)}
+    work = [engine.tokenizer.chat([{"role": "user", "content": text}]) for _, text in prompts(args.humaneval, args.gsm8k, args.gsm8k_path)]
+    for mode in modes:
+        for ids in tqdm(work, desc=f"{mode.value}"):
+            req = engine.make_request(prompt_ids=ids, mode=mode, params=SamplingParams(max_tokens=args.max_tokens))
+            c = engine.generate(req)
+            tallies[mode, "in_process"].add(c.token_ids, c.steps, final_message(c).timings)
+            run_served(client, ids, mode, args.max_tokens, tallies[mode, served_name])
+
+    rows = []
+    for (mode, v), tally in tallies.items():
+        if not tally.outputs:
+            continue
+        ref = tallies[mode, "in_process"]
+        rows.append(
+            {
+                "mode": mode.value,
+                "path": v,
+                "tokens": tally.tokens,
+                "tokens_per_s": round(tally.tokens_per_s, 3),
+                "ratio_to_in_process": round(tally.tokens_per_s / ref.tokens_per_s, 3),
+                "identical_outputs": sum(a == b for a, b in zip(tally.outputs, ref.outputs)),
+                "prompts": len(tally.outputs),
+                "per_step_ms": {k: round(x, 2) for k, x in tally.per_step_ms().items()},
+                "steps": tally.steps,
+            }
+        )
+    print(f"\n{'mode':9} {'path':12} {'tok/s':>7} {'ratio':>6} {'same':>5}  per step (ms): draft verify judge wait | compute d/v/j | transport overhead")
+    for r in rows:
+        s = r["per_step_ms"]
+        print(
+            f"{r['mode']:9} {r['path']:12} {r['tokens_per_s']:7.2f} {r['ratio_to_in_process']:6.3f} "
+            f"{r['identical_outputs']:>2}/{r['prompts']:<2}  {s['draft_wait_ms']:6.1f} {s['verify_wait_ms']:6.1f} "
+            f"{s['judge_wait_ms']:5.1f} | {s['draft_compute_ms']:6.1f} {s['verify_compute_ms']:6.1f} {s['judge_compute_ms']:5.1f} | "
+            f"{s['transport_ms']:6.2f} {s['overhead_wait_ms']:6.2f}"
+        )
+    result = {
+        "benchmark": "bench.serve_cpu",
+        "date": datetime.date.today().isoformat(),
+        "machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} torch threads, CPU only",
+        "config": args.config,
+        "target": config.target.model,
+        "draft": config.draft.model,
+        "dtype": config.target.dtype.value,
+        "draft_tokens": config.decoding.draft_tokens,
+        "pipeline": config.serve.pipeline,
+        "max_tokens": args.max_tokens,
+        "threads": args.threads,
+        "prompts": {"humaneval": args.humaneval, "gsm8k": args.gsm8k},
+        "rows": rows,
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"wrote {args.out}")
+    client.close()
+    loop.run(server.stop(0))
+    backend.close()
+    ray.shutdown()
+
+
+if __name__ == "__main__":
+    main()

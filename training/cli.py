@@ -76,6 +76,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         args.thresholds if args.thresholds is not None else DEFAULT_SWEEP,
         draft_tokens=args.draft_tokens or config.decoding.draft_tokens,
         max_new_tokens=args.max_new_tokens or config.decoding.max_new_tokens,
+        run_ar=args.run_ar,
     )
     report = {"source": args.tasks, "judge_file": args.judge, **report}
     if args.out:
@@ -144,6 +145,11 @@ def add_judge_parser(subparsers) -> None:
     _task_range(ev)
     ev.add_argument("--thresholds", type=_thresholds, help="comma-separated; the file's own is always added")
     ev.add_argument("--draft-tokens", type=int, help="K; default: the config's decoding.draft_tokens")
+    ev.add_argument(
+        "--run-ar",
+        action="store_true",
+        help="decode target-only (ar) too; by default its accuracy is standard's (greedy: the same answers)",
+    )
     ev.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
     ev.add_argument("--out", help="folder for eval.md, eval.png and eval.json")
     ev.set_defaults(func=_cmd_eval)

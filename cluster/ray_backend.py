@@ -275,10 +275,12 @@ class RayBackend:
 
 
 def _start_ray(address: str | None, bundles: list[dict[str, float]]) -> bool:
-    """Joins `address`, or starts a local Ray bound to loopback sized for the bundles (True: this process
-    started it). A Ray already initialised in this process (a test's, a job's) is used as it is."""
+    """Joins `address` (or $RAY_ADDRESS, which `ray job submit` sets for its drivers), or starts a local
+    Ray bound to loopback sized for the bundles (True: this process started it). A Ray already initialised
+    in this process (a test's) is used as it is."""
     need = {k: sum(b.get(k, 0) for b in bundles) for k in ("CPU", "GPU")}
     started = False
+    address = address or os.environ.get("RAY_ADDRESS")
     if not ray.is_initialized():
         if address:
             ray.init(address=address, include_dashboard=False)

@@ -233,7 +233,8 @@ class Transformer(nn.Module):
     what the LM head reads, and what the judge reads) of the positions asked for."""
 
     # Batch invariance on the CPU (docs/engine.md): bfloat16 matrix products give a row the same bits for
-    # every M >= 3, but M = 1 and M = 2 can take other kernels, so shorter passes are padded to 3 rows.
+    # every M >= 3, but M = 1 and M = 2 can take other kernels, so passes of fewer than 3 rows in all
+    # (batch x tokens) are padded to 3 tokens; a batch of 3 or more one-token rows needs no padding.
     MIN_ROWS = 3
     # Passes after the prefill of up to this many tokens (decodes and verifications; K <= 128) compute
     # attention row by row; prefills and longer passes use one masked call. Set `exact_rows` False where rows
@@ -266,7 +267,7 @@ class Transformer(nn.Module):
         start, rows = cache.length, tokens.shape[1]
         if start + rows > cache.max_len:
             raise ValueError(f"KV cache overflow: {start} + {rows} tokens > max_seq_len {cache.max_len}")
-        if rows < self.MIN_ROWS:  # pad with copies of the last token at the last position
+        if tokens.shape[0] * rows < self.MIN_ROWS:  # pad with copies of the last token at the last position
             tokens = torch.cat((tokens, tokens[:, -1:].expand(-1, self.MIN_ROWS - rows)), dim=1)
         positions = (start + torch.arange(tokens.shape[1], device=tokens.device)).clamp_max(start + rows - 1)
         freqs = torch.outer(positions.float(), self.inv_freq)  # [T, head_dim/2]

@@ -107,17 +107,13 @@ def judge_file(tiny_yaml, hand_labels, engine1, tmp_path, capsys):
     return out
 
 
+def _eval_argv(config, judge, tasks) -> list[str]:
+    return ["judge", "eval", "--config", str(config), "--judge", str(judge), "--tasks", str(tasks)]
+
+
 def test_eval_writes_table_plot_and_json(tiny_yaml, gsm8k_file, judge_file, tmp_path, capsys):
     out = tmp_path / "eval"
-    argv = [
-        "judge",
-        "eval",
-        "--config",
-        str(tiny_yaml),
-        "--judge",
-        str(judge_file),
-        "--tasks",
-        str(gsm8k_file),
+    argv = _eval_argv(tiny_yaml, judge_file, gsm8k_file) + [
         "--limit",
         "2",
         "--max-new-tokens",
@@ -154,15 +150,7 @@ def test_eval_refuses_a_judge_of_another_target(tiny_yaml, gsm8k_file, engine1, 
     draft = engine1.draft
     path = tmp_path / "foreign.safetensors"
     JudgeHead(torch.zeros(draft.args.hidden_size), 0.0, 0.5, draft.name, draft.fingerprint).save(path)
-    argv = [
-        "judge",
-        "eval",
-        "--config",
-        str(tiny_yaml),
-        "--judge",
-        str(path),
-        "--tasks",
-        str(gsm8k_file),
+    argv = _eval_argv(tiny_yaml, path, gsm8k_file) + [
         "--limit",
         "1",
     ]

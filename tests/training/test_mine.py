@@ -3,6 +3,8 @@ the judge's input, a resumed run equals an uninterrupted one, and mining carries
 
 from __future__ import annotations
 
+import functools
+
 import json
 
 import pytest
@@ -79,28 +81,15 @@ def test_resumed_run_equals_uninterrupted_run(ids_engine, tmp_path):
         if record.task == "fake/1":
             raise Interrupt
 
+    resume = functools.partial(
+        mine, ids_engine, tasks, tmp_path / "resumed", source=SOURCE, max_new_tokens=MAX_NEW, progress=False
+    )
     with pytest.raises(Interrupt):
-        mine(
-            ids_engine,
-            tasks,
-            tmp_path / "resumed",
-            source=SOURCE,
-            max_new_tokens=MAX_NEW,
-            progress=False,
-            on_task=stop_after_two,
-        )
+        resume(on_task=stop_after_two)
     _, partial = read_mined(tmp_path / "resumed")
     assert [r.task for r in partial] == ["fake/0", "fake/1"]
     seen = []
-    resumed = mine(
-        ids_engine,
-        tasks,
-        tmp_path / "resumed",
-        source=SOURCE,
-        max_new_tokens=MAX_NEW,
-        progress=False,
-        on_task=lambda r: seen.append(r.task),
-    )
+    resumed = resume(on_task=lambda r: seen.append(r.task))
     assert seen == ["fake/2", "fake/3"]  # finished tasks are not redone
     assert resumed == whole and whole["mismatches"] > 0
     labels_a, feats_a = _folder_contents(tmp_path / "whole")

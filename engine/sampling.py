@@ -15,10 +15,13 @@ MAX_STOP_STRINGS = 16
 MAX_STOP_STRING_CHARS = 256
 
 
+GREEDY_BELOW = 1e-5  # temperatures below this decode greedily
+
+
 @dataclass(frozen=True)
 class SamplingParams:
     max_tokens: int = 256
-    temperature: float = 0.0  # 0 = greedy
+    temperature: float = 0.0  # 0 = greedy (and so is anything below GREEDY_BELOW)
     top_k: int = 0  # 0 = off
     top_p: float = 1.0  # 1 = off
     seed: int | None = None  # None = a fresh seed per request
@@ -48,7 +51,9 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0.0
+        # logits / 1e-137 overflow to inf and softmax gives NaN (found by tests/cluster/test_fuzz.py);
+        # a temperature this small is argmax anyway (vLLM's _SAMPLING_EPS is the same 1e-5).
+        return self.temperature < GREEDY_BELOW
 
     def generator(self, device: torch.device | str = "cpu") -> torch.Generator:
         gen = torch.Generator(device=device)
@@ -70,6 +75,9 @@ def probabilities(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
         sorted_probs, order = torch.sort(probs, dim=-1, descending=True)
         # Keep the smallest prefix whose mass reaches top_p (the token crossing it stays).
         drop = sorted_probs.cumsum(-1) - sorted_probs >= params.top_p
+        # The most likely token always stays: a top_p below float32's smallest value rounds to 0, which
+        # would drop every token (found by tests/cluster/test_fuzz.py).
+        drop[..., 0] = False
         sorted_probs = sorted_probs.masked_fill(drop, 0.0)
         probs = torch.zeros_like(probs).scatter_(-1, order, sorted_probs)
         probs = probs / probs.sum(-1, keepdim=True)

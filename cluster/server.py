@@ -42,6 +42,7 @@ from protos import judgeserve_pb2_grpc as pb_grpc
 
 if TYPE_CHECKING:
     from engine.config import Config
+    from engine.decode import Request
 
 log = logging.getLogger("judgeserve.server")
 
@@ -204,6 +205,19 @@ def parse_generate(msg: pb.GenerateRequest, limits: EdgeLimits, default_max_toke
     return GenerateArgs(request_id, prompt, messages, prompt_ids, params, mode, draft_tokens, threshold)
 
 
+def engine_request_for(backend: Backend, args: GenerateArgs) -> "Request":
+    """The backend's tokenized, model-checked Request for checked edge arguments; raises RequestError."""
+    return backend.make_request(
+        prompt=args.prompt,
+        messages=args.messages,
+        prompt_ids=args.prompt_ids,
+        params=args.params,
+        mode=args.mode,
+        draft_tokens=args.draft_tokens,
+        threshold=args.threshold,
+    )
+
+
 def delta_message(event: StepEvent) -> pb.Delta:
     return pb.Delta(
         text=event.text, token_ids=event.tokens, provenance=[PROVENANCE_TO_PB[p] for p in event.provenance]
@@ -271,15 +285,7 @@ class JudgeserveServicer(pb_grpc.JudgeserveServicer):
             args = parse_generate(request, self.limits, self.backend.model_info()["default_max_tokens"])
             # Tokenized on the event loop: a thread pool would run encodes concurrently, which HF fast
             # tokenizers do not support ("Already borrowed"). EdgeLimits bounds the cost.
-            engine_request = self.backend.make_request(
-                prompt=args.prompt,
-                messages=args.messages,
-                prompt_ids=args.prompt_ids,
-                params=args.params,
-                mode=args.mode,
-                draft_tokens=args.draft_tokens,
-                threshold=args.threshold,
-            )
+            engine_request = engine_request_for(self.backend, args)
         except ValueError as err:  # RequestError, and SamplingParams' own checks
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(err))
         except BackendNotReady as err:

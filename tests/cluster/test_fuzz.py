@@ -23,7 +23,7 @@ from hypothesis import strategies as st
 
 from cluster.backend import LocalBackend
 from cluster.client import JudgeserveClient
-from cluster.server import EdgeLimits, build_server, parse_generate
+from cluster.server import EdgeLimits, build_server, engine_request_for, parse_generate
 from engine.config import load_config
 from engine.decode import Engine
 from engine.judge import JudgeHead
@@ -101,15 +101,7 @@ def _locally_accepted(backend: LocalBackend, msg: pb.GenerateRequest) -> str | N
     """None when the edge's rules accept the request, else their message."""
     try:
         args = parse_generate(msg, EdgeLimits(), backend.model_info()["default_max_tokens"])
-        backend.make_request(
-            prompt=args.prompt,
-            messages=args.messages,
-            prompt_ids=args.prompt_ids,
-            params=args.params,
-            mode=args.mode,
-            draft_tokens=args.draft_tokens,
-            threshold=args.threshold,
-        )
+        engine_request_for(backend, args)
     except ValueError as err:
         return str(err)
     return None

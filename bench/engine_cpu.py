@@ -99,13 +99,18 @@ def agreement(a: list[list[int]], b: list[list[int]]) -> float:
     return same / len(a)
 
 
+def add_prompt_arguments(ap: argparse.ArgumentParser, *, per_source: int, max_tokens: int) -> None:
+    """The prompt set of `prompts` and the answer length, as every CPU benchmark takes them."""
+    ap.add_argument("--humaneval", type=int, default=per_source)
+    ap.add_argument("--gsm8k", type=int, default=per_source)
+    ap.add_argument("--gsm8k-path", type=Path, default=GSM8K)
+    ap.add_argument("--max-tokens", type=int, default=max_tokens)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--config", default="config/qwen-coder.yaml")
-    ap.add_argument("--humaneval", type=int, default=20)
-    ap.add_argument("--gsm8k", type=int, default=20)
-    ap.add_argument("--gsm8k-path", type=Path, default=GSM8K)
-    ap.add_argument("--max-tokens", type=int, default=256)
+    add_prompt_arguments(ap, per_source=20, max_tokens=256)
     ap.add_argument("--sweep", default="4,8,12", help="K values tried on the sweep prompts")
     ap.add_argument("--sweep-prompts", type=int, default=2, help="first N of each source used to pick K")
     ap.add_argument("--skip-hf", action="store_true")

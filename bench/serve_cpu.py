@@ -29,7 +29,7 @@ import ray
 import torch
 from tqdm import tqdm
 
-from bench.engine_cpu import GSM8K, prompts
+from bench.engine_cpu import add_prompt_arguments, prompts
 from cluster.client import Final, JudgeserveClient
 from cluster.ray_backend import RayBackend
 from cluster.server import build_server, final_message
@@ -105,10 +105,7 @@ def run_served(client: JudgeserveClient, ids: list[int], mode: Mode, max_tokens:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--config", default="config/qwen-coder.yaml")
-    ap.add_argument("--humaneval", type=int, default=4)
-    ap.add_argument("--gsm8k", type=int, default=4)
-    ap.add_argument("--gsm8k-path", type=Path, default=GSM8K)
-    ap.add_argument("--max-tokens", type=int, default=128)
+    add_prompt_arguments(ap, per_source=4, max_tokens=128)
     ap.add_argument("--threads", type=int, default=2, help="torch threads in-process and per actor")
     ap.add_argument("--modes", default="standard,ar")
     ap.add_argument("--pipeline", choices=["on", "off"], help="default: the config's serve.pipeline")

@@ -12,6 +12,8 @@ import torch
 from engine.config import Config
 from engine.model import KVCache, Transformer
 
+RECENT_RELEASED = 1024  # released request ids whose pass counts a RequestCaches remembers (the oldest go)
+
 
 class CacheError(RuntimeError):
     """A call that does not fit the request's cache (a scheduler bug, or too many requests at once)."""
@@ -23,6 +25,10 @@ class RequestCaches:
     def __init__(self, model: Transformer, max_len: int, limit: int):
         self.model, self.max_len, self.limit = model, max_len, limit
         self._caches: dict[str, KVCache] = {}
+        self._passes: dict[str, int] = {}  # passes run for each active request
+        # request id -> passes it ran, for the last RECENT_RELEASED released: shows how much work a
+        # cancelled request still cost after its stop (docs/reliability.md)
+        self.released: dict[str, int] = {}
 
     def at(self, request_id: str, keep: int) -> KVCache:
         """The request's cache rolled back to `keep` positions (created, empty, on first use)."""
@@ -37,9 +43,14 @@ class RequestCaches:
         if keep > cache.length:
             raise CacheError(f"request {request_id}: asked to keep {keep} positions, the cache holds {cache.length}")
         cache.truncate(keep)
+        self._passes[request_id] = self._passes.get(request_id, 0) + 1
         return cache
 
     def release(self, request_id: str) -> bool:
+        if request_id in self._passes:
+            self.released[request_id] = self._passes.pop(request_id)
+            if len(self.released) > RECENT_RELEASED:
+                del self.released[next(iter(self.released))]
         return self._caches.pop(request_id, None) is not None
 
     def active(self) -> list[str]:

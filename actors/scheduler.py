@@ -323,6 +323,10 @@ class Scheduler:
         # request id -> tokens emitted when its task was cancelled, the last RECENT_CANCELLED
         # (cluster.backend.LocalBackend's closed_early): shows that cancelled work really stopped
         self._cancelled: dict[str, int] = {}
+        # request id -> steps it had completed when its stop (abort or cancellation) arrived, the last
+        # RECENT_CANCELLED: with the target's pass counts (TargetShard.released) it shows how many passes
+        # ran after the stop (at most the one in flight)
+        self._stopped_at: dict[str, int] = {}
 
     def ready(self) -> bool:
         return True
@@ -335,6 +339,7 @@ class Scheduler:
         return {
             "active": self.active(),
             "cancelled": dict(self._cancelled),
+            "stopped_at_step": dict(self._stopped_at),
             "pipelined_blocks": self._pipelined[0],
             "pipelined_blocks_used": self._pipelined[1],
         }
@@ -345,6 +350,7 @@ class Scheduler:
         if state is None:
             return False
         state.aborted.set()
+        self._remember(self._stopped_at, request_id, state.step)
         return True
 
     async def generate(self, rec: bytes) -> AsyncIterator[bytes]:
@@ -367,15 +373,18 @@ class Scheduler:
                 async for event in self._run(state):
                     yield event_record(event).to_bytes()
                 done = state.completion()
+            except ray.exceptions.RayError:
+                # A worker actor died: the driver answers UNAVAILABLE and the backend restarts the set.
+                log.error("request %s: a worker actor failed", inp.request_id)
+                raise
             except Exception:
                 log.exception("request %s failed", inp.request_id)
                 done = state.completion()
                 done.finish_reason = FinishReason.ERROR
             except (asyncio.CancelledError, GeneratorExit):
                 # ray.cancel raises CancelledError at an await, or closes the generator at a yield
-                self._cancelled[inp.request_id] = len(state.output.token_ids)
-                if len(self._cancelled) > RECENT_CANCELLED:
-                    del self._cancelled[next(iter(self._cancelled))]
+                self._remember(self._cancelled, inp.request_id, len(state.output.token_ids))
+                self._remember(self._stopped_at, inp.request_id, state.step)
                 raise
             finally:
                 self._release(state)
@@ -518,6 +527,12 @@ class Scheduler:
         timings.draft_compute_s += out.compute_s
 
     # ---- queue and clean-up --------------------------------------------------------------------------
+
+    @staticmethod
+    def _remember(recent: dict[str, int], request_id: str, value: int) -> None:
+        recent[request_id] = value
+        if len(recent) > RECENT_CANCELLED:
+            del recent[next(iter(recent))]
 
     async def _wait_turn(self, state: RequestState) -> bool:
         """Waits for a free slot (serve.max_active_requests); False, holding none, if aborted first."""

@@ -153,6 +153,10 @@ class TargetShard:
         """Request ids that hold a cache on this rank (empty when nothing is running)."""
         return self.caches.active()
 
+    def released(self) -> dict[str, int]:
+        """Passes each recently released request ran on this rank."""
+        return dict(self.caches.released)
+
     def _one_token(self, rec: bytes) -> bytes | None:
         t0 = time.perf_counter()
         inp = TargetInput.from_bytes(rec, self.max_bytes)

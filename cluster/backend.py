@@ -40,7 +40,9 @@ class RequestIdInUse(RequestError):
 
 
 class BackendNotReady(RuntimeError):
-    """The models are not up yet (health says NOT_SERVING until they are); maps to UNAVAILABLE: retry."""
+    """The models are not up, or not all of the backend is (health says NOT_SERVING until they are): while
+    loading, and while failed actors restart. Raised before a stream starts or in the middle of one (its
+    request is lost); maps to UNAVAILABLE: retry."""
 
 
 # Request ids of streams closed early that a backend remembers for tests and operators (the oldest go).
@@ -78,11 +80,19 @@ class Backend(Protocol):
         ...
 
     async def ready(self) -> bool:
-        """True once requests can run (models loaded)."""
+        """True once requests can run (models loaded); False if they never will (the start failed)."""
+        ...
+
+    def serving(self) -> bool:
+        """After `ready`: whether requests can run now (False while failed parts restart)."""
         ...
 
     def load(self) -> tuple[int, int]:
         """(running, waiting): requests decoding now, and requests queued for a slot."""
+        ...
+
+    def capacity(self) -> tuple[int, int]:
+        """(running, waiting) at most: the server refuses requests beyond their sum (RESOURCE_EXHAUSTED)."""
         ...
 
 
@@ -240,9 +250,15 @@ class LocalBackend:
     async def ready(self) -> bool:
         return True  # the Engine was loaded before this backend was built
 
+    def serving(self) -> bool:
+        return True
+
     def load(self) -> tuple[int, int]:
         running = len(self.running)
         return running, max(0, len(self._active) - running)
+
+    def capacity(self) -> tuple[int, int]:
+        return 1, self.engine.config.serve.max_queued_requests
 
     # ---- observability and shutdown ------------------------------------------------------------------
 

@@ -49,6 +49,12 @@ class Metrics:
             f"{PREFIX}_judge_accepted_tokens", "draft tokens accepted by the judge that standard verification rejected", registry=r
         )
         self.requests = Counter(f"{PREFIX}_requests", "finished requests, by finish reason and mode", ["finish_reason", "mode"], registry=r)
+        self.refused = Counter(
+            f"{PREFIX}_requests_refused",
+            "requests refused (overload: RESOURCE_EXHAUSTED) or lost (unavailable: UNAVAILABLE) by the backend",
+            ["reason"],
+            registry=r,
+        )
         self.generated = Counter(f"{PREFIX}_generation_tokens", "tokens streamed to clients", registry=r)
         self.ttft = Histogram(
             f"{PREFIX}_time_to_first_token_seconds", "request arrival to its first streamed token", buckets=LATENCY_BUCKETS, registry=r

@@ -20,10 +20,13 @@ import asyncio
 import contextlib
 import logging
 import os
+import time
 from dataclasses import dataclass, field
 from typing import AsyncIterator, Sequence
 
 import ray
+from ray._private import ray_constants  # private: see _keep_ray_on_loopback
+from ray._private.authentication.authentication_utils import is_token_auth_enabled
 from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
@@ -103,23 +106,17 @@ class RayBackend:
         bundle = {"CPU": serve.cpus_per_actor, **({"GPU": 1} if self._cuda else {})}
         bundles = [dict(bundle) for _ in range(serve.tensor_parallel + 1)]  # the shards, then the draft
         self._owns_ray = _start_ray(ray_address or serve.ray_address, bundles)
-        self._pg = placement_group(bundles, strategy="STRICT_PACK")
-        gpus = 1 if self._cuda else 0
-        world = serve.tensor_parallel
-        self._shards = [
-            TargetShard.options(
-                num_cpus=serve.cpus_per_actor, num_gpus=gpus, scheduling_strategy=self._in(rank), runtime_env=ACTOR_ENV
-            ).remote(config, rank, world)
-            for rank in range(world)
-        ]
-        self._draft = DraftWorker.options(
-            num_cpus=serve.cpus_per_actor, num_gpus=gpus, scheduling_strategy=self._in(world), runtime_env=ACTOR_ENV
-        ).remote(config)
+        self._bundles = bundles
         self._judge: ray.actor.ActorHandle | None = None
         self._scheduler: ray.actor.ActorHandle | None = None
         self._models: _Models | None = None
         self._startup: asyncio.Future | None = None
+        self._supervisor: asyncio.Future | None = None
+        self._check_now: asyncio.Event | None = None  # set by a stream that saw an actor fail
         self._active: dict[str, _Active] = {}
+        self.restarts: list[float] = []  # seconds each restart of the actors took, for tests and logs
+        self._restarting = False
+        self._create_actors()
 
     # ---- Backend -------------------------------------------------------------------------------------
 
@@ -167,9 +164,19 @@ class RayBackend:
                         yield completion_from_record(item)
                         return
                 raise RecordError("the scheduler's stream ended without a completion")
-            except (ray.exceptions.RayError, RecordError):
+            except RecordError:
                 log.exception("request %s failed", request_id)
                 yield tracker.completion(FinishReason.ERROR)
+            except ray.exceptions.RayError as err:
+                # An actor died (killed, out of memory, its node lost): the request's state died with it.
+                # The supervisor restarts the actors; the client gets UNAVAILABLE and may retry.
+                log.error("request %s lost: %s", request_id, _first_line(err))
+                if self._check_now is not None:
+                    self._check_now.set()
+                raise BackendNotReady(
+                    f"request lost: an actor of the serving system failed ({_first_line(err)}); the server is "
+                    "restarting its actors (health NOT_SERVING until they are up): retry"
+                ) from None
         finally:
             del self._active[request_id]
             if not completed and active.items is not None:
@@ -199,12 +206,21 @@ class RayBackend:
         except Exception:
             log.exception("the Ray actors failed to start")
             return False
+        if self._supervisor is None:
+            self._check_now = asyncio.Event()
+            self._supervisor = asyncio.ensure_future(self._supervise())
         return True
+
+    def serving(self) -> bool:
+        return self._models is not None
 
     def load(self) -> tuple[int, int]:
         # The scheduler runs serve.max_active_requests at once in arrival order; the rest wait in it.
         running = min(len(self._active), self.config.serve.max_active_requests)
         return running, len(self._active) - running
+
+    def capacity(self) -> tuple[int, int]:
+        return self.config.serve.max_active_requests, self.config.serve.max_queued_requests
 
     # ---- observability and shutdown ------------------------------------------------------------------
 
@@ -215,6 +231,8 @@ class RayBackend:
         return {
             "scheduler": scheduler["active"],
             "cancelled": scheduler["cancelled"],
+            "stopped_at_step": scheduler["stopped_at_step"],
+            "target_passes": await self._shards[0].released.remote(),
             "draft": await self._draft.active.remote(),
             "target": list(await asyncio.gather(*(s.active.remote() for s in self._shards))),
             "judge": await self._judge.active.remote() if self._judge is not None else [],
@@ -222,26 +240,105 @@ class RayBackend:
             "pipelined_blocks_used": scheduler["pipelined_blocks_used"],
         }
 
+    def actors(self) -> dict[str, ray.actor.ActorHandle]:
+        """The live set by role ("scheduler", "draft", "judge", "target0".."targetN-1"), for fault tests."""
+        roles = {"scheduler": self._scheduler, "draft": self._draft, "judge": self._judge}
+        roles.update({f"target{rank}": shard for rank, shard in enumerate(self._shards)})
+        return {role: actor for role, actor in roles.items() if actor is not None}
+
     def close(self) -> None:
         """Kills the actors and removes the placement group (and stops a Ray this backend started)."""
-        if self._startup is not None and not self._startup.done():
-            self._startup.cancel()
-        for actor in (self._scheduler, self._judge, self._draft, *self._shards):
-            if actor is not None:
-                with contextlib.suppress(ray.exceptions.RayError, ValueError):
-                    ray.kill(actor)
-        remove_placement_group(self._pg)
+        for task in (self._startup, self._supervisor):
+            if task is not None and not task.done():
+                task.cancel()
+        self._kill_actors()
         if self._owns_ray:
             ray.shutdown()
 
+    # ---- failures --------------------------------------------------------------------------------------
+
+    async def _supervise(self) -> None:
+        """Checks every serve.health_check_s (at once when a stream saw a failure) that each actor answers;
+        when one is dead, restarts them all. Every request in flight is lost then (its stream raises
+        BackendNotReady): its caches lived in the actors, and a target shard cannot rejoin its process group
+        alone, so the set restarts as one, as it started."""
+        interval = self.config.serve.health_check_s
+        while True:
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._check_now.wait(), interval)
+            self._check_now.clear()
+            dead = await self._dead_actors()
+            if not dead:
+                continue
+            log.error("actors died: %s; restarting the serving actors (health NOT_SERVING)", ", ".join(dead))
+            self._models = None  # new requests get UNAVAILABLE, health follows serving()
+            self._restarting = True
+            t0 = time.perf_counter()
+            attempt = 0
+            while True:
+                attempt += 1
+                self._kill_actors()
+                self._create_actors()
+                self._startup = asyncio.ensure_future(self._start())
+                try:
+                    await self._startup
+                    break
+                except Exception:
+                    log.exception("restart attempt %d failed; trying again", attempt)
+                    await asyncio.sleep(min(30.0, interval * 2**attempt))
+            self._restarting = False
+            self.restarts.append(time.perf_counter() - t0)
+            log.warning("serving again: actors restarted in %.2f s", self.restarts[-1])
+
+    async def _dead_actors(self) -> list[str]:
+        """Roles whose actor does not answer `active()`: a dead actor's call fails at once. A busy one
+        answers after its current pass (actors run one call at a time), which is not a failure."""
+
+        async def alive(actor: ray.actor.ActorHandle) -> bool:
+            try:
+                await actor.active.remote()
+                return True
+            except ray.exceptions.RayError:
+                return False
+
+        roles = self.actors()
+        answers = await asyncio.gather(*(alive(actor) for actor in roles.values()))
+        return [role for role, ok in zip(roles, answers) if not ok]
+
     # ---- internals -----------------------------------------------------------------------------------
+
+    def _create_actors(self) -> None:
+        """The placement group, the target shards and the draft worker; `_start` adds the rest."""
+        serve, config = self.config.serve, self.config
+        self._pg = placement_group(self._bundles, strategy="STRICT_PACK")
+        gpus = 1 if self._cuda else 0
+        world = serve.tensor_parallel
+        self._shards = [
+            TargetShard.options(
+                num_cpus=serve.cpus_per_actor, num_gpus=gpus, scheduling_strategy=self._in(rank), runtime_env=ACTOR_ENV
+            ).remote(config, rank, world)
+            for rank in range(world)
+        ]
+        self._draft = DraftWorker.options(
+            num_cpus=serve.cpus_per_actor, num_gpus=gpus, scheduling_strategy=self._in(world), runtime_env=ACTOR_ENV
+        ).remote(config)
+        self._judge = self._scheduler = None
+
+    def _kill_actors(self) -> None:
+        for actor in self.actors().values():
+            with contextlib.suppress(ray.exceptions.RayError, ValueError):
+                ray.kill(actor)
+        remove_placement_group(self._pg)
 
     def _in(self, bundle: int) -> PlacementGroupSchedulingStrategy:
         return PlacementGroupSchedulingStrategy(placement_group=self._pg, placement_group_bundle_index=bundle)
 
     def _ready_models(self) -> _Models:
         if self._models is None:
-            raise BackendNotReady("the models are still loading (health is NOT_SERVING until they are up); retry")
+            why = "the actors are restarting after a failure" if self.restarts or self._restarting else (
+                "the models are still loading"
+            )
+            raise BackendNotReady(f"{why} (health is NOT_SERVING until they are up); retry")
         return self._models
 
     async def _start(self) -> None:
@@ -289,6 +386,7 @@ def _start_ray(address: str | None, bundles: list[dict[str, float]]) -> bool:
             # cores to whatever else runs there (measured: the served path lost half its speed on a shared
             # 2-core machine). `ray job submit` does the same for its drivers.
             os.environ.setdefault("RAY_worker_niceness", "0")
+            _keep_ray_on_loopback()
             ray.init(
                 num_cpus=int(need["CPU"]),
                 num_gpus=int(need["GPU"]) or None,
@@ -296,6 +394,12 @@ def _start_ray(address: str | None, bundles: list[dict[str, float]]) -> bool:
                 _node_ip_address="127.0.0.1",
             )
             started = True
+            # Token authentication is Ray's default for a new local cluster (2.60); RAY_AUTH_MODE=disabled
+            # turns it off, which the log then says. (Setting the variable here would be too late: this
+            # process read Ray's config at import, and would be refused by its own GCS.)
+            log.info("embedded Ray: %s", local_ray_exposure())
+            if not is_token_auth_enabled():
+                log.warning("Ray token authentication is off (RAY_AUTH_MODE): any local user can run code in it")
     have = ray.cluster_resources()
     short = [f"{k}: {need[k]:g} needed, {have.get(k, 0):g} in the cluster" for k in need if need[k] > have.get(k, 0)]
     if short:
@@ -307,3 +411,25 @@ def _start_ray(address: str | None, bundles: list[dict[str, float]]) -> bool:
             + "): lower serve.tensor_parallel or serve.cpus_per_actor, or add nodes"
         )
     return started
+
+
+def _first_line(err: BaseException) -> str:
+    """A Ray error's first line (its full text repeats the remote traceback)."""
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
+
+
+def _keep_ray_on_loopback() -> None:
+    """Makes a local Ray listen on 127.0.0.1 only. Ray on Linux turns a loopback node address into the
+    machine's external one (ray._private.services.resolve_ip_for_localhost), so `_node_ip_address=
+    "127.0.0.1"` alone left the GCS, the raylet and the workers listening on every interface (seen with
+    `ss -ltnp`: gcs_server on *:port). With multi-node clusters off, as Ray does on laptops, the node
+    address stays loopback: its child processes read the variable, this process the constant."""
+    os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+    ray_constants.ENABLE_RAY_CLUSTER = False
+
+
+def local_ray_exposure() -> str:
+    """Where the Ray this process started listens, and whether it checks tokens (for the log and tests)."""
+    auth = "on" if is_token_auth_enabled() else "OFF"
+    return f"GCS at {ray.get_runtime_context().gcs_address}, dashboard off, token authentication {auth}"

@@ -30,7 +30,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from cluster.backend import Backend, BackendNotReady, RequestIdInUse
 from cluster.client import DEFAULT_HOST, DEFAULT_PORT, TOKEN_ENV, read_token
-from cluster.metrics import Metrics
+from cluster.metrics import Metrics, RequestMetrics
 from engine.config import Mode
 from engine.decode import Completion, RequestError, StepEvent
 from engine.output import FinishReason
@@ -48,6 +48,7 @@ log = logging.getLogger("judgeserve.server")
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Judgeserve"].full_name  # "judgeserve.v1.Judgeserve"
 DEFAULT_GRACE_S = 10.0  # seconds in-flight requests get to finish on SIGINT/SIGTERM
+HEALTH_POLL_S = 0.2  # how often health re-reads backend.serving()
 ERROR_TEXT = "the server failed while decoding this request; details are in its log"
 
 
@@ -276,6 +277,7 @@ class JudgeserveServicer(pb_grpc.JudgeserveServicer):
     def __init__(self, backend: Backend, limits: EdgeLimits = EdgeLimits(), metrics: Metrics | None = None):
         self.backend, self.limits = backend, limits
         self.metrics = metrics or Metrics(backend.load)
+        self.admitted = 0  # Generate calls past the checks and not yet ended: running or queued in the backend
 
     async def Generate(
         self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext
@@ -289,7 +291,32 @@ class JudgeserveServicer(pb_grpc.JudgeserveServicer):
         except ValueError as err:  # RequestError, and SamplingParams' own checks
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(err))
         except BackendNotReady as err:
+            self.metrics.refused.labels(reason="unavailable").inc()
             await context.abort(grpc.StatusCode.UNAVAILABLE, str(err))
+        running, waiting = self.backend.capacity()
+        if self.admitted >= running + waiting:
+            # Refused before any work: a queue past its bound only adds latency that the client could spend
+            # on another replica (Ray Serve and vLLM's routers shed load the same way).
+            self.metrics.refused.labels(reason="overload").inc()
+            await context.abort(
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"overloaded: {self.admitted} requests are running or queued, the bound is {running} running + "
+                f"{waiting} queued (serve.max_active_requests, serve.max_queued_requests); retry later",
+            )
+        self.admitted += 1
+        try:
+            async for response in self._generate(args, engine_request, observed, context):
+                yield response
+        finally:
+            self.admitted -= 1
+
+    async def _generate(
+        self,
+        args: GenerateArgs,
+        engine_request: "Request",
+        observed: RequestMetrics,
+        context: grpc.aio.ServicerContext,
+    ) -> AsyncIterator[pb.GenerateResponse]:
         request_id = args.request_id or uuid.uuid4().hex
         log.info(
             "request %s: %s, %d prompt tokens, max_tokens %d",
@@ -318,6 +345,10 @@ class JudgeserveServicer(pb_grpc.JudgeserveServicer):
         except RequestIdInUse as err:
             log.info("request %s: refused, the id is in use", request_id)
             await context.abort(grpc.StatusCode.ALREADY_EXISTS, str(err))
+        except BackendNotReady as err:  # a part of the backend failed under this request: it is lost
+            log.warning("request %s: unavailable: %s", request_id, err)
+            self.metrics.refused.labels(reason="unavailable").inc()
+            await context.abort(grpc.StatusCode.UNAVAILABLE, str(err))
         except asyncio.CancelledError:
             log.info("request %s: cancelled by the client or its deadline", request_id)
             raise
@@ -437,12 +468,31 @@ async def _build(
     if token and tls is None and host not in ("127.0.0.1", "::1", "localhost"):
         log.warning("a bearer token without TLS on %s: the token crosses the network in clear text", host)
 
+    async def set_health(serving: bool) -> None:
+        for name in ("", SERVICE_NAME):
+            await status.set(
+                name, health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
+            )
+
     async def mark_ready() -> bool:
         ok = await backend.ready()
         if ok:
-            for name in ("", SERVICE_NAME):
-                await status.set(name, health_pb2.HealthCheckResponse.SERVING)
+            await set_health(True)
+            asyncio.ensure_future(follow_health())
         return ok
+
+    async def follow_health() -> None:
+        """Health follows backend.serving() (a backend restarting failed actors is NOT_SERVING) until the
+        server stops; a graceful shutdown sets NOT_SERVING for good."""
+        stopped = asyncio.ensure_future(server.wait_for_termination())
+        serving = True
+        while not stopped.done():
+            now = backend.serving()
+            if now != serving:
+                log.warning("health: %s", "SERVING again" if now else "NOT_SERVING (the backend is incomplete)")
+                await set_health(now)
+                serving = now
+            await asyncio.wait((stopped,), timeout=HEALTH_POLL_S)
 
     return _Served(server, bound, status, asyncio.ensure_future(mark_ready()), metrics)
 

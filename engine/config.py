@@ -128,6 +128,24 @@ class ServeConfig(_Section):
     max_active_requests: int = Field(
         1, ge=1, le=1024, description="requests the scheduler runs at once (interleaved step by step; more wait)"
     )
+    max_queued_requests: int = Field(
+        64,
+        ge=0,
+        le=100_000,
+        description=(
+            "requests that may wait for a slot beyond max_active_requests; the server refuses more at once "
+            "with RESOURCE_EXHAUSTED (a full queue only adds latency a client could spend elsewhere)"
+        ),
+    )
+    health_check_s: float = Field(
+        1.0,
+        gt=0,
+        le=60,
+        description=(
+            "seconds between liveness checks of the actors; when one has died the server restarts them all "
+            "(health NOT_SERVING meanwhile)"
+        ),
+    )
     max_record_bytes: int = Field(
         16 * 1024 * 1024,
         ge=1024,

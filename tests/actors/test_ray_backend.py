@@ -10,23 +10,21 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import threading
 import time
 from pathlib import Path
 
 import pytest
 import ray
-import torch
 
 from cluster.backend import describe
 from cluster.client import Final, JudgeserveClient
 from cluster.ray_backend import RayBackend
 from cluster.server import build_server
-from engine.config import Config, Mode, load_config
+from engine.config import Config, Mode
 from engine.decode import Completion, Engine, RequestError, StepEvent
-from engine.judge import JudgeHead
 from engine.output import FinishReason
 from engine.sampling import SamplingParams
+from tests.conftest import EventLoopThread
 
 TINY_YAML = Path(__file__).resolve().parents[2] / "config" / "tiny.yaml"
 PROMPT = "The quick"
@@ -36,31 +34,9 @@ ENDLESS = 400  # max_tokens of requests that must still be running when aborted 
 pytestmark = pytest.mark.timeout(120)
 
 
-class _Loop:
-    """An asyncio loop on a daemon thread: the backends' (and the gRPC server's) loop."""
-
-    def __init__(self):
-        self.loop = asyncio.new_event_loop()
-        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
-        self.thread.start()
-
-    def run(self, coro, timeout: float = 60.0):
-        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
-
-    def close(self) -> None:
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self.thread.join(5)
-
-
 @pytest.fixture(scope="module")
-def config(tmp_path_factory) -> Config:
-    """tiny.yaml with a lenient judge (a large bias: it accepts draft tokens the standard rule rejects, so
-    judge mode's output differs from the target's and the lossy path is exercised), saved for the actors."""
-    plain = Engine.from_config(load_config(TINY_YAML))
-    w = torch.randn(plain.target.args.hidden_size, generator=torch.Generator().manual_seed(7))
-    path = tmp_path_factory.mktemp("judge") / "tiny-judge.safetensors"
-    JudgeHead(w, 20.0, 0.5, plain.target.name, plain.target.fingerprint).save(path)
-    return load_config(TINY_YAML, {"judge.path": str(path), "decoding.mode": "judge"})
+def config(judge_config) -> Config:
+    return judge_config
 
 
 @pytest.fixture(scope="module")
@@ -82,7 +58,7 @@ def expected(engine) -> dict[tuple[Mode, int], Completion]:
 
 @pytest.fixture(scope="module")
 def loop():
-    lp = _Loop()
+    lp = EventLoopThread()
     yield lp
     lp.close()
 
@@ -90,7 +66,7 @@ def loop():
 class _Backends:
     """RayBackends by (tensor_parallel, pipeline), each started once, all closed at the end."""
 
-    def __init__(self, config: Config, loop: _Loop):
+    def __init__(self, config: Config, loop: EventLoopThread):
         self.config, self.loop, self.started = config, loop, {}
 
     def get(self, tp: int, pipeline: bool) -> RayBackend:
@@ -133,7 +109,7 @@ async def _collect(backend: RayBackend, request_id: str, **kwargs) -> tuple[list
     raise AssertionError("no completion")
 
 
-def _wait_empty(backend: RayBackend, loop: _Loop, timeout: float = 20.0) -> dict:
+def _wait_empty(backend: RayBackend, loop: EventLoopThread, timeout: float = 20.0) -> dict:
     deadline = time.monotonic() + timeout
     while True:
         stats = loop.run(backend.actor_stats())

@@ -7,6 +7,7 @@ JudgeserveClient (and the raw stub for malformed requests), so no async test plu
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import re
 import signal
 import subprocess
@@ -19,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
+import psutil
 import pytest
 import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -322,13 +324,15 @@ def test_a_queued_request_past_its_deadline_leaves_the_queue(client, servers):
     _wait_idle(servers.backend)
 
 
-@pytest.mark.timeout(180)
+@pytest.mark.timeout(240)
 @pytest.mark.parametrize("backend", ["no-ray", "ray"])
 def test_serve_entry_point_drains_on_sigterm(backend):
     """`python -m cluster.server` (what `judgeserve serve` runs), in-process and over an embedded local Ray:
-    logs the address, the metrics port and "ready", serves and counts in /metrics; on SIGTERM health turns
-    NOT_SERVING (seen by a Watch opened before), then it stops and exits 0 (with Ray: shut down)."""
-    command = [sys.executable, "-m", "cluster.server", "--config", str(TINY_YAML), "--port", "0", "--grace", "1"]
+    logs the address, the metrics port and "ready", serves and counts in /metrics. On SIGTERM health turns
+    NOT_SERVING (seen by a Watch opened before), new requests are refused, the stream running then finishes
+    within the grace period, and the process exits 0. With Ray: every socket it and its children listen on
+    is on loopback, Ray checks tokens, and after the exit none of its processes (actors, raylet, GCS) is left."""
+    command = [sys.executable, "-m", "cluster.server", "--config", str(TINY_YAML), "--port", "0", "--grace", "60"]
     command += ["--metrics-port", "0"] + (["--no-ray"] if backend == "no-ray" else [])
     proc = subprocess.Popen(command, cwd=TINY_YAML.parents[1], stderr=subprocess.PIPE, text=True)
     try:
@@ -347,17 +351,62 @@ def test_serve_entry_point_drains_on_sigterm(backend):
         assert f"judgeserve_spec_decode_num_drafts_total {float(drafts)}" in metrics
         assert 'judgeserve_requests_total{finish_reason="length",mode="standard"} 1.0' in metrics
         assert "judgeserve_time_to_first_token_seconds_count 1.0" in metrics
+        family = psutil.Process(proc.pid).children(recursive=True)
+        if backend == "ray":
+            exposure = next(x for x in lines if "embedded Ray:" in x)
+            assert re.search(r"GCS at 127\.0\.0\.1:\d+, dashboard off, token authentication on", exposure), exposure
+            listening = _listening(psutil.Process(proc.pid), *family)
+            assert len(listening) >= 4 and all(ip in LOOPBACK for ip, _ in listening), listening
+            print(f"\n{len(listening)} listening sockets of the server and {len(family)} child processes, all on loopback")
+
+        running = ThreadPoolExecutor(1).submit(_stream_to_the_end, address, 200)
+        while not running.done() and not running_started.is_set():
+            time.sleep(0.01)
         with grpc.insecure_channel(address) as channel:
             watch = health_pb2_grpc.HealthStub(channel).Watch(health_pb2.HealthCheckRequest(), timeout=30)
             assert next(watch).status == health_pb2.HealthCheckResponse.SERVING
             proc.send_signal(signal.SIGTERM)
             assert next(watch).status == health_pb2.HealthCheckResponse.NOT_SERVING
+        time.sleep(0.2)
+        with JudgeserveClient(address) as c, pytest.raises(grpc.RpcError) as refused:
+            c.generate(PROMPT, max_tokens=2, timeout=10)
+        assert refused.value.code() is grpc.StatusCode.UNAVAILABLE
+        finish, tokens = running.result(timeout=120)
+        assert (finish, tokens) == ("length", 200), "the running stream must finish within the grace period"
         _, rest = proc.communicate(timeout=60)
         assert proc.returncode == 0 and "stopped" in rest
+        gone, alive = psutil.wait_procs(family, timeout=30)
+        assert not alive, [p.info if hasattr(p, "info") else p for p in alive]
+        print(f"after SIGTERM: the running stream finished ({tokens} tokens), {len(gone)} child processes gone")
     finally:
+        running_started.clear()
         if proc.poll() is None:
             proc.kill()
             proc.communicate()
+
+
+LOOPBACK = {"127.0.0.1", "::1", "::ffff:127.0.0.1"}
+running_started = threading.Event()  # _stream_to_the_end got its first token
+
+
+def _stream_to_the_end(address: str, max_tokens: int) -> tuple[str, int]:
+    with JudgeserveClient(address) as c:
+        tokens = 0
+        for event in c.stream(PROMPT, max_tokens=max_tokens, mode="ar", ignore_eos=True, timeout=120):
+            if isinstance(event, Final):
+                return event.result["finish_reason"], tokens
+            tokens += len(event.token_ids)
+            running_started.set()
+    raise AssertionError("no final message")
+
+
+def _listening(*processes: psutil.Process) -> list[tuple[str, int]]:
+    """(address, port) of every TCP socket these processes listen on."""
+    found = []
+    for process in processes:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            found += [c.laddr[:2] for c in process.net_connections("tcp") if c.status == psutil.CONN_LISTEN]
+    return found
 
 
 def test_an_engine_failure_ends_the_stream_with_finish_reason_error(servers, engine):

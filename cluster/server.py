@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, AsyncIterator, Awaitable, Callable
 
 import grpc
+from google.protobuf.message import DecodeError
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from cluster.backend import Backend, BackendNotReady, RequestIdInUse
@@ -273,6 +274,46 @@ def model_info_message(info: dict) -> pb.ModelInfoResponse:
 # ---- the servicer ------------------------------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class MalformedRequest:
+    """Bytes that do not parse as the method's request message (what _add_judgeserve hands the servicer)."""
+
+    why: str
+
+
+def _parse_or_malformed(message_type):
+    def parse(data: bytes):
+        try:
+            return message_type.FromString(data)
+        except DecodeError as err:
+            return MalformedRequest(f"request: not a valid {message_type.DESCRIPTOR.full_name} message ({err})")
+
+    return parse
+
+
+async def _refuse_malformed(request, context: grpc.aio.ServicerContext) -> None:
+    if isinstance(request, MalformedRequest):
+        await context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.why)
+
+
+def _add_judgeserve(servicer: "JudgeserveServicer", server: grpc.aio.Server) -> None:
+    """The generated add_JudgeserveServicer_to_server, except that bytes that are not the request message
+    reach the method as a MalformedRequest, answered INVALID_ARGUMENT, instead of failing inside gRPC's
+    deserializer (which answers UNKNOWN)."""
+    service = pb.DESCRIPTOR.services_by_name["Judgeserve"]
+    handlers = {}
+    for method in service.methods:
+        request_type, response_type = getattr(pb, method.input_type.name), getattr(pb, method.output_type.name)
+        kind = grpc.unary_stream_rpc_method_handler if method.server_streaming else grpc.unary_unary_rpc_method_handler
+        handlers[method.name] = kind(
+            getattr(servicer, method.name),
+            request_deserializer=_parse_or_malformed(request_type),
+            response_serializer=response_type.SerializeToString,
+        )
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service.full_name, handlers),))
+    server.add_registered_method_handlers(service.full_name, handlers)
+
+
 class JudgeserveServicer(pb_grpc.JudgeserveServicer):
     def __init__(self, backend: Backend, limits: EdgeLimits = EdgeLimits(), metrics: Metrics | None = None):
         self.backend, self.limits = backend, limits
@@ -282,6 +323,7 @@ class JudgeserveServicer(pb_grpc.JudgeserveServicer):
     async def Generate(
         self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.GenerateResponse]:
+        await _refuse_malformed(request, context)
         observed = self.metrics.request()
         try:
             args = parse_generate(request, self.limits, self.backend.model_info()["default_max_tokens"])
@@ -354,6 +396,7 @@ class JudgeserveServicer(pb_grpc.JudgeserveServicer):
             raise
 
     async def Abort(self, request: pb.AbortRequest, context: grpc.aio.ServicerContext) -> pb.AbortResponse:
+        await _refuse_malformed(request, context)
         try:
             request_id = check_request_id(request.request_id, self.limits, required=True)
         except RequestError as err:
@@ -363,6 +406,7 @@ class JudgeserveServicer(pb_grpc.JudgeserveServicer):
         return pb.AbortResponse(found=found)
 
     async def ModelInfo(self, request: pb.ModelInfoRequest, context: grpc.aio.ServicerContext) -> pb.ModelInfoResponse:
+        await _refuse_malformed(request, context)
         try:
             return model_info_message(self.backend.model_info())
         except BackendNotReady as err:
@@ -447,7 +491,7 @@ async def _build(
         maximum_concurrent_rpcs=limits.max_concurrent_rpcs,
     )
     metrics = Metrics(backend.load)
-    pb_grpc.add_JudgeserveServicer_to_server(JudgeserveServicer(backend, limits, metrics), server)
+    _add_judgeserve(JudgeserveServicer(backend, limits, metrics), server)
     status = health.aio.HealthServicer()
     for name in ("", SERVICE_NAME):
         await status.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)

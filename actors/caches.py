@@ -1,6 +1,6 @@
 """What the model-holding actors share: one KV cache per active request, and the torch set-up of an actor.
 
-A cache is created on a request's first call and freed by `release`; every call names the length the
+A cache is created on a request's first call and freed by `release` (a StepPlan.release step); every call names the length the
 cache must have (`keep`), so the actor rolls back to the scheduler's view of the sequence instead of
 tracking acceptance itself. Not for: the model or the algorithm (engine/), Ray calls (the actor modules).
 """
@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import torch
 
+from actors.step_graph import MAX_INFLIGHT
 from engine.config import Config
 from engine.model import KVCache, Transformer
 
@@ -66,3 +67,9 @@ def set_threads(config: Config) -> None:
     """torch CPU threads = the CPUs Ray reserved for this actor, so that co-located actors (the draft worker
     and the shards on one node) do not run more threads than there are cores."""
     torch.set_num_threads(config.serve.cpus_per_actor)
+
+
+def cache_limit(config: Config) -> int:
+    """Request caches an actor may hold: the running requests, plus those whose release is still queued in
+    the step graph behind a step of a newer request (actors.step_graph.MAX_INFLIGHT)."""
+    return config.serve.max_active_requests + MAX_INFLIGHT

@@ -1,6 +1,7 @@
 """The draft worker: a Ray actor holding the draft model and one KV cache per active request.
 
-`propose` drafts one whole block per call (nothing per token crosses the actor boundary). The pure part,
+Each step-graph node (`step`, and `speculate` for pipelining) drafts one whole block (nothing per token
+crosses the actor boundary). The pure part,
 `draft_block`, is the engine's draft loop (engine.decode.Engine._draft) with the same forward calls, so the
 draft tokens equal the in-process engine's bit for bit; it optionally starts with a greedy guess of the
 target's next token, which is how pipelining drafts block t+1 before block t is verified (actors.scheduler).
@@ -10,13 +11,14 @@ Not for: deciding what to accept (the scheduler and engine.verify), or the targe
 
 from __future__ import annotations
 
+import dataclasses
 import time
 
 import ray
 import torch
 
-from actors.caches import RequestCaches, actor_device, set_threads
-from actors.messages import DraftInput, DraftOutput, Role, step_generator
+from actors.caches import RequestCaches, actor_device, cache_limit, set_threads
+from actors.messages import DraftInput, DraftOutput, Role, StepPlan, step_generator
 from engine.config import Config
 from engine.model import KVCache, Transformer
 from engine.sampling import SamplingParams, probabilities, sample
@@ -61,38 +63,55 @@ def draft_block(
 
 @ray.remote
 class DraftWorker:
-    """Holds the draft model; `propose` drafts a block for one request, `release` frees its cache."""
+    """Holds the draft model; `step` and `speculate` draft blocks (or free a request's cache)."""
 
     def __init__(self, config: Config):
         set_threads(config)
         self.config = config
         self.loaded = load_model(config.draft, device=actor_device(config), max_seq_len=config.decoding.max_seq_len)
-        self.caches = RequestCaches(self.loaded.model, config.decoding.max_seq_len, config.serve.max_active_requests)
+        self.caches = RequestCaches(self.loaded.model, config.decoding.max_seq_len, cache_limit(config))
         self.max_bytes = config.serve.max_record_bytes
 
     def info(self) -> dict:
         """The loaded model, for ModelInfo (cluster.backend.describe's keys) and the vocabulary check."""
         return {"name": self.loaded.name, "fingerprint": self.loaded.fingerprint, "args": self.loaded.args}
 
-    @ray.method(num_returns=2)
-    def propose(self, rec: bytes) -> tuple[bytes, torch.Tensor | None]:
-        """DraftInput -> (DraftOutput, q).
+    def step(self, rec: bytes) -> tuple[bytes | None, torch.Tensor | None]:
+        """Step-graph node (actors.step_graph): StepPlan -> (DraftOutput, q) when it drafts, else (None, None).
 
         q is the draft's distribution [K, vocab] (float32, CPU) over the block's positions in sampling mode
-        and None when greedy: vocab-sized, so it is a separate return value that the scheduler hands to the
-        target as an ObjectRef without fetching it, never part of the msgpack record.
+        and None when greedy: vocab-sized, so it travels as a tensor to target rank 0, never in a record.
         """
+        plan = StepPlan.from_bytes(rec, self.max_bytes)
+        if plan.release:
+            self.caches.release(plan.request_id)
+        return self._propose(plan.draft) if plan.draft is not None else (None, None)
+
+    def speculate(self, rec: bytes, drafted: tuple[bytes | None, torch.Tensor | None]) -> tuple[bytes | None, torch.Tensor | None]:
+        """Step-graph node, after `step`: drafts the next step's block while the target verifies this one
+        (StepPlan.speculate), fed this block's last token; (None, None) when not asked or when the block
+        holds a stop token."""
+        plan = StepPlan.from_bytes(rec, self.max_bytes)
+        inp = plan.speculate
+        if inp is None:
+            return None, None
+        if plan.draft is not None:  # the block was drafted in this step: continue from this cache
+            out = DraftOutput.from_bytes(drafted[0], self.max_bytes)
+            block, inp = out.tokens, dataclasses.replace(inp, keep=out.cache_len, feed=out.tokens[-1:])
+        else:
+            block = plan.verify.draft
+        if any(t in plan.stop_ids for t in block):
+            return None, None
+        return self._propose(inp)
+
+    def _propose(self, inp: DraftInput) -> tuple[bytes, torch.Tensor | None]:
         t0 = time.perf_counter()
-        inp = DraftInput.from_bytes(rec, self.max_bytes)
         params = inp.sampling.params()
         gen = None if params.greedy else step_generator(inp.sampling.seed, Role.DRAFT, inp.step)
         cache = self.caches.at(inp.request_id, inp.keep)
         tokens, q, guess = draft_block(self.loaded.model, cache, inp.feed, inp.k, params, gen, inp.guess)
         out = DraftOutput(tokens, guess, cache.length, time.perf_counter() - t0)
         return out.to_bytes(), q
-
-    def release(self, request_id: str) -> bool:
-        return self.caches.release(request_id)
 
     def active(self) -> list[str]:
         """Request ids that hold a cache here (empty when nothing is running)."""

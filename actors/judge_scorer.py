@@ -1,15 +1,16 @@
 """The judge scorer: a Ray actor holding the judge head (Bachmann et al. 2025) and its default threshold.
 
-`score` turns the target's hidden states of the K draft tokens into K verdicts with the pure functions
+`step` (a node of actors.step_graph) turns the target's hidden states of the K draft tokens into K verdicts
+with the pure functions
 of the engine: engine.verify.judge_accept over engine.judge.JudgeHead.scores. It keeps no per-request
 state.
 
-Placement. On CPU the judge is a plain actor call on rank 0's node (bundle 0 of the placement group, no
+Placement. On CPU the judge is a step-graph node on rank 0's node (bundle 0 of the placement group, no
 CPUs of its own: a dot product per draft token). On GPU it belongs on target rank 0's GPU: the same
 placement-group bundle with a fractional GPU (rank 0 taking the rest), so that the hidden states, which
-rank 0 computes, never leave the GPU; the GPU fast path (Ray Compiled Graphs with on-device transport, a
-later issue) needs that. Until then the shard returns the hidden states as a CPU tensor through the object
-store and the head runs on the CPU, which costs about a small tensor's actor hop (DESIGN.md section 2).
+rank 0 computes, never leave the GPU; the step graph's on-device transport (a later issue) needs that.
+Until then the shard returns the hidden states as a CPU tensor through the graph's channel and the head
+runs on the CPU, which costs about a small tensor's hop (DESIGN.md section 2).
 
 Not for: training heads, or combining the verdict with the standard rule (the scheduler does, through
 engine.verify.accepted_length).
@@ -22,7 +23,7 @@ import time
 import ray
 import torch
 
-from actors.messages import JudgeOutput
+from actors.messages import JudgeOutput, StepPlan
 from engine.config import Config
 from engine.judge import JudgeHead, load_judge
 from engine.verify import judge_accept
@@ -43,6 +44,7 @@ class JudgeScorer:
         )
         # engine.decode.Engine.default_threshold: the config's, else the file's own.
         self.default_threshold = config.judge.threshold if config.judge.threshold is not None else self.head.threshold
+        self.max_bytes = config.serve.max_record_bytes
 
     def info(self) -> dict:
         return {
@@ -52,11 +54,15 @@ class JudgeScorer:
             "default_threshold": self.default_threshold,
         }
 
-    def score(self, hidden: torch.Tensor, threshold: float | None = None) -> bytes:
-        """hidden [K, hidden] (the target's, of d_1..d_K) -> JudgeOutput; threshold None: the default."""
+    def step(self, rec: bytes, verified: tuple[bytes | None, torch.Tensor | None]) -> bytes | None:
+        """Step-graph node (actors.step_graph): StepPlan and target rank 0's output -> JudgeOutput on the
+        hidden states [K, hidden] of d_1..d_K when the plan asks (StepPlan.judge), else None."""
+        plan = StepPlan.from_bytes(rec, self.max_bytes)
+        if not plan.judge:
+            return None
         t0 = time.perf_counter()
-        t = self.default_threshold if threshold is None else threshold
-        return JudgeOutput(judge_verdicts(self.head, hidden, t), time.perf_counter() - t0).to_bytes()
+        verdicts = judge_verdicts(self.head, verified[1], plan.threshold)
+        return JudgeOutput(verdicts, time.perf_counter() - t0).to_bytes()
 
     def active(self) -> list[str]:
         """The judge holds no per-request state; here for symmetry with the other actors' checks."""

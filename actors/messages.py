@@ -9,12 +9,13 @@ Vocab-sized or hidden-sized tensors never go through msgpack: the draft's q (sam
 target's hidden states for the judge travel as torch tensors in separate Ray return values, so the
 scheduler passes their ObjectRefs on without fetching them.
 
-The phases of one speculative step (DESIGN.md section 1):
-  scheduler --DraftInput--> draft worker --DraftOutput (+ q tensor when sampling)--> scheduler
-  scheduler --VerifyInput (+ q ref)--> every target shard --VerifyOutput (+ hidden tensor)--> scheduler
-  scheduler --hidden ref, threshold--> judge scorer --JudgeOutput--> scheduler
-  prefill and autoregressive steps: scheduler --TargetInput--> every target shard --TargetOutput--> scheduler
-  scheduler --StreamItem per step, then CompletionRecord--> driver (cluster.ray_backend)
+One step is one StepPlan, sent once to every actor of the step graph (actors.step_graph), whose data flows
+between the actors without going back through the scheduler (DESIGN.md section 1):
+  plan --> draft worker: DraftOutput (+ q tensor when sampling) --> every target shard
+  plan --> every target shard: VerifyOutput (+ hidden tensor) or, for prefill and autoregressive steps,
+           TargetOutput --> judge scorer: JudgeOutput
+  plan --> draft worker (pipelining): the next block, drafted while the shards verify this one
+  all of them --> scheduler; then scheduler --StreamItem per step, then CompletionRecord--> driver
 
 RNG scheme (sampling only; greedy draws no random numbers). A request's seed (the client's, else one the
 scheduler draws at admission) and a counter name every random stream: the draft worker draws from
@@ -267,6 +268,32 @@ class VerifyOutput(Record):
     final_candidates: list[int]  # [K+1] the token after d_1..d_n for n = 0..K (correction; bonus at K)
     cache_len: int
     compute_s: float
+
+
+# ---- one step -----------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class StepPlan(Record):
+    """What every actor does in one step of one request. Exactly one of `target` and `verify` is set, or
+neither for a release.
+
+    A speculative step drafts a block (`draft`) or reuses one drafted ahead (`verify.draft` already holds
+    it); when `draft` is set, `verify.draft` is empty and each shard takes the block from the draft
+    worker's output. `speculate` drafts the next block during verification (pipelining); when this step
+    drafts, the worker feeds that speculation the new block's last token from its own cache, and skips it
+    when the block holds one of `stop_ids` (accepted in full, the output would end in this step).
+    """
+
+    request_id: str
+    draft: DraftInput | None
+    target: TargetInput | None  # a prefill or autoregressive pass
+    verify: VerifyInput | None
+    judge: bool  # score the verified block's hidden states
+    threshold: float  # the judge's, when `judge`
+    speculate: DraftInput | None
+    stop_ids: list[int]
+    release: bool  # nothing else: free the request's caches (in graph order, after its last step)
 
 
 # ---- judge scorer --------------------------------------------------------------------------------------

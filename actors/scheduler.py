@@ -50,14 +50,13 @@ from actors.messages import (
     DraftOutput,
     EventRecord,
     GenerateInput,
-    JudgeOutput,
     Sampling,
+    StepPlan,
     TargetInput,
-    TargetOutput,
     VerifyInput,
     VerifyOutput,
 )
-from actors.target_group import call_all, submit_all
+from actors.step_graph import StepFailed, StepGraph, StepResult
 from engine.config import Config, Mode, ModelSpec
 from engine.decode import Completion, Request, StepEvent, Timings
 from engine.model import ModelArgs
@@ -209,20 +208,12 @@ def tokenizer_for(spec: ModelSpec, args: ModelArgs) -> Tokenizer:
 
 
 @dataclass
-class Block:
-    """A drafted block as the scheduler holds it: the tokens, and q as a Ray ObjectRef (sampling) or None."""
-
-    tokens: list[int]  # d_1..d_K
-    q: ray.ObjectRef | None  # resolves to [K, vocab] on the target's rank 0
-
-
-@dataclass
 class Speculation:
-    """A block for the next step, drafted while this step is verified (see the module docstring)."""
+    """A block for the next step, drafted while this step was verified (see the module docstring)."""
 
     k: int
-    out: ray.ObjectRef  # DraftOutput bytes: the guess and the block
-    q: ray.ObjectRef | None
+    out: DraftOutput  # the guess and the block
+    q: torch.Tensor | None  # [K, vocab] (sampling), else None
     bonus: int | None = None  # the step's actual final token; set when the step accepted all K
 
 
@@ -317,6 +308,7 @@ class Scheduler:
         self.max_seq_len = config.decoding.max_seq_len
         self.max_bytes = config.serve.max_record_bytes
         self.pipeline = config.serve.pipeline
+        self.graph = StepGraph(draft, shards, judge, self.max_bytes, config.serve.compiled_graph)
         self._turns = asyncio.Semaphore(config.serve.max_active_requests)
         self._requests: dict[str, RequestState] = {}
         self._pipelined = [0, 0]  # blocks drafted ahead, blocks used: over all requests, for stats()
@@ -328,7 +320,9 @@ class Scheduler:
         # ran after the stop (at most the one in flight)
         self._stopped_at: dict[str, int] = {}
 
-    def ready(self) -> bool:
+    async def ready(self) -> bool:
+        """Compiles the step graph (on this actor's event loop, which runs it)."""
+        self.graph.compile()
         return True
 
     def active(self) -> list[str]:
@@ -373,9 +367,9 @@ class Scheduler:
                 async for event in self._run(state):
                     yield event_record(event).to_bytes()
                 done = state.completion()
-            except ray.exceptions.RayError:
-                # A worker actor died: the driver answers UNAVAILABLE and the backend restarts the set.
-                log.error("request %s: a worker actor failed", inp.request_id)
+            except (ray.exceptions.RayError, StepFailed) as err:
+                # A worker actor failed: the driver answers UNAVAILABLE and the backend restarts the set.
+                log.error("request %s: %s", inp.request_id, err)
                 raise
             except Exception:
                 log.exception("request %s failed", inp.request_id)
@@ -408,25 +402,57 @@ class Scheduler:
 
     async def _target_step(self, state: RequestState) -> Accepted:
         """One target pass over what its cache lacks (the prompt, or the last token): autoregressive."""
-        pending = state.pending(state.target_len)
-        inp = TargetInput(state.request_id, state.target_len, pending, state.step, state.sampling)
-        method = "prefill" if state.target_len == 0 else "decode"
-        t0 = time.perf_counter()
-        out = TargetOutput.from_bytes(await call_all(self.shards, method, inp.to_bytes()), self.max_bytes)
-        timings = state.done.timings
-        timings.verify_s += time.perf_counter() - t0
+        target = TargetInput(state.request_id, state.target_len, state.pending(state.target_len), state.step, state.sampling)
+        result = await self._execute(state, self._plan(state, target=target), None)
+        out, timings = result.target, state.done.timings
+        timings.verify_s += out.compute_s
         timings.verify_compute_s += out.compute_s
         state.target_len = out.cache_len
         return Accepted([out.token], [Provenance.TARGET])
 
     async def _speculative_step(self, state: RequestState, k: int) -> Accepted:
-        block = await self._draft(state, k)
-        verifying = self._verify(state, block)
-        if self.pipeline:
-            state.speculation = self._speculate(state, block)
-        verdict = await self._verdict(state, verifying)
-        judged = await self._judge(state, verifying.leader[1]) if state.request.mode is Mode.JUDGE else None
-        step = self._accept(state, block, verdict, judged)
+        """draft -> verify -> judge in one trip through the step graph, then accept."""
+        reused = self._reusable_speculation(state, k)
+        draft = None
+        if reused is None:  # a dropped speculation changed nothing this call relies on: it rolls back
+            pending = state.pending(state.draft_len)
+            draft = DraftInput(state.request_id, state.draft_len, pending, k, False, state.step, state.sampling)
+        judge = state.request.mode is Mode.JUDGE
+        verify = VerifyInput(
+            state.request_id,
+            state.target_len,
+            state.pending(state.target_len),
+            reused.out.tokens if reused is not None else [],  # else the shards take this step's block
+            judge,
+            state.step,
+            state.sampling,
+        )
+        plan = self._plan(state, draft=draft, verify=verify, judge=judge, speculate=self._next_block(state, k, reused))
+        result = await self._execute(state, plan, reused.q if reused is not None else None)
+
+        timings = state.done.timings
+        if reused is None:
+            block = result.drafted.tokens
+            state.draft_len = result.drafted.cache_len
+            timings.draft_s += result.drafted.compute_s
+            timings.draft_compute_s += result.drafted.compute_s
+        else:
+            block = reused.out.tokens
+        verdict = result.verify
+        timings.verify_s += verdict.compute_s
+        timings.verify_compute_s += verdict.compute_s
+        state.target_len = verdict.cache_len
+        judged = None
+        if judge:
+            judged = result.judged.judged
+            timings.judge_s += result.judged.compute_s
+            timings.judge_compute_s += result.judged.compute_s
+        if result.speculated is not None:  # drafted during verification: off the critical path
+            timings.draft_compute_s += result.speculated.compute_s
+            state.done.pipelined_blocks += 1
+            self._pipelined[0] += 1
+
+        step = self._accept(state, block, verdict, judged, result)
         done = state.done
         done.speculative_steps += 1
         done.draft_tokens_proposed += k
@@ -434,97 +460,62 @@ class Scheduler:
         done.judge_accepted_tokens += sum(p is Provenance.JUDGE for p in step.provenance)
         return step
 
-    async def _draft(self, state: RequestState, k: int) -> Block:
-        """d_1..d_K: the speculative block drafted during the last verification if it is valid (the last step
-        accepted all K draft tokens and its bonus is the draft's guess), else a fresh draft call."""
+    def _reusable_speculation(self, state: RequestState, k: int) -> Speculation | None:
+        """The block drafted during the last verification, if it is valid: the last step accepted all K
+        draft tokens and its bonus is the draft's guess, so the draft has seen exactly this step's sequence."""
         spec, state.speculation = state.speculation, None
-        t0 = time.perf_counter()
-        if spec is not None and spec.bonus is not None and spec.k == k:
-            out = DraftOutput.from_bytes(await spec.out, self.max_bytes)
-            self._time_draft(state, t0, out)
-            if out.guess == spec.bonus:
-                state.draft_len = out.cache_len
-                state.done.pipelined_blocks_used += 1
-                self._pipelined[1] += 1
-                return Block(out.tokens, spec.q)
-            t0 = time.perf_counter()
-        # A dropped speculation changed nothing the next call relies on: it rolls back to draft_len.
-        inp = DraftInput(
-            state.request_id, state.draft_len, state.pending(state.draft_len), k, False, state.step, state.sampling
-        )
-        out_ref, q_ref = self.draft.propose.remote(inp.to_bytes())
-        out = DraftOutput.from_bytes(await out_ref, self.max_bytes)
-        self._time_draft(state, t0, out)
-        state.draft_len = out.cache_len
-        return Block(out.tokens, None if state.request.params.greedy else q_ref)
+        if spec is None or spec.bonus is None or spec.k != k or spec.out.guess != spec.bonus:
+            return None
+        state.draft_len = spec.out.cache_len
+        state.done.pipelined_blocks_used += 1
+        self._pipelined[1] += 1
+        return spec
 
-    def _speculate(self, state: RequestState, block: Block) -> Speculation | None:
-        """Drafts the next step's block assuming this one is accepted in full (fed d_K; the draft guesses
-        the bonus first). None where that next step would not be a speculative step, or would not come."""
-        k = len(block.tokens)
-        if any(t in stop_ids(state.request, self.tokenizer) for t in block.tokens):
-            return None  # accepted in full, the output ends within this step
+    def _next_block(self, state: RequestState, k: int, reused: Speculation | None) -> DraftInput | None:
+        """With pipelining: the next step's block, drafted assuming this one is accepted in full (fed d_K; the
+        draft guesses the bonus first). None where that next step would not be a speculative step."""
+        if not self.pipeline:
+            return None
         ids_len, emitted = len(state.ids) + k + 1, len(state.output.token_ids) + k + 1
         k_next = draft_length(state.request, ids_len, emitted, self.max_seq_len)
         if k_next == 0:
             return None
-        feed, step = block.tokens[-1:], state.step + 1
-        inp = DraftInput(state.request_id, state.draft_len, feed, k_next, True, step, state.sampling)
-        out_ref, q_ref = self.draft.propose.remote(inp.to_bytes())
-        state.done.pipelined_blocks += 1
-        self._pipelined[0] += 1
-        return Speculation(k_next, out_ref, None if state.request.params.greedy else q_ref)
+        # keep and feed are the reused block's here; a block drafted in this step sets its own (DraftWorker).
+        feed = reused.out.tokens[-1:] if reused is not None else []
+        return DraftInput(state.request_id, state.draft_len, feed, k_next, True, state.step + 1, state.sampling)
 
-    def _verify(self, state: RequestState, block: Block):
-        """Submits the verification pass [t_last, d_1..d_K] to every shard (q to rank 0 only)."""
-        want_hidden = state.request.mode is Mode.JUDGE
-        inp = VerifyInput(
-            state.request_id,
-            state.target_len,
-            state.pending(state.target_len),
-            block.tokens,
-            want_hidden,
-            state.step,
-            state.sampling,
+    def _plan(self, state: RequestState, **parts) -> StepPlan:
+        request = state.request
+        return StepPlan(
+            request_id=state.request_id,
+            draft=parts.get("draft"),
+            target=parts.get("target"),
+            verify=parts.get("verify"),
+            judge=parts.get("judge", False),
+            threshold=request.threshold,
+            speculate=parts.get("speculate"),
+            stop_ids=sorted(stop_ids(request, self.tokenizer)),
+            release=False,
         )
-        return submit_all(self.shards, "verify", inp.to_bytes(), leader_args=(block.q,))
 
-    async def _verdict(self, state: RequestState, verifying) -> VerifyOutput:
-        t0 = time.perf_counter()
-        out = VerifyOutput.from_bytes(await verifying.result(), self.max_bytes)
-        timings = state.done.timings
-        timings.verify_s += time.perf_counter() - t0
-        timings.verify_compute_s += out.compute_s
-        state.target_len = out.cache_len
-        return out
+    async def _execute(self, state: RequestState, plan: StepPlan, q: torch.Tensor | None) -> StepResult:
+        """Runs the step. Shielded: if the request is cancelled meanwhile, the step still completes in the
+        actors (a graph's execution cannot be withdrawn), and the release follows it."""
+        return await asyncio.shield(self.graph.run(plan, q))
 
-    async def _judge(self, state: RequestState, hidden: ray.ObjectRef) -> list[bool]:
-        """The judge's verdicts on d_1..d_K; the hidden states go from rank 0 to the judge by reference."""
-        t0 = time.perf_counter()
-        out = JudgeOutput.from_bytes(await self.judge.score.remote(hidden, state.request.threshold), self.max_bytes)
-        timings = state.done.timings
-        timings.judge_s += time.perf_counter() - t0
-        timings.judge_compute_s += out.compute_s
-        return out.judged
-
-    def _accept(self, state: RequestState, block: Block, verdict: VerifyOutput, judged: list[bool] | None) -> Accepted:
+    def _accept(
+        self, state: RequestState, block: list[int], verdict: VerifyOutput, judged: list[bool] | None, result: StepResult
+    ) -> Accepted:
         """n leading draft tokens that pass (matched or judged), then the candidate for that n."""
         matched = torch.tensor(verdict.matched, dtype=torch.bool)  # [K]
         judged_t = torch.tensor(judged, dtype=torch.bool) if judged is not None else None  # [K]
         n = accepted_length(matched, judged_t)
         last = verdict.final_candidates[n]
-        spec = state.speculation
-        if spec is not None:
-            if n == len(block.tokens):
-                spec.bonus = last  # used at the next step if the draft guessed it
-            else:
-                state.speculation = None  # dropped: the draft rolls back at its next call
-        return accept(DraftBlock(torch.tensor(block.tokens), None), matched, judged_t, last)
-
-    def _time_draft(self, state: RequestState, t0: float, out: DraftOutput) -> None:
-        timings = state.done.timings
-        timings.draft_s += time.perf_counter() - t0
-        timings.draft_compute_s += out.compute_s
+        if result.speculated is not None and n == len(block):
+            # used at the next step if the draft guessed this bonus; otherwise dropped (the draft rolls back)
+            k_next = len(result.speculated.tokens)
+            state.speculation = Speculation(k_next, result.speculated, result.speculated_q, bonus=last)
+        return accept(DraftBlock(torch.tensor(block), None), matched, judged_t, last)
 
     # ---- queue and clean-up --------------------------------------------------------------------------
 
@@ -559,10 +550,14 @@ class Scheduler:
             self._turns.release()
 
     def _release(self, state: RequestState) -> None:
-        """Frees the request's caches in every actor. Not awaited: each actor runs the release after the
-        request's calls still in flight there (one caller's calls run in order), and a request that
-        reuses the id later is submitted after it."""
+        """Frees the request's caches in every actor: a step of its own, after the request's last one (also
+        one still running in the actors after a cancellation), so every rank sees the same order."""
         state.speculation = None
-        self.draft.release.remote(state.request_id)
-        for shard in self.shards:
-            shard.release.remote(state.request_id)
+        plan = StepPlan(state.request_id, None, None, None, False, 0.0, None, [], release=True)
+        released = asyncio.ensure_future(self.graph.run(plan, None))
+        released.add_done_callback(_log_failure)
+
+
+def _log_failure(task: asyncio.Future) -> None:
+    if not task.cancelled() and task.exception() is not None:
+        log.error("releasing a request's caches failed: %s", task.exception())

@@ -2,7 +2,8 @@
 
 Every rank loads the full weights, shards them with `engine.tp.apply_tp`, joins one torch.distributed group
 (gloo on CPU, NCCL on CUDA; actors.target_group forms it) and runs the same forward passes in the same
-order, driven through `actors.target_group.call_all`. The LM head and final norm are replicated, so every
+order: every rank is a node of the step graph (actors.step_graph), and set-up calls go through
+`actors.target_group.call_all`. The LM head and final norm are replicated, so every
 rank ends a pass with the full logits and hidden states; rank 0 alone turns them into the compact result
 (the other ranks return None), so nothing vocab-sized leaves the shard.
 
@@ -15,6 +16,7 @@ Not for: choosing K, accepting tokens, or the judge (actors.scheduler, actors.ju
 
 from __future__ import annotations
 
+import dataclasses
 import socket
 import time
 from datetime import timedelta
@@ -23,8 +25,17 @@ import ray
 import torch
 import torch.distributed as dist
 
-from actors.caches import RequestCaches, actor_device, set_threads
-from actors.messages import Role, TargetInput, TargetOutput, VerifyInput, VerifyOutput, step_generator
+from actors.caches import RequestCaches, actor_device, cache_limit, set_threads
+from actors.messages import (
+    DraftOutput,
+    Role,
+    StepPlan,
+    TargetInput,
+    TargetOutput,
+    VerifyInput,
+    VerifyOutput,
+    step_generator,
+)
 from engine.config import Config
 from engine.model import KVCache, Transformer
 from engine.sampling import SamplingParams, next_token
@@ -89,7 +100,7 @@ class TargetShard:
         self._info = {"name": loaded.name, "fingerprint": loaded.fingerprint, "args": loaded.args}
         # Refuses an uneven split here, before any collective could hang on it.
         self.model = apply_tp(loaded.model, rank, world)
-        self.caches = RequestCaches(self.model, config.decoding.max_seq_len, config.serve.max_active_requests)
+        self.caches = RequestCaches(self.model, config.decoding.max_seq_len, cache_limit(config))
         self.max_bytes = config.serve.max_record_bytes
 
     # ---- the process group (actors.target_group.form_group) --------------------------------------------
@@ -118,24 +129,30 @@ class TargetShard:
 
     # ---- passes ------------------------------------------------------------------------------------------
 
-    def prefill(self, rec: bytes) -> bytes | None:
-        """TargetInput with keep = 0 and the prompt -> TargetOutput with the first token (rank 0; else None)."""
-        return self._one_token(rec)
+    def step(
+        self, rec: bytes, drafted: tuple[bytes | None, torch.Tensor | None], q: torch.Tensor | None
+    ) -> tuple[bytes | None, torch.Tensor | None]:
+        """Step-graph node (actors.step_graph): StepPlan -> (TargetOutput or VerifyOutput, hidden) on rank 0,
+        (None, None) on the others.
 
-    def decode(self, rec: bytes) -> bytes | None:
-        """TargetInput with feed = [t_last] -> TargetOutput: one autoregressive step (rank 0; else None)."""
-        return self._one_token(rec)
-
-    @ray.method(num_returns=2)
-    def verify(self, rec: bytes, q: torch.Tensor | None) -> tuple[bytes | None, torch.Tensor | None]:
-        """VerifyInput, q [K, vocab] (sampling; rank 0 only) -> (VerifyOutput, hidden [K, hidden] or None).
-
-        The hidden states of d_1..d_K are the judge's input (when VerifyInput.want_hidden): not vocab-sized,
-        they go as a CPU tensor in the second return value, which the scheduler hands to the judge scorer as
-        an ObjectRef. Ranks other than 0 return (None, None).
+        A verification takes the block from `drafted` (the draft worker's output in this step; rank 0 also
+        its q) or from the plan (a block drafted ahead; rank 0 gets its q as `q`). The hidden states of
+        d_1..d_K are the judge's input (StepPlan.judge): not vocab-sized, they go as a CPU tensor.
         """
+        plan = StepPlan.from_bytes(rec, self.max_bytes)
+        if plan.release:
+            self.caches.release(plan.request_id)
+            return None, None
+        if plan.target is not None:
+            return self._one_token(plan.target), None
+        inp = plan.verify
+        if plan.draft is not None:
+            inp = dataclasses.replace(inp, draft=DraftOutput.from_bytes(drafted[0], self.max_bytes).tokens)
+            q = drafted[1]
+        return self._verify(inp, q)
+
+    def _verify(self, inp: VerifyInput, q: torch.Tensor | None) -> tuple[bytes | None, torch.Tensor | None]:
         t0 = time.perf_counter()
-        inp = VerifyInput.from_bytes(rec, self.max_bytes)
         cache = self.caches.at(inp.request_id, inp.keep)
         logits, hidden = verify_pass(self.model, cache, inp.feed, inp.draft)
         if self.rank != 0:
@@ -146,9 +163,6 @@ class TargetShard:
         out = VerifyOutput(matched, candidates, cache.length, time.perf_counter() - t0)
         return out.to_bytes(), (hidden.cpu() if inp.want_hidden else None)
 
-    def release(self, request_id: str) -> bool:
-        return self.caches.release(request_id)
-
     def active(self) -> list[str]:
         """Request ids that hold a cache on this rank (empty when nothing is running)."""
         return self.caches.active()
@@ -157,9 +171,8 @@ class TargetShard:
         """Passes each recently released request ran on this rank."""
         return dict(self.caches.released)
 
-    def _one_token(self, rec: bytes) -> bytes | None:
+    def _one_token(self, inp: TargetInput) -> bytes | None:
         t0 = time.perf_counter()
-        inp = TargetInput.from_bytes(rec, self.max_bytes)
         params = inp.sampling.params()
         gen = None if params.greedy else step_generator(inp.sampling.seed, Role.TARGET, inp.step)
         cache = self.caches.at(inp.request_id, inp.keep)

@@ -35,7 +35,7 @@ PROMPTS = ["The quick", "Hello", "def f(x):", "1 2 3", "Once upon a time"]
 MODES = {Mode.AR: pb.MODE_AR, Mode.STANDARD: pb.MODE_STANDARD, Mode.JUDGE: pb.MODE_JUDGE}
 LOAD_REQUESTS, LOAD_TOKENS = 500, 8
 BACKOFF_S = 0.5  # a refused load-test client waits this long before its next request, as a polite client does
-ENDLESS = 400  # max_tokens of requests that must still be running when they are stopped
+ENDLESS = 4000  # max_tokens of requests that must still be running when they are stopped (seconds of work)
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -52,7 +52,8 @@ def config(judge_config) -> Config:
     serve = judge_config.serve.model_copy(
         update={"tensor_parallel": 2, "max_active_requests": RUNNING, "max_queued_requests": QUEUED, "health_check_s": 0.2}
     )
-    return judge_config.model_copy(update={"serve": serve})
+    decoding = judge_config.decoding.model_copy(update={"max_seq_len": 4096})  # room for long streams
+    return judge_config.model_copy(update={"serve": serve, "decoding": decoding})
 
 
 @pytest.fixture(scope="module")

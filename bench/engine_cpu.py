@@ -39,9 +39,10 @@ def prompts(n_humaneval: int, n_gsm8k: int, gsm8k_path: Path) -> list[tuple[str,
 
         for task in list(read_problems().values())[:n_humaneval]:
             out.append(("humaneval", CODE.format(p=task["prompt"])))
-    with open(gsm8k_path) as f:
-        for line in list(f)[:n_gsm8k]:
-            out.append(("gsm8k", COT.format(q=json.loads(line)["question"])))
+    if n_gsm8k:
+        with open(gsm8k_path) as f:
+            for line in list(f)[:n_gsm8k]:
+                out.append(("gsm8k", COT.format(q=json.loads(line)["question"])))
     return out
 
 

@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 from typing import AsyncIterator, Sequence
 
 import ray
+from ray._private import ray_constants
 from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
@@ -361,13 +362,35 @@ def _start_ray(address: str | None, requested: dict[str, float]) -> bool:
     # whatever else runs there (measured: the served path lost half its speed on a shared 2-core machine).
     # `ray job submit` does the same for its drivers.
     os.environ.setdefault("RAY_worker_niceness", "0")
-    ray.init(
-        num_cpus=int(requested.get("CPU", 0)),
-        num_gpus=int(requested.get("GPU", 0)) or None,
-        include_dashboard=False,
-        _node_ip_address="127.0.0.1",
-    )
+    with _loopback_only():
+        ray.init(
+            num_cpus=int(requested.get("CPU", 0)),
+            num_gpus=int(requested.get("GPU", 0)) or None,
+            include_dashboard=False,
+            _node_ip_address="127.0.0.1",
+        )
     return True
+
+
+@contextlib.contextmanager
+def _loopback_only():
+    """Makes the Ray that ray.init starts listen on loopback only. Ray replaces a loopback node address with
+    this machine's network address unless it believes multi-node clusters are off, and then its GCS, raylet,
+    agents and workers listen on every interface (measured: '::', 0.0.0.0 and the host's address, with
+    _node_ip_address="127.0.0.1" given). RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 is that belief: the processes
+    ray.init starts read it from the environment, this one read it into ray_constants at import. Both are
+    restored afterwards, so a later ray.init in this process may join a real cluster."""
+    name = ray_constants.ENABLE_RAY_CLUSTERS_ENV_VAR
+    saved_env, saved_flag = os.environ.get(name), ray_constants.ENABLE_RAY_CLUSTER
+    os.environ[name], ray_constants.ENABLE_RAY_CLUSTER = "0", False
+    try:
+        yield
+    finally:
+        ray_constants.ENABLE_RAY_CLUSTER = saved_flag
+        if saved_env is None:
+            del os.environ[name]
+        else:
+            os.environ[name] = saved_env
 
 
 def _shortfall(requested: dict[str, float]) -> str:

@@ -29,6 +29,7 @@ from ray.util.state import StateApiClient
 from ray.util.state.common import ListApiOptions, StateResource
 
 ROOT = Path(__file__).resolve().parents[2]
+LOOPBACK = frozenset({"127.0.0.1", "::ffff:127.0.0.1", "::1"})
 
 
 def free_port() -> int:
@@ -56,6 +57,9 @@ class RayHead:
             PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")])),
             # `ray job stop`: SIGTERM, then this long before SIGKILL (the server drains, then frees its actors).
             RAY_JOB_STOP_WAIT_TIME_S="60",
+            # A one-machine cluster: without this, --node-ip-address=127.0.0.1 still leaves the GCS, raylets
+            # and agents listening on every interface (measured; docs/deployment.md, "The local twin").
+            RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0",
         )
         command = [
             sys.executable, "-m", "ray.scripts.scripts", "start", "--head",
@@ -72,10 +76,8 @@ class RayHead:
             path = self.dir / "autoscaling.json"
             path.write_text(json.dumps(config))
             command.append(f"--autoscaling-config={path}")
-            # The fake multi-node provider (ray_cluster.local.yaml says why each is needed).
-            self.env.update(
-                RAY_FAKE_CLUSTER="1", RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0", AUTOSCALER_UPDATE_INTERVAL_S="1"
-            )
+            # The fake multi-node provider, and its status updates every second rather than every 5 s.
+            self.env.update(RAY_FAKE_CLUSTER="1", AUTOSCALER_UPDATE_INTERVAL_S="1")
         try:
             subprocess.run(command, env=self.env, check=True, capture_output=True, text=True, timeout=120)
         except BaseException:
@@ -141,12 +143,26 @@ class RayHead:
     def live_placement_groups(self) -> list:
         return [g for g in self.list(StateResource.PLACEMENT_GROUPS) if g.state != "REMOVED"]
 
+    def listening(self) -> dict[str, set[str]]:
+        """The addresses on which the cluster's processes accept TCP connections, each with the names of
+        the processes that listen there."""
+        found: dict[str, set[str]] = {}
+        for proc in self._processes():
+            try:
+                sockets, name = proc.net_connections(kind="tcp"), proc.name()
+            except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+                continue
+            for c in sockets:
+                if c.status == psutil.CONN_LISTEN:
+                    found.setdefault(c.laddr.ip, set()).add(name)
+        return found
+
     # ---- teardown -------------------------------------------------------------------------------------
 
-    def teardown(self) -> None:
-        """Ends every process of this cluster: those naming its temp dir or token file in their command line
-        or environment (GCS, raylets, dashboard, autoscaler, job drivers), and all their children (workers,
-        agents, the fake provider's nodes). SIGTERM, then SIGKILL for what is left after 10 s."""
+    def _processes(self) -> list[psutil.Process]:
+        """Every process of this cluster: those naming its temp dir or token file in their command line or
+        environment (GCS, raylets, dashboard, autoscaler, job drivers), and all their children (workers,
+        agents, the fake provider's nodes); never this test process or its parents."""
         marker = str(self.dir)
         spare = {os.getpid(), *(p.pid for p in psutil.Process().parents())}
         roots = []
@@ -164,7 +180,11 @@ class RayHead:
                 procs.update((c.pid, c) for c in proc.children(recursive=True))
             except psutil.NoSuchProcess:
                 continue
-        victims = [p for pid, p in procs.items() if pid not in spare]
+        return [p for pid, p in procs.items() if pid not in spare]
+
+    def teardown(self) -> None:
+        """Ends every process of this cluster: SIGTERM, then SIGKILL for what is left after 10 s."""
+        victims = self._processes()
         for proc in victims:
             try:
                 proc.terminate()

@@ -15,7 +15,7 @@ from ray.job_submission import JobStatus
 from ray.util.state.common import StateResource
 
 from cluster.client import JudgeserveClient
-from tests.cluster.ray_head import ROOT, RayHead
+from tests.cluster.ray_head import LOOPBACK, ROOT, RayHead
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -68,6 +68,12 @@ def test_the_serve_job_makes_the_autoscaler_add_the_nodes_its_actors_ask_for(twi
     assert where["TargetShard"] == [by_cpus[2.0]] * 2  # the TP group packed on one node
     assert where["DraftWorker"] == [by_cpus[1.0]]  # serve.draft_placement own_node
     assert where["Scheduler"] == [by_cpus[2.0]]  # beside the shards
+    listening = twin.listening()  # the head, both worker nodes, the job's server
+    exposed = {name for ip, names in listening.items() if ip not in LOOPBACK for name in names}
+    # Ray's ports (GCS, dashboard and job API, client server, raylets, agents) and the gRPC server are on
+    # loopback. The one exception is not Ray's: torch.distributed's TCPStore, the rendezvous of the TP group
+    # that target rank 0 hosts, binds every interface whatever host it is given (actors/target_shard.join).
+    assert LOOPBACK & listening.keys() and exposed <= {"ray::TargetShard"}, listening
 
     twin.ray("job", "stop", job)
     assert twin.wait_for_status(job, {JobStatus.STOPPED}, timeout=90) is JobStatus.STOPPED

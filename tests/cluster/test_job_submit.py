@@ -14,7 +14,7 @@ import pytest
 from ray.job_submission import JobStatus
 
 from cluster.client import JudgeserveClient
-from tests.cluster.ray_head import RayHead
+from tests.cluster.ray_head import LOOPBACK, RayHead
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -48,6 +48,8 @@ def test_the_serve_job_listens_serves_and_frees_everything_when_stopped(head):
     assert "".join(d.text for d in deltas) == final.result["text"]
     assert {a.class_name for a in head.live_actors()} >= {"TargetShard", "DraftWorker", "Scheduler"}
     assert [g.state for g in head.live_placement_groups()] == ["CREATED"]
+    listening = head.listening()  # GCS, dashboard (job API), client server, raylet, agents, the server
+    assert listening and listening.keys() <= LOOPBACK, listening
 
     head.ray("job", "stop", job)
     assert head.wait_for_status(job, {JobStatus.STOPPED}, timeout=90) is JobStatus.STOPPED

@@ -8,8 +8,10 @@ from __future__ import annotations
 import asyncio
 import logging
 
+import psutil
 import pytest
 import ray
+from ray._private import ray_constants
 
 from cluster import ray_backend
 from cluster.ray_backend import Slot, plan_placement
@@ -69,3 +71,16 @@ def test_a_cluster_too_small_is_waited_for_then_refused_naming_what_is_missing(
     finally:
         backend.close()
     assert {g["state"] for g in ray.util.placement_group_table().values()} == {"REMOVED"}
+
+
+def test_a_local_ray_started_for_the_actors_listens_on_loopback_only():
+    assert ray_backend._start_ray(None, {"CPU": 1}) is True
+    try:
+        listening = set()
+        for proc in psutil.Process().children(recursive=True):
+            sockets = proc.net_connections(kind="tcp")
+            listening.update(c.laddr.ip for c in sockets if c.status == psutil.CONN_LISTEN)
+        assert listening and listening <= {"127.0.0.1", "::ffff:127.0.0.1"}, listening
+    finally:
+        ray.shutdown()
+    assert ray_constants.ENABLE_RAY_CLUSTER is True  # restored: a later ray.init may join a real cluster

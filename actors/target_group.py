@@ -54,11 +54,11 @@ async def call_all(shards: Sequence[ActorHandle], method: str, *args: Any, leade
 
 
 async def form_group(shards: Sequence[ActorHandle]) -> None:
-    """Joins the shards into one torch.distributed group, rank 0's free loopback port as the rendezvous
-    (the placement group is STRICT_PACK, so every rank is on rank 0's node). One rank needs no group."""
+    """Joins the shards into one torch.distributed group through a file on rank 0's node (the placement
+    group is STRICT_PACK, so every rank is there; no port is opened). One rank needs no group."""
     if len(shards) == 1:
         return
-    port = await shards[0].free_port.remote()
-    ranks = await asyncio.gather(*(shard.join.remote("127.0.0.1", port) for shard in shards))
+    init_method = await shards[0].rendezvous.remote()
+    ranks = await asyncio.gather(*(shard.join.remote(init_method) for shard in shards))
     if list(ranks) != list(range(len(shards))):
         raise RuntimeError(f"the target shards joined as ranks {ranks}")

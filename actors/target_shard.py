@@ -17,7 +17,7 @@ Not for: choosing K, accepting tokens, or the judge (actors.scheduler, actors.ju
 from __future__ import annotations
 
 import dataclasses
-import socket
+import tempfile
 import time
 from datetime import timedelta
 
@@ -105,18 +105,17 @@ class TargetShard:
 
     # ---- the process group (actors.target_group.form_group) --------------------------------------------
 
-    def free_port(self) -> int:
-        """Rank 0: a free TCP port on loopback for the group's rendezvous (STRICT_PACK: one node)."""
-        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-            s.bind(("127.0.0.1", 0))
-            return s.getsockname()[1]
+    def rendezvous(self) -> str:
+        """Rank 0: where the group meets, a fresh file on this node (STRICT_PACK: every rank is here). A file
+        store, not TCP: torch's TCPStore listens on every interface whatever host it is given."""
+        return f"file://{tempfile.mkdtemp(prefix='judgeserve-tp-')}/store"
 
-    def join(self, host: str, port: int) -> int:
+    def join(self, init_method: str) -> int:
         backend = "nccl" if self.device.type == "cuda" else "gloo"
         kwargs = {"device_id": torch.device("cuda", 0)} if backend == "nccl" else {}
         dist.init_process_group(
             backend,
-            init_method=f"tcp://{host}:{port}",
+            init_method=init_method,
             rank=self.rank,
             world_size=self.world,
             timeout=COLLECTIVE_TIMEOUT,

@@ -4,6 +4,7 @@
   judgeserve generate --config C --prompt T in-process generation, no Ray
   judgeserve serve --config C               the gRPC server over Ray actors (--no-ray: in-process)
   judgeserve client --target H:P --prompt T one request to a running server
+  judgeserve batch --config C --input I --output O   a JSONL file of prompts through the actors, resumable
   judgeserve demo [--config C]              serve + one streamed request per mode, then stop
   judgeserve judge mine | train | eval      label mismatches, fit and evaluate a judge head (docs/judge.md)
 
@@ -93,6 +94,12 @@ def _cmd_client(args: argparse.Namespace) -> int:
     return cmd_client(args)
 
 
+def _cmd_batch(args: argparse.Namespace) -> int:
+    from cluster.batch import cmd_batch
+
+    return cmd_batch(args)
+
+
 def _cmd_demo(args: argparse.Namespace) -> int:
     from cluster.demo import cmd_demo
 
@@ -127,6 +134,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--json", action="store_true", help="print one JSON object instead of streaming text")
     gen.set_defaults(func=_cmd_generate)
 
+    from cluster.batch import add_batch_arguments
     from cluster.client import add_client_arguments
     from cluster.server import add_serve_arguments
 
@@ -136,6 +144,9 @@ def build_parser() -> argparse.ArgumentParser:
     client = sub.add_parser("client", help="send one request to a running server")
     add_client_arguments(client)
     client.set_defaults(func=_cmd_client)
+    batch = sub.add_parser("batch", help="run a JSONL file of prompts through the actors into a JSONL of completions")
+    add_batch_arguments(batch)
+    batch.set_defaults(func=_cmd_batch)
     demo = sub.add_parser("demo", help="serve with an embedded Ray and stream one request in each mode")
     demo.add_argument("--config", default=DEFAULT_CONFIG)
     demo.add_argument("--prompt", default=DEMO_PROMPT)

@@ -1,10 +1,14 @@
 """`RayBackend`: the Backend of cluster.backend over the Ray actors of actors/, for cluster.server.
 
-It starts (or joins) Ray, places the actors with one STRICT_PACK placement group: bundles 0..N-1 hold the
-N target shards (one CPU-or-GPU bundle each), bundle N the draft worker; the judge scorer shares bundle 0
-with target rank 0 (actors.judge_scorer says why) and the scheduler bundle N, both without resources of
-their own. `ready()` finishes the start (the shards' process group, the judge, which must be loaded for
-the target's fingerprint, and the scheduler) and is True once every actor is up.
+It starts (or joins) Ray and places the actors as `plan_placement` says: the N target shards in one
+STRICT_PACK placement group (one CPU-or-GPU bundle each, so a TP group never spans nodes), the draft worker
+beside them with a bundle of its own, on rank 0's GPU, or in a group of its own (serve.draft_placement);
+the judge scorer shares bundle 0 with target rank 0 (actors.judge_scorer says why) and the scheduler the
+group's last bundle, both without resources of their own. Joining a cluster never refuses for its size: the
+pending placement groups are what an autoscaler adds nodes for, and `ready()` waits for them (logging what
+is missing) up to serve.placement_timeout_s. `ready()` then finishes the start (the shards' process group,
+the judge, which must be loaded for the target's fingerprint, and the scheduler) and is True once every
+actor is up.
 
 Requests are checked here, in the driver, by engine.decode.Engine.make_request itself (on `_Models`, the
 parts of an Engine it reads, built from the actors' info), and each stream relays the scheduler's records
@@ -25,7 +29,7 @@ from dataclasses import dataclass, field
 from typing import AsyncIterator, Sequence
 
 import ray
-from ray._private import ray_constants  # private: see _keep_ray_on_loopback
+from ray._private import ray_constants  # private: see _loopback_only
 from ray._private.authentication.authentication_utils import is_token_auth_enabled
 from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
@@ -37,7 +41,7 @@ from actors.scheduler import Scheduler, completion_from_record, event_from_recor
 from actors.target_group import form_group
 from actors.target_shard import TargetShard
 from cluster.backend import BackendNotReady, RequestIdInUse, StreamTracker, describe
-from engine.config import Config, Mode
+from engine.config import Config, DraftPlacement, Mode, ServeConfig
 from engine.decode import Completion, Engine, Request, StepEvent
 from engine.model import ModelArgs
 from engine.output import FinishReason
@@ -52,8 +56,76 @@ log = logging.getLogger("judgeserve.ray_backend")
 ACTOR_ENV = {"env_vars": {"OMP_WAIT_POLICY": "PASSIVE"}}
 
 
+# How often a start that waits for the cluster to grow logs what it still waits for.
+PLACEMENT_PROGRESS_S = 10.0
+
+
 class BackendStartError(RuntimeError):
     """The Ray cluster cannot hold the actors as configured; the message says what is missing."""
+
+
+@dataclass(frozen=True)
+class Slot:
+    """Where one actor runs: bundle `bundle` of placement group `group`, and what it reserves there."""
+
+    group: int
+    bundle: int
+    cpus: float
+    gpus: float
+
+
+@dataclass(frozen=True)
+class Placement:
+    """The placement groups of one deployment (every group STRICT_PACK: one node each) and each role's slot.
+
+    Group 0 is the target's, one bundle per shard. The judge scorer and the scheduler reserve nothing: the
+    judge shares rank 0's bundle (it scores rank 0's hidden states), the scheduler group 0's last bundle
+    (beside the shards it drives)."""
+
+    groups: tuple[tuple[dict[str, float], ...], ...]
+    shards: tuple[Slot, ...]
+    draft: Slot
+
+    @property
+    def judge(self) -> Slot:
+        return Slot(0, 0, 0, 0)
+
+    @property
+    def scheduler(self) -> Slot:
+        return Slot(0, len(self.groups[0]) - 1, 0, 0)
+
+    def requested(self) -> dict[str, float]:
+        """Resources of all bundles together, by name (CPU, GPU)."""
+        total: dict[str, float] = {}
+        for bundle in (b for group in self.groups for b in group):
+            for name, amount in bundle.items():
+                total[name] = total.get(name, 0) + amount
+        return total
+
+
+def plan_placement(serve: ServeConfig, cuda: bool) -> Placement:
+    """The bundles and slots for serve.tensor_parallel shards and serve.draft_placement. Every model actor
+    reserves serve.cpus_per_actor CPUs and, on CUDA, a GPU; with share_gpu the draft and rank 0 split one."""
+    cpus, gpu = serve.cpus_per_actor, 1 if cuda else 0
+
+    def bundle(actors: int) -> dict[str, float]:
+        return {"CPU": cpus * actors, **({"GPU": 1} if cuda else {})}
+
+    world = serve.tensor_parallel
+    target = [bundle(1) for _ in range(world)]
+    shards = [Slot(0, rank, cpus, gpu) for rank in range(world)]
+    extra: list[tuple[dict[str, float], ...]] = []
+    if serve.draft_placement is DraftPlacement.OWN_GPU:
+        target.append(bundle(1))
+        draft = Slot(0, world, cpus, gpu)
+    elif serve.draft_placement is DraftPlacement.SHARE_GPU:
+        target[0] = bundle(2)
+        shards[0] = Slot(0, 0, cpus, gpu / 2)
+        draft = Slot(0, 0, cpus, gpu / 2)
+    else:
+        extra.append((bundle(1),))
+        draft = Slot(1, 0, cpus, gpu)
+    return Placement((tuple(target), *extra), tuple(shards), draft)
 
 
 @dataclass(frozen=True)
@@ -103,10 +175,10 @@ class RayBackend:
         serve = config.serve
         self._cuda = config.runtime.device.startswith("cuda")
         self._max_bytes = serve.max_record_bytes
-        bundle = {"CPU": serve.cpus_per_actor, **({"GPU": 1} if self._cuda else {})}
-        bundles = [dict(bundle) for _ in range(serve.tensor_parallel + 1)]  # the shards, then the draft
-        self._owns_ray = _start_ray(ray_address or serve.ray_address, bundles)
-        self._bundles = bundles
+        self._placement = plan_placement(serve, self._cuda)
+        self._owns_ray = _start_ray(ray_address or serve.ray_address, self._placement.requested())
+        log.info("placement groups (STRICT_PACK): %s", "; ".join(f"{list(g)}" for g in self._placement.groups))
+        self._groups: list = []
         self._judge: ray.actor.ActorHandle | None = None
         self._scheduler: ray.actor.ActorHandle | None = None
         self._models: _Models | None = None
@@ -308,30 +380,30 @@ class RayBackend:
     # ---- internals -----------------------------------------------------------------------------------
 
     def _create_actors(self) -> None:
-        """The placement group, the target shards and the draft worker; `_start` adds the rest."""
-        serve, config = self.config.serve, self.config
-        self._pg = placement_group(self._bundles, strategy="STRICT_PACK")
-        gpus = 1 if self._cuda else 0
-        world = serve.tensor_parallel
+        """The placement groups, the target shards and the draft worker; `_start` adds the rest."""
+        config = self.config
+        self._groups = [placement_group(list(bundles), strategy="STRICT_PACK") for bundles in self._placement.groups]
+        world = config.serve.tensor_parallel
         self._shards = [
-            TargetShard.options(
-                num_cpus=serve.cpus_per_actor, num_gpus=gpus, scheduling_strategy=self._in(rank), runtime_env=ACTOR_ENV
-            ).remote(config, rank, world)
-            for rank in range(world)
+            TargetShard.options(**self._at(slot), runtime_env=ACTOR_ENV).remote(config, rank, world)
+            for rank, slot in enumerate(self._placement.shards)
         ]
-        self._draft = DraftWorker.options(
-            num_cpus=serve.cpus_per_actor, num_gpus=gpus, scheduling_strategy=self._in(world), runtime_env=ACTOR_ENV
-        ).remote(config)
+        self._draft = DraftWorker.options(**self._at(self._placement.draft), runtime_env=ACTOR_ENV).remote(config)
         self._judge = self._scheduler = None
 
     def _kill_actors(self) -> None:
         for actor in self.actors().values():
             with contextlib.suppress(ray.exceptions.RayError, ValueError):
                 ray.kill(actor)
-        remove_placement_group(self._pg)
+        for group in self._groups:
+            remove_placement_group(group)
 
-    def _in(self, bundle: int) -> PlacementGroupSchedulingStrategy:
-        return PlacementGroupSchedulingStrategy(placement_group=self._pg, placement_group_bundle_index=bundle)
+    def _at(self, slot: Slot) -> dict:
+        """Actor options that put an actor in its slot."""
+        strategy = PlacementGroupSchedulingStrategy(
+            placement_group=self._groups[slot.group], placement_group_bundle_index=slot.bundle
+        )
+        return {"num_cpus": slot.cpus, "num_gpus": slot.gpus, "scheduling_strategy": strategy}
 
     def _ready_models(self) -> _Models:
         if self._models is None:
@@ -343,7 +415,7 @@ class RayBackend:
 
     async def _start(self) -> None:
         config = self.config
-        await self._pg.ready()
+        await _placed(self._groups, self._placement.requested(), config.serve.placement_timeout_s)
         await form_group(self._shards)
         target, draft = await self._shards[0].info.remote(), await self._draft.info.remote()
         if draft["args"].vocab_size != target["args"].vocab_size:
@@ -352,13 +424,12 @@ class RayBackend:
             )
         judge = None
         if config.judge.path is not None:
-            self._judge = JudgeScorer.options(num_cpus=0, scheduling_strategy=self._in(0)).remote(
+            self._judge = JudgeScorer.options(**self._at(self._placement.judge)).remote(
                 config, target["name"], target["fingerprint"], target["args"].hidden_size
             )
             info = await self._judge.info.remote()
             judge = _JudgeInfo(info["target_name"], info["target_fingerprint"], info["threshold"])
-        world = config.serve.tensor_parallel
-        self._scheduler = Scheduler.options(num_cpus=0, scheduling_strategy=self._in(world)).remote(
+        self._scheduler = Scheduler.options(**self._at(self._placement.scheduler)).remote(
             config, self._draft, self._shards, self._judge, target["args"]
         )
         await self._scheduler.ready.remote()
@@ -371,62 +442,101 @@ class RayBackend:
         )
 
 
-def _start_ray(address: str | None, bundles: list[dict[str, float]]) -> bool:
+def _start_ray(address: str | None, requested: dict[str, float]) -> bool:
     """Joins `address` (or $RAY_ADDRESS, which `ray job submit` sets for its drivers), or starts a local
-    Ray bound to loopback sized for the bundles (True: this process started it). A Ray already initialised
-    in this process (a test's) is used as it is."""
-    need = {k: sum(b.get(k, 0) for b in bundles) for k in ("CPU", "GPU")}
-    started = False
+    Ray bound to loopback sized for the requested resources (True: this process started it). A Ray already
+    initialised in this process (a test's) is used as it is. A joined cluster's size is not checked here:
+    an autoscaling cluster grows for the placement groups once they are created (`_placed` waits)."""
+    if ray.is_initialized():
+        return False
     address = address or os.environ.get("RAY_ADDRESS")
-    if not ray.is_initialized():
-        if address:
-            ray.init(address=address, include_dashboard=False)
-        else:
-            # Ray starts its workers at nice 15 by default; a serving node's actors should not yield their
-            # cores to whatever else runs there (measured: the served path lost half its speed on a shared
-            # 2-core machine). `ray job submit` does the same for its drivers.
-            os.environ.setdefault("RAY_worker_niceness", "0")
-            _keep_ray_on_loopback()
-            ray.init(
-                num_cpus=int(need["CPU"]),
-                num_gpus=int(need["GPU"]) or None,
-                include_dashboard=False,
-                _node_ip_address="127.0.0.1",
-            )
-            started = True
-            # Token authentication is Ray's default for a new local cluster (2.60); RAY_AUTH_MODE=disabled
-            # turns it off, which the log then says. (Setting the variable here would be too late: this
-            # process read Ray's config at import, and would be refused by its own GCS.)
-            log.info("embedded Ray: %s", local_ray_exposure())
-            if not is_token_auth_enabled():
-                log.warning("Ray token authentication is off (RAY_AUTH_MODE): any local user can run code in it")
-    have = ray.cluster_resources()
-    short = [f"{k}: {need[k]:g} needed, {have.get(k, 0):g} in the cluster" for k in need if need[k] > have.get(k, 0)]
-    if short:
-        if started:
-            ray.shutdown()
-        raise BackendStartError(
-            "the Ray cluster is too small for serve.tensor_parallel shards + the draft worker ("
-            + "; ".join(short)
-            + "): lower serve.tensor_parallel or serve.cpus_per_actor, or add nodes"
+    if address:
+        ray.init(address=address, include_dashboard=False)
+        return False
+    # Ray starts its workers at nice 15 by default; a serving node's actors should not yield their cores to
+    # whatever else runs there (measured: the served path lost half its speed on a shared 2-core machine).
+    # `ray job submit` does the same for its drivers.
+    os.environ.setdefault("RAY_worker_niceness", "0")
+    with _loopback_only():
+        ray.init(
+            num_cpus=int(requested.get("CPU", 0)),
+            num_gpus=int(requested.get("GPU", 0)) or None,
+            include_dashboard=False,
+            _node_ip_address="127.0.0.1",
         )
-    return started
+    # Token authentication is Ray's default for a new local cluster (2.60); RAY_AUTH_MODE=disabled turns it
+    # off, which the log then says. (Setting the variable here would be too late: this process read Ray's
+    # config at import, and its own GCS would refuse it.)
+    log.info("embedded Ray: %s", local_ray_exposure())
+    if not is_token_auth_enabled():
+        log.warning("Ray token authentication is off (RAY_AUTH_MODE): any local user can run code in it")
+    return True
+
+
+@contextlib.contextmanager
+def _loopback_only():
+    """Makes the Ray that ray.init starts listen on loopback only. Ray replaces a loopback node address with
+    this machine's network address unless it believes multi-node clusters are off, and then its GCS, raylet,
+    agents and workers listen on every interface (measured: '::', 0.0.0.0 and the host's address, with
+    _node_ip_address="127.0.0.1" given). RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 is that belief: the processes
+    ray.init starts read it from the environment, this one read it into ray_constants at import. Both are
+    restored afterwards, so a later ray.init in this process may join a real cluster."""
+    name = ray_constants.ENABLE_RAY_CLUSTERS_ENV_VAR
+    saved_env, saved_flag = os.environ.get(name), ray_constants.ENABLE_RAY_CLUSTER
+    os.environ[name], ray_constants.ENABLE_RAY_CLUSTER = "0", False
+    try:
+        yield
+    finally:
+        ray_constants.ENABLE_RAY_CLUSTER = saved_flag
+        if saved_env is None:
+            del os.environ[name]
+        else:
+            os.environ[name] = saved_env
+
+
+def _shortfall(requested: dict[str, float]) -> str:
+    """What the actors ask for against what the cluster has free, e.g. "GPU: 8 requested, 0 available"."""
+    free = ray.available_resources()
+    return "; ".join(
+        f"{name}: {amount:g} requested, {free.get(name, 0):g} available" for name, amount in requested.items()
+    )
+
+
+async def _placed(groups: list, requested: dict[str, float], timeout_s: float) -> None:
+    """Waits until every placement group is placed, logging what is missing every PLACEMENT_PROGRESS_S; an
+    autoscaler sees the pending groups and starts nodes that fit them. Raises BackendStartError after
+    timeout_s."""
+    ready = asyncio.gather(*(group.ready() for group in groups))
+    start = time.monotonic()
+    while True:
+        waited = time.monotonic() - start
+        try:
+            await asyncio.wait_for(asyncio.shield(ready), min(PLACEMENT_PROGRESS_S, max(timeout_s - waited, 0.01)))
+            return
+        except TimeoutError:
+            waited = time.monotonic() - start
+        if waited >= timeout_s:
+            ready.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await ready  # retrieved here, not reported by the garbage collector as never retrieved
+            raise BackendStartError(
+                f"the cluster did not place the actors within serve.placement_timeout_s ({timeout_s:g} s): "
+                f"{_shortfall(requested)}. Give the autoscaler a node type that holds the placement groups "
+                "(ray_cluster.yaml, docs/deployment.md), add nodes, or lower serve.tensor_parallel or "
+                "serve.cpus_per_actor"
+            )
+        log.info(
+            "waiting for the autoscaler to add nodes: %s (%.0f s of serve.placement_timeout_s %g s)",
+            _shortfall(requested),
+            waited,
+            timeout_s,
+        )
 
 
 def _first_line(err: BaseException) -> str:
     """A Ray error's first line (its full text repeats the remote traceback)."""
     text = str(err).strip()
     return text.splitlines()[0] if text else type(err).__name__
-
-
-def _keep_ray_on_loopback() -> None:
-    """Makes a local Ray listen on 127.0.0.1 only. Ray on Linux turns a loopback node address into the
-    machine's external one (ray._private.services.resolve_ip_for_localhost), so `_node_ip_address=
-    "127.0.0.1"` alone left the GCS, the raylet and the workers listening on every interface (seen with
-    `ss -ltnp`: gcs_server on *:port). With multi-node clusters off, as Ray does on laptops, the node
-    address stays loopback: its child processes read the variable, this process the constant."""
-    os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
-    ray_constants.ENABLE_RAY_CLUSTER = False
 
 
 def local_ray_exposure() -> str:

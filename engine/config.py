@@ -40,6 +40,14 @@ class DType(str, enum.Enum):
     FLOAT16 = "float16"
 
 
+class DraftPlacement(str, enum.Enum):
+    """Where the draft worker runs relative to the target's shards (cluster.ray_backend places the actors)."""
+
+    OWN_GPU = "own_gpu"  # its own bundle in the target's STRICT_PACK group: the shards' node, its own GPU (or CPUs)
+    SHARE_GPU = "share_gpu"  # in target rank 0's bundle: the GPU of rank 0 (a small draft beside a large target)
+    OWN_NODE = "own_node"  # a placement group of its own: any node with room, e.g. a smaller GPU node type
+
+
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, use_enum_values=False)
 
@@ -151,6 +159,23 @@ class ServeConfig(_Section):
         description=(
             "seconds between liveness checks of the actors; when one has died the server restarts them all "
             "(health NOT_SERVING meanwhile)"
+        ),
+    )
+    draft_placement: DraftPlacement = Field(
+        DraftPlacement.OWN_GPU,
+        description=(
+            "own_gpu: beside the shards on their node with a GPU (or CPUs) of its own; share_gpu: on target rank "
+            "0's GPU (the 70B and 405B configs: 2 and 8 GPUs in all); own_node: anywhere the cluster has room, "
+            "so the autoscaler may add a smaller node for it (each draft block then crosses the network)"
+        ),
+    )
+    placement_timeout_s: float = Field(
+        900.0,
+        gt=0,
+        le=86400,
+        description=(
+            "seconds to wait for the cluster to place the actors (an autoscaler starting nodes for them: cloud "
+            "GPU nodes take minutes) before giving up with what was missing"
         ),
     )
     max_record_bytes: int = Field(

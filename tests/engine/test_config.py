@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from engine.config import Config, ConfigError, DType, Mode, load_config
+from engine.config import Config, ConfigError, DraftPlacement, DType, Mode, load_config
 
 CONFIG_DIR = Path(__file__).resolve().parents[2] / "config"
 
@@ -45,6 +45,20 @@ def test_qwen_coder_config_values():
     assert not config.target.is_dummy
 
 
+@pytest.mark.parametrize(
+    ("name", "target", "tp"),
+    [
+        ("llama-8b-70b.yaml", "/models/Llama-3.1-70B-Instruct", 2),
+        ("llama-8b-405b.yaml", "/models/Llama-3.1-405B-Instruct", 8),
+    ],
+)
+def test_llama_gpu_configs_put_target_and_draft_on_tp_gpus_of_local_checkpoints(name, target, tp):
+    config = load_config(CONFIG_DIR / name)
+    assert config.target.model == target and config.draft.model == "/models/Llama-3.1-8B-Instruct"
+    assert config.target.dtype is DType.BFLOAT16 and config.runtime.device == "cuda"
+    assert config.serve.tensor_parallel == tp and config.serve.draft_placement is DraftPlacement.SHARE_GPU
+
+
 def test_overrides_replace_values():
     config = load_config(CONFIG_DIR / "tiny.yaml", {"decoding.max_seq_len": 1024, "runtime.threads": 1})
     assert config.decoding.max_seq_len == 1024 and config.runtime.threads == 1
@@ -59,6 +73,7 @@ def test_config_is_frozen():
 @pytest.mark.parametrize(
     ("overrides", "path"),
     [
+        ({"serve.draft_placment": "own_node"}, "serve.draft_placment"),
         ({"decoding.draf_tokens": 4}, "decoding.draf_tokens"),
         ({"target.dtyp": "float32"}, "target.dtyp"),
         ({"extra_section.x": 1}, "extra_section"),
@@ -85,6 +100,8 @@ def test_misspelt_key_in_file_names_file_and_path(tmp_path):
         ({"decoding.draft_tokens": 129}, "decoding.draft_tokens"),
         ({"decoding.max_seq_len": 8}, "decoding.max_seq_len"),
         ({"decoding.mode": "fast"}, "decoding.mode"),
+        ({"serve.draft_placement": "anywhere"}, "serve.draft_placement"),
+        ({"serve.placement_timeout_s": 0}, "serve.placement_timeout_s"),
         ({"target.dtype": "int8"}, "target.dtype"),
         ({"draft.noise": -1.0}, "draft.noise"),
         ({"runtime.device": "tpu"}, "runtime.device"),

@@ -366,6 +366,7 @@ class CompletionRecord(Record):
     draft_compute_s: float
     verify_compute_s: float
     judge_compute_s: float
+    transport_s: float
     pipelined_blocks: int
     pipelined_blocks_used: int
 

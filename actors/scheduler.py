@@ -78,15 +78,16 @@ RECENT_CANCELLED = 1024  # cancelled request ids stats() remembers (the oldest g
 class ServeTimings(Timings):
     """engine.decode.Timings as the scheduler sees it, plus where the rest of the time went.
 
-    draft_s, verify_s and judge_s are the wall time the scheduler waited on each phase (a pipelined
-    draft that finished during verification costs nothing here); overhead_s is the rest of total_s:
-    scheduling, msgpack and Ray transport. The *_compute_s fields are the time spent inside the actors,
-    overlapped or not, so wait - compute is the transport cost of a phase.
+    draft_s, verify_s and judge_s are each step's compute on its critical path, timed inside the actors (a
+    block drafted ahead during verification is not on it); overhead_s is the rest of total_s, of which
+    transport_s is the wait on the step graph beyond that compute (Ray, msgpack; with pipelining also a
+    block drafted ahead that outlasts verification) and the remainder the scheduler's own work. The *_compute_s fields count all compute inside the actors, overlapped or not.
     """
 
     draft_compute_s: float = 0.0
     verify_compute_s: float = 0.0
     judge_compute_s: float = 0.0
+    transport_s: float = 0.0  # within overhead_s: each step's round trip through the graph beyond its compute
 
 
 @dataclass
@@ -120,6 +121,7 @@ def completion_record(done: ServedCompletion) -> CompletionRecord:
         draft_compute_s=t.draft_compute_s,
         verify_compute_s=t.verify_compute_s,
         judge_compute_s=t.judge_compute_s,
+        transport_s=t.transport_s,
         pipelined_blocks=done.pipelined_blocks,
         pipelined_blocks_used=done.pipelined_blocks_used,
     )
@@ -135,6 +137,7 @@ def completion_from_record(rec: CompletionRecord) -> ServedCompletion:
         draft_compute_s=rec.draft_compute_s,
         verify_compute_s=rec.verify_compute_s,
         judge_compute_s=rec.judge_compute_s,
+        transport_s=rec.transport_s,
     )
     return ServedCompletion(
         text=rec.text,
@@ -403,10 +406,11 @@ class Scheduler:
     async def _target_step(self, state: RequestState) -> Accepted:
         """One target pass over what its cache lacks (the prompt, or the last token): autoregressive."""
         target = TargetInput(state.request_id, state.target_len, state.pending(state.target_len), state.step, state.sampling)
-        result = await self._execute(state, self._plan(state, target=target), None)
+        result, wall = await self._execute(state, self._plan(state, target=target), None)
         out, timings = result.target, state.done.timings
         timings.verify_s += out.compute_s
         timings.verify_compute_s += out.compute_s
+        timings.transport_s += wall - out.compute_s
         state.target_len = out.cache_len
         return Accepted([out.token], [Provenance.TARGET])
 
@@ -428,25 +432,29 @@ class Scheduler:
             state.sampling,
         )
         plan = self._plan(state, draft=draft, verify=verify, judge=judge, speculate=self._next_block(state, k, reused))
-        result = await self._execute(state, plan, reused.q if reused is not None else None)
+        result, wall = await self._execute(state, plan, reused.q if reused is not None else None)
 
         timings = state.done.timings
+        compute = verdict_compute = result.verify.compute_s  # the step's critical path, inside the actors
         if reused is None:
             block = result.drafted.tokens
             state.draft_len = result.drafted.cache_len
             timings.draft_s += result.drafted.compute_s
             timings.draft_compute_s += result.drafted.compute_s
+            compute += result.drafted.compute_s
         else:
             block = reused.out.tokens
         verdict = result.verify
-        timings.verify_s += verdict.compute_s
-        timings.verify_compute_s += verdict.compute_s
+        timings.verify_s += verdict_compute
+        timings.verify_compute_s += verdict_compute
         state.target_len = verdict.cache_len
         judged = None
         if judge:
             judged = result.judged.judged
             timings.judge_s += result.judged.compute_s
             timings.judge_compute_s += result.judged.compute_s
+            compute += result.judged.compute_s
+        timings.transport_s += wall - compute
         if result.speculated is not None:  # drafted during verification: off the critical path
             timings.draft_compute_s += result.speculated.compute_s
             state.done.pipelined_blocks += 1
@@ -498,10 +506,13 @@ class Scheduler:
             release=False,
         )
 
-    async def _execute(self, state: RequestState, plan: StepPlan, q: torch.Tensor | None) -> StepResult:
-        """Runs the step. Shielded: if the request is cancelled meanwhile, the step still completes in the
-        actors (a graph's execution cannot be withdrawn), and the release follows it."""
-        return await asyncio.shield(self.graph.run(plan, q))
+    async def _execute(self, state: RequestState, plan: StepPlan, q: torch.Tensor | None) -> tuple[StepResult, float]:
+        """Runs the step -> (its results, the seconds waited). Shielded: if the request is cancelled meanwhile,
+        the step still completes in the actors (a graph's execution cannot be withdrawn), and the release
+        follows it."""
+        t0 = time.perf_counter()
+        result = await asyncio.shield(self.graph.run(plan, q))
+        return result, time.perf_counter() - t0
 
     def _accept(
         self, state: RequestState, block: list[int], verdict: VerifyOutput, judged: list[bool] | None, result: StepResult

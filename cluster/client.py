@@ -222,6 +222,7 @@ def _result(text: str, ids: list[int], provenance: list[str], f: pb.Final) -> di
             "judge_s": round(t.judge_seconds, 4),
             "total_s": round(t.total_seconds, 4),
             "overhead_s": round(t.overhead_seconds, 4),
+            "transport_s": round(t.transport_seconds, 4),
         },
     }
 

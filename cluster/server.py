@@ -251,6 +251,7 @@ def final_message(done: Completion) -> pb.Final:
             draft_compute_seconds=getattr(t, "draft_compute_s", t.draft_s),
             verify_compute_seconds=getattr(t, "verify_compute_s", t.verify_s),
             judge_compute_seconds=getattr(t, "judge_compute_s", t.judge_s),
+            transport_seconds=getattr(t, "transport_s", 0.0),
         ),
         error=ERROR_TEXT if done.finish_reason is FinishReason.ERROR else "",
     )

@@ -311,7 +311,10 @@ class Scheduler:
         self.max_seq_len = config.decoding.max_seq_len
         self.max_bytes = config.serve.max_record_bytes
         self.pipeline = config.serve.pipeline
-        self.graph = StepGraph(draft, shards, judge, self.max_bytes, config.serve.compiled_graph)
+        compiled = config.serve.compiled_graph
+        if compiled is None:
+            compiled = config.runtime.device.startswith("cuda")
+        self.graph = StepGraph(draft, shards, judge, self.max_bytes, compiled)
         self._turns = asyncio.Semaphore(config.serve.max_active_requests)
         self._requests: dict[str, RequestState] = {}
         self._pipelined = [0, 0]  # blocks drafted ahead, blocks used: over all requests, for stats()

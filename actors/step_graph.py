@@ -12,7 +12,8 @@ A plain Ray actor call costs about 1 ms on the GPU machine (measured there: two 
 same two hops as a Compiled Graph 0.27 ms); a Compiled Graph sets up its channels once and reuses them for
 every step. Ray allows one compiled graph per actor, so this one graph carries every kind of step (a plan
 tells each node what to do, or to pass). The plain path runs the same methods with ObjectRefs for the
-edges: it is the fallback (`serve.compiled_graph: false`) and the baseline of bench/serve_cpu.py.
+edges, skipping the nodes a plan leaves idle: the default on CPU, where the compiled graph's polling
+threads cost more than its saved round trips (serve.compiled_graph; both measured in docs/performance.md).
 
 Both keep the target's ranks in step (each runs its nodes in graph order; plain calls from one caller
 run in submission order) and deliver a step's results only when every node finished, so a failure on any
@@ -30,6 +31,7 @@ import asyncio
 from dataclasses import dataclass
 from typing import Any, Sequence
 
+import ray
 import torch
 from ray.actor import ActorHandle
 from ray.dag import InputNode, MultiOutputNode
@@ -96,7 +98,7 @@ class StepGraph:
         rec = plan.to_bytes()
         async with self._turns:
             try:
-                outs = await (self._run_compiled(rec, q) if self.compiled else self._run_calls(rec, q))
+                outs = await (self._run_compiled(rec, q) if self.compiled else self._run_calls(plan, rec, q))
             except Exception as err:
                 raise StepFailed(f"step of request {plan.request_id} failed: {type(err).__name__}: {err}") from err
         return self._decode(plan, outs)
@@ -116,12 +118,20 @@ class StepGraph:
                 raise out
         return outs
 
-    async def _run_calls(self, rec: bytes, q: torch.Tensor | None) -> list[Any]:
-        drafted = self.draft.step.remote(rec)
-        speculated = self.draft.speculate.remote(rec, drafted)
+    async def _run_calls(self, plan: StepPlan, rec: bytes, q: torch.Tensor | None) -> list[Any]:
+        """The graph's nodes as plain calls; a node the plan gives nothing to do is not called (each call
+        costs a round trip: an autoregressive step is one call per shard)."""
+        nothing = (None, None)
+        drafted = self.draft.step.remote(rec) if plan.draft is not None or plan.release else nothing
+        speculated = self.draft.speculate.remote(rec, drafted) if plan.speculate is not None else nothing
         verified = [shard.step.remote(rec, drafted, q if rank == 0 else None) for rank, shard in enumerate(self.shards)]
-        judged = [self.judge.step.remote(rec, verified[0])] if self.judge is not None else []
-        return list(await asyncio.gather(drafted, speculated, *verified, *judged))
+        judged = [self.judge.step.remote(rec, verified[0]) if plan.judge else None] if self.judge is not None else []
+        outs = [drafted, speculated, *verified, *judged]
+        calls = [i for i, out in enumerate(outs) if isinstance(out, ray.ObjectRef)]
+        # gather: a failure on any rank surfaces at once, not after rank 0's collective times out
+        for i, value in zip(calls, await asyncio.gather(*(outs[i] for i in calls))):
+            outs[i] = value
+        return outs
 
     def _decode(self, plan: StepPlan, outs: list[Any]) -> StepResult:
         (drafted, q), (speculated, speculated_q), (leader, _) = outs[0], outs[1], outs[2]

@@ -64,18 +64,19 @@ def loop():
 
 
 class _Backends:
-    """RayBackends by (tensor_parallel, pipeline), each started once, all closed at the end."""
+    """RayBackends by (tensor_parallel, pipeline, compiled step graph), each started once, all closed at the end."""
 
     def __init__(self, config: Config, loop: EventLoopThread):
         self.config, self.loop, self.started = config, loop, {}
 
-    def get(self, tp: int, pipeline: bool) -> RayBackend:
-        if (tp, pipeline) not in self.started:
-            serve = self.config.serve.model_copy(update={"tensor_parallel": tp, "pipeline": pipeline})
-            backend = RayBackend(self.config.model_copy(update={"serve": serve}))
+    def get(self, tp: int, pipeline: bool, compiled: bool = False) -> RayBackend:
+        key = tp, pipeline, compiled
+        if key not in self.started:
+            update = {"tensor_parallel": tp, "pipeline": pipeline, "compiled_graph": compiled}
+            backend = RayBackend(self.config.model_copy(update={"serve": self.config.serve.model_copy(update=update)}))
             assert self.loop.run(backend.ready(), timeout=90)
-            self.started[tp, pipeline] = backend
-        return self.started[tp, pipeline]
+            self.started[key] = backend
+        return self.started[key]
 
     def close(self) -> None:
         for backend in self.started.values():
@@ -84,16 +85,20 @@ class _Backends:
 
 @pytest.fixture(scope="module")
 def backends(config, loop):
-    ray.init(num_cpus=8, include_dashboard=False, _node_ip_address="127.0.0.1", logging_level="warning")
+    # Logical CPUs for up to 6 backends' bundles (the actors are idle between tests).
+    ray.init(num_cpus=16, include_dashboard=False, _node_ip_address="127.0.0.1", logging_level="warning")
     started = _Backends(config, loop)
     yield started
     started.close()
     ray.shutdown()
 
 
-@pytest.fixture(params=[1, 2], ids=["tp1", "tp2"])
+# The step graph as plain calls (the CPU default) with TP=1 and TP=2, and as a Ray Compiled Graph (the CUDA
+# default) with TP=2.
+@pytest.fixture(params=[(1, False), (2, False), (2, True)], ids=["tp1", "tp2", "tp2-graph"])
 def backend(request, backends) -> RayBackend:
-    return backends.get(request.param, pipeline=True)
+    tp, compiled = request.param
+    return backends.get(tp, pipeline=True, compiled=compiled)
 
 
 async def _collect(backend: RayBackend, request_id: str, **kwargs) -> tuple[list[StepEvent], Completion]:
@@ -142,11 +147,12 @@ def test_greedy_output_equals_in_process_engine(backend, loop, expected, mode):
     assert (t.draft_s > 0) == mode.is_speculative and (t.judge_s > 0) == (mode is Mode.JUDGE)
 
 
+@pytest.mark.parametrize("compiled", [False, True], ids=["calls", "graph"])
 @pytest.mark.parametrize("mode", [Mode.STANDARD, Mode.JUDGE], ids=lambda m: m.value)
-def test_pipelined_and_unpipelined_give_the_same_output(backends, loop, expected, mode):
+def test_pipelined_and_unpipelined_give_the_same_output(backends, loop, expected, mode, compiled):
     runs = {}
     for pipeline in (True, False):
-        backend = backends.get(1, pipeline)
+        backend = backends.get(1, pipeline, compiled)
         _, runs[pipeline] = loop.run(_collect(backend, f"pipe-{pipeline}", max_tokens=LONG, mode=mode))
         _assert_same(runs[pipeline], expected[mode, LONG])
     on, off = runs[True], runs[False]

@@ -45,13 +45,14 @@ class Served:
     backend: RayBackend
     address: str
     loop: EventLoopThread
+    path: str  # the step graph: "graph" (compiled) or "calls"
 
 
-@pytest.fixture(scope="module")
-def config(judge_config) -> Config:
-    serve = judge_config.serve.model_copy(
-        update={"tensor_parallel": 2, "max_active_requests": RUNNING, "max_queued_requests": QUEUED, "health_check_s": 0.2}
-    )
+@pytest.fixture(scope="module", params=[False, True], ids=["calls", "graph"])
+def config(judge_config, request) -> Config:
+    """TP=2, the bound under test, and the step graph as plain calls (the CPU default) or compiled."""
+    update = {"tensor_parallel": 2, "max_active_requests": RUNNING, "max_queued_requests": QUEUED, "health_check_s": 0.2}
+    serve = judge_config.serve.model_copy(update=update | {"compiled_graph": request.param})
     decoding = judge_config.decoding.model_copy(update={"max_seq_len": 4096})  # room for long streams
     return judge_config.model_copy(update={"serve": serve, "decoding": decoding})
 
@@ -83,7 +84,7 @@ def served(config):
     server, port = loop.run(start())
     try:
         assert loop.run(backend.ready(), timeout=120)
-        yield Served(backend, f"127.0.0.1:{port}", loop)
+        yield Served(backend, f"127.0.0.1:{port}", loop, "graph" if config.serve.compiled_graph else "calls")
     finally:
         loop.run(server.stop(0))
         backend.close()
@@ -149,7 +150,7 @@ def test_load_beyond_the_bound_is_refused_at_once_and_every_admitted_request_com
     done = [r for r in results if r[0] is grpc.StatusCode.OK]
     refused = [r for r in results if r[0] is grpc.StatusCode.RESOURCE_EXHAUSTED]
     print(
-        f"\nload: {len(results)} requests at concurrency {concurrency} (bound {RUNNING} running + {QUEUED} queued) "
+        f"\n[{served.path}] load: {len(results)} requests at concurrency {concurrency} (bound {RUNNING} running + {QUEUED} queued) "
         f"in {wall:.1f} s: admitted {len(done)}, completed {len(done)}, refused {len(refused)}; "
         f"latency of completed p50 {_pct([r[1] for r in done], 50) * 1e3:.0f} ms, "
         f"p99 {_pct([r[1] for r in done], 99) * 1e3:.0f} ms; "
@@ -205,7 +206,7 @@ def test_a_cancelled_or_expired_request_stops_within_one_step(served, how):
     assert not any([stats["scheduler"], stats["draft"], *stats["target"]]), stats
     at_stop, passes = stats["stopped_at_step"][request_id], stats["target_passes"][request_id]
     print(
-        f"\n{how}: the client saw {seen} tokens; the scheduler had run {at_stop} steps when the stop arrived, "
+        f"\n[{served.path}] {how}: the client saw {seen} tokens; the scheduler had run {at_stop} steps when the stop arrived, "
         f"the target ran {passes} passes in all ({passes - at_stop} after the stop); every actor free "
         f"{freed * 1e3:.0f} ms after the {how} (one step takes {step_s * 1e3:.1f} ms)"
     )
@@ -257,7 +258,7 @@ def test_a_killed_actor_ends_its_stream_unavailable_and_the_actors_restart(serve
         result = client.generate(PROMPTS[1], max_tokens=LOAD_TOKENS, mode="judge", timeout=60)
         assert result["token_ids"] == expected[PROMPTS[1], Mode.JUDGE, LOAD_TOKENS][0]
     print(
-        f"\nkilled {role} after {seen} streamed tokens: stream UNAVAILABLE after {lost * 1e3:.0f} ms, "
+        f"\n[{served.path}] killed {role} after {seen} streamed tokens: stream UNAVAILABLE after {lost * 1e3:.0f} ms, "
         f"health NOT_SERVING after {down * 1e3:.0f} ms, SERVING again after {recovered:.2f} s "
         f"(restart of every actor {backend.restarts[-1]:.2f} s); the next request matched the engine"
     )

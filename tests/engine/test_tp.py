@@ -12,7 +12,7 @@ import torch.multiprocessing as mp
 
 from engine.model import ModelArgs, Transformer
 from engine.shapes import SHAPES
-from engine.tp import RowParallelLinear, apply_tp
+from engine.tp import RowParallelLinear, apply_tp, shard_dim
 from engine.weights import dummy_model
 
 CPU = torch.device("cpu")
@@ -82,7 +82,7 @@ def test_tp2_logits_match_unsharded(tp_runs, unsharded):
     got = tp_runs[0]["logits"]
     assert [g.shape for g in got] == [w.shape for w in want]
     for i, (g, w) in enumerate(zip(got, want)):
-        torch.testing.assert_close(g, w, atol=1e-4, rtol=0, msg=lambda m: f"pass {i}: {m}")
+        torch.testing.assert_close(g, w, atol=1e-4, rtol=0, msg=lambda m, i=i: f"pass {i}: {m}")
 
 
 def test_tp2_ranks_return_identical_logits(tp_runs):
@@ -115,6 +115,17 @@ def test_shards_keep_names_and_tile_the_full_weights():
             assert all(torch.equal(s[name], tensor) for s in shards), name
             continue
         assert torch.equal(torch.cat([s[name] for s in shards], dim=dim), tensor), name
+
+
+def test_shard_dim_follows_megatrons_split():
+    layer = "model.layers.7"
+    attn = [shard_dim(f"{layer}.self_attn.{p}.weight") for p in ("q_proj", "k_proj", "v_proj", "o_proj")]
+    assert attn == [0, 0, 0, 1]  # heads by output features; o_proj by input features
+    assert [shard_dim(f"{layer}.mlp.{p}.weight") for p in ("gate_proj", "up_proj", "down_proj")] == [0, 0, 1]
+    assert shard_dim(f"{layer}.self_attn.q_proj.bias") == 0  # with its output features
+    assert shard_dim(f"{layer}.self_attn.o_proj.bias") is None  # added once, after the all-reduce
+    replicated = ("model.embed_tokens.weight", "model.norm.weight", "lm_head.weight", f"{layer}.input_layernorm.weight")
+    assert [shard_dim(name) for name in replicated] == [None] * len(replicated)
 
 
 def test_apply_tp_updates_modules_and_args():

@@ -1,10 +1,11 @@
 """A target shard: one Ray actor per tensor-parallel rank, holding its slice of the target model.
 
-Every rank loads the full weights, shards them with `engine.tp.apply_tp`, joins one torch.distributed group
-(gloo on CPU, NCCL on CUDA; actors.target_group forms it) and runs the same forward passes in the same
-order: every rank is a node of the step graph (actors.step_graph), and set-up calls go through
-`actors.target_group.call_all`. The LM head and final norm are replicated, so every
-rank ends a pass with the full logits and hidden states; rank 0 alone turns them into the compact result
+Every rank loads only its shard of the weights (engine.weights.load_model with rank and world: a real
+checkpoint is read slice by slice, a dummy model drawn whole and cut by engine.tp.apply_tp), joins one
+torch.distributed group (gloo on CPU, NCCL on CUDA; actors.target_group forms it) and runs the same forward
+passes in the same order: every rank is a node of the step graph (actors.step_graph), and set-up calls go
+through `actors.target_group.call_all`. The LM head and final norm are replicated, so every rank ends a
+pass with the full logits and hidden states; rank 0 alone turns them into the compact result
 (the other ranks return None), so nothing vocab-sized leaves the shard.
 
 The pure parts, `target_token` and `verify_pass` + `verdicts`, make the same forward calls as the
@@ -39,7 +40,6 @@ from actors.messages import (
 from engine.config import Config
 from engine.model import KVCache, Transformer
 from engine.sampling import SamplingParams, next_token
-from engine.tp import apply_tp
 from engine.verify import DraftBlock, final_token, standard_accept
 from engine.weights import load_model
 
@@ -95,11 +95,15 @@ class TargetShard:
         set_threads(config)
         self.config, self.rank, self.world = config, rank, world
         self.device = actor_device(config)
-        loaded = load_model(config.target, device=self.device, max_seq_len=config.decoding.max_seq_len)
-        # Before sharding: ModelInfo describes the whole model, and the judge checks this fingerprint.
+        # Refuses an uneven split here, before any weight is read or any collective could hang on it. The
+        # group is formed later (join); the shard's collectives use the default group.
+        loaded = load_model(
+            config.target, device=self.device, max_seq_len=config.decoding.max_seq_len, rank=rank, world=world
+        )
+        # loaded.args is the whole model's (ModelInfo describes the whole model), and the fingerprint is the
+        # unsharded model's, which the judge checks.
         self._info = {"name": loaded.name, "fingerprint": loaded.fingerprint, "args": loaded.args}
-        # Refuses an uneven split here, before any collective could hang on it.
-        self.model = apply_tp(loaded.model, rank, world)
+        self.model = loaded.model
         self.caches = RequestCaches(self.model, config.decoding.max_seq_len, cache_limit(config))
         self.max_bytes = config.serve.max_record_bytes
 

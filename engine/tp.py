@@ -12,9 +12,13 @@ own KV cache, and the SiLU-gated MLP is elementwise on the rank's own intermedia
 the final norm and the LM head stay replicated (the simplest layout; a vocabulary-parallel LM head is a
 later optimisation), so every rank ends a forward pass with the same full logits and hidden states.
 
-Every rank loads the full weights and then keeps its slice (simple; loading only the shard is the later
-memory optimisation that 405B needs). The parameters stay at the same attribute paths, so `state_dict()`
-keys stay Hugging Face's (`model.layers.0.self_attn.o_proj.weight`), with per-rank shapes.
+`shard_dim` is the one definition of that split, per state-dict key; two things apply it. `apply_tp` slices
+a full model that is already in memory (dummy models, whose random weights are drawn whole on every rank so
+that all ranks agree, and tests); engine.weights.load_checkpoint reads only the rank's slices from the
+safetensors files, so a rank of 70B or 405B never holds the full model. Both go through `shard_modules`
+and `check_tp`, so both give the same model and refuse the same splits. The parameters stay at the same
+attribute paths, so `state_dict()` keys stay Hugging Face's (`model.layers.0.self_attn.o_proj.weight`),
+with per-rank shapes.
 
 Numerics: TP=N output is close to TP=1 output, not bitwise equal (the all-reduce adds partial sums in
 another order). The bfloat16 batch-invariance trick of engine.model survives TP=2: each output element is
@@ -23,20 +27,21 @@ order may depend on the message size (NCCL picks ring or tree per size), so a on
 verification pass may round one row differently; gathering the partials and adding them in rank order would
 restore it if that matters.
 
-Not for: creating process groups, placing shards, or loading checkpoints (actors/ and engine.weights do);
-training (the in-place all-reduce has no backward).
+Not for: creating process groups, placing shards, or reading checkpoint files (actors/ and engine.weights
+do); training (the in-place all-reduce has no backward).
 """
 
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from engine.model import Attention, MLP, Transformer
+from engine.model import ModelArgs, Transformer
 
 
 class RowParallelLinear(nn.Linear):
@@ -57,60 +62,115 @@ class RowParallelLinear(nn.Linear):
         return out if self.bias is None else out + self.bias
 
 
-def _slice(t: torch.Tensor, dim: int, rank: int, world: int) -> torch.Tensor:
-    """Rank's contiguous 1/world of `t` along `dim`, as a fresh compact tensor (a view would keep the full
-    tensor alive, which is the memory the shard is meant to free)."""
-    size = t.shape[dim] // world
-    return t.narrow(dim, rank * size, size).clone(memory_format=torch.contiguous_format)
+# Megatron's split of a decoder layer: the dim of each parallel linear's weight [out, in] that is divided
+# over the ranks. 0 (column-parallel): a rank computes its own output features, i.e. its own attention
+# heads and kv heads (q, k, v) or its own intermediate features (gate, up). 1 (row-parallel): a rank
+# multiplies its slice of the input features and the partial products are all-reduced (o, down).
+PARALLEL_DIM = {"q_proj": 0, "k_proj": 0, "v_proj": 0, "gate_proj": 0, "up_proj": 0, "o_proj": 1, "down_proj": 1}
 
 
-def _param(t: torch.Tensor, like: nn.Parameter) -> nn.Parameter:
-    return nn.Parameter(t, requires_grad=like.requires_grad)
+def shard_dim(name: str) -> int | None:
+    """The dim along which the parameter `name` (a state-dict key, e.g. `model.layers.3.mlp.down_proj.weight`)
+    is divided over the ranks; None if every rank holds it whole (embedding, norms, LM head)."""
+    parts = name.rsplit(".", 2)
+    if len(parts) < 2:
+        return None
+    module, leaf = parts[-2], parts[-1]
+    dim = PARALLEL_DIM.get(module)
+    if dim is None or leaf not in ("weight", "bias"):
+        return None
+    if leaf == "bias":
+        # A column-parallel bias [out] goes with its output features; a row-parallel one is added once,
+        # after the all-reduce, so it stays whole (RowParallelLinear).
+        return 0 if dim == 0 else None
+    return dim
 
 
-def _column_parallel(linear: nn.Linear, rank: int, world: int) -> None:
-    # weight: [out, in] -> [out / world, in]; bias: [out] -> [out / world]
-    linear.weight = _param(_slice(linear.weight.data, 0, rank, world), linear.weight)
-    if linear.bias is not None:
-        linear.bias = _param(_slice(linear.bias.data, 0, rank, world), linear.bias)
-    linear.out_features //= world
+def shard_span(size: int, rank: int, world: int) -> slice:
+    """Rank's contiguous 1/world of `size` elements along a sharded dim (check_tp ensures it divides)."""
+    local = size // world
+    return slice(rank * local, (rank + 1) * local)
 
 
-def _row_parallel(linear: nn.Linear, rank: int, world: int, group: dist.ProcessGroup | None) -> RowParallelLinear:
-    # weight: [out, in] -> [out, in / world]; the bias (none in the supported families) stays whole
-    row = RowParallelLinear(linear.in_features // world, linear.out_features, linear.bias is not None, group)
-    row.weight = _param(_slice(linear.weight.data, 1, rank, world), linear.weight)
-    if linear.bias is not None:
-        row.bias = linear.bias
-    return row
+def local_args(args: ModelArgs, world: int) -> ModelArgs:
+    """The shape a rank's shard has: head counts and intermediate size divided by `world`, the rest whole."""
+    return dataclasses.replace(
+        args,
+        num_heads=args.num_heads // world,
+        num_kv_heads=args.num_kv_heads // world,
+        intermediate_size=args.intermediate_size // world,
+    )
 
 
-def _check(model: Transformer, rank: int, world: int, group: dist.ProcessGroup | None) -> None:
+def check_tp(args: ModelArgs, rank: int, world: int, group: dist.ProcessGroup | None = None) -> None:
+    """Raises ValueError if `args` cannot be split over `world` ranks, rank is out of range, or the process
+    group (when one is initialised) disagrees. Callers run it before any collective and before reading
+    any weights."""
     if world < 1 or not 0 <= rank < world:
         raise ValueError(f"tensor parallelism needs 0 <= rank < world, got rank={rank}, world={world}")
-    if any(isinstance(layer.self_attn.o_proj, RowParallelLinear) for layer in model.model.layers):
-        raise ValueError("apply_tp was already applied to this model")
-    a = model.args
     uneven = [
         f"{name}={value}"
         for name, value in (
-            ("num_heads", a.num_heads),
-            ("num_kv_heads", a.num_kv_heads),
-            ("intermediate_size", a.intermediate_size),
+            ("num_heads", args.num_heads),
+            ("num_kv_heads", args.num_kv_heads),
+            ("intermediate_size", args.intermediate_size),
         )
         if value % world
     ]
     if uneven:
         # vLLM replicates kv heads when world > num_kv_heads; not implemented here, so refuse.
         raise ValueError(
-            f"cannot shard this {a.family} model over world={world} ranks: {', '.join(uneven)} not divisible by "
-            f"{world}; choose a tensor-parallel size that divides num_heads={a.num_heads}, "
-            f"num_kv_heads={a.num_kv_heads} and intermediate_size={a.intermediate_size}"
+            f"cannot shard this {args.family} model over world={world} ranks: {', '.join(uneven)} not divisible "
+            f"by {world}; choose a tensor-parallel size that divides num_heads={args.num_heads}, "
+            f"num_kv_heads={args.num_kv_heads} and intermediate_size={args.intermediate_size}"
         )
     if dist.is_available() and dist.is_initialized():
         size, me = dist.get_world_size(group), dist.get_rank(group)
         if (size, me) != (world, rank):
-            raise ValueError(f"apply_tp(rank={rank}, world={world}) does not match the process group (rank {me} of {size})")
+            raise ValueError(
+                f"tensor-parallel rank={rank}, world={world} does not match the process group (rank {me} of {size})"
+            )
+
+
+def shard_modules(
+    model: Transformer,
+    world: int,
+    group: dist.ProcessGroup | None,
+    fill: Callable[[str, nn.Linear, nn.Linear], None] | None = None,
+) -> None:
+    """Gives every parallel linear of `model` its rank-local shape, in place, one module at a time.
+
+    Each local linear is created with its parameters on the meta device (RowParallelLinear for row-parallel
+    modules, nn.Linear otherwise); `fill(qualified name, full linear, local linear)`, if given, assigns them
+    before the swap, so the full module is freed at once (apply_tp). Without it they stay on meta for the
+    caller to materialise (engine.weights, which then reads them from the files). Afterwards the attention
+    modules count local heads and `model.args` is `local_args`. Run `check_tp` first.
+    """
+    for i, layer in enumerate(model.model.layers):
+        for part_name, part in (("self_attn", layer.self_attn), ("mlp", layer.mlp)):
+            for attr, full in list(part.named_children()):
+                dim = PARALLEL_DIM.get(attr)
+                if dim is None:
+                    continue
+                bias = full.bias is not None
+                if dim == 1:
+                    local = RowParallelLinear(full.in_features // world, full.out_features, bias, group)
+                else:
+                    with torch.device("meta"):
+                        local = nn.Linear(full.in_features, full.out_features // world, bias=bias)
+                if fill is not None:
+                    fill(f"model.layers.{i}.{part_name}.{attr}", full, local)
+                setattr(part, attr, local)
+        layer.self_attn.n_heads //= world
+        layer.self_attn.n_kv //= world
+    model.args = local_args(model.args, world)
+
+
+def _slice(t: torch.Tensor, dim: int, rank: int, world: int) -> torch.Tensor:
+    """Rank's contiguous 1/world of `t` along `dim`, as a fresh compact tensor (a view would keep the full
+    tensor alive, which is the memory the shard is meant to free)."""
+    span = shard_span(t.shape[dim], rank, world)
+    return t.narrow(dim, span.start, span.stop - span.start).clone(memory_format=torch.contiguous_format)
 
 
 def apply_tp(model: Transformer, rank: int, world: int, group: dist.ProcessGroup | None = None) -> Transformer:
@@ -126,25 +186,18 @@ def apply_tp(model: Transformer, rank: int, world: int, group: dist.ProcessGroup
     `world` (kv heads are not replicated across ranks), if rank is out of range, or if the model is already
     sharded.
     """
-    _check(model, rank, world, group)
+    # First: a sharded model's args are the local ones, which check_tp would judge instead.
+    if any(isinstance(layer.self_attn.o_proj, RowParallelLinear) for layer in model.model.layers):
+        raise ValueError("apply_tp was already applied to this model")
+    check_tp(model.args, rank, world, group)
     if world == 1:
         return model
-    a = model.args
-    for layer in model.model.layers:
-        attn: Attention = layer.self_attn
-        for proj in (attn.q_proj, attn.k_proj, attn.v_proj):
-            _column_parallel(proj, rank, world)
-        attn.o_proj = _row_parallel(attn.o_proj, rank, world, group)
-        attn.n_heads //= world
-        attn.n_kv //= world
-        mlp: MLP = layer.mlp
-        _column_parallel(mlp.gate_proj, rank, world)
-        _column_parallel(mlp.up_proj, rank, world)
-        mlp.down_proj = _row_parallel(mlp.down_proj, rank, world, group)
-    model.args = dataclasses.replace(
-        a,
-        num_heads=a.num_heads // world,
-        num_kv_heads=a.num_kv_heads // world,
-        intermediate_size=a.intermediate_size // world,
-    )
+
+    def fill(name: str, full: nn.Linear, local: nn.Linear) -> None:
+        for leaf, p in full.named_parameters(recurse=False):
+            dim = shard_dim(f"{name}.{leaf}")
+            kept = p if dim is None else nn.Parameter(_slice(p.data, dim, rank, world), requires_grad=p.requires_grad)
+            setattr(local, leaf, kept)
+
+    shard_modules(model, world, group, fill)
     return model

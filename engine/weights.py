@@ -1,22 +1,32 @@
 """Builds a ready `Transformer` (+ its tokenizer) from a `ModelSpec`: checkpoint folder, cached GGUF, a
-registered name fetched into the cache, or dummy random weights at a named shape.
+registered name fetched into the cache, or dummy random weights at a named shape; whole, or one
+tensor-parallel rank's shard of it.
 
-Not for: downloading (engine.fetch) or deciding dtypes (the config does).
+A rank of a real checkpoint reads only its own slices from the safetensors files (`load_checkpoint`), so
+70B and 405B load with each GPU holding its shard and no more. Dummy weights are drawn whole and then
+sliced by engine.tp.apply_tp, because every rank must draw the same random numbers. Either way the result
+is the model apply_tp gives: engine.tp.shard_dim says which tensor is split along which dim.
+
+Not for: downloading (engine.fetch), deciding dtypes (the config does) or the tensor-parallel layout
+itself (engine.tp).
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 
 from engine.config import DType, ModelSpec
 from engine.model import ModelArgs, Transformer, rope_inv_freq
 from engine.shapes import SHAPES
 from engine.tokenizer import ByteTokenizer, HFTokenizer, Tokenizer
+from engine.tp import apply_tp, check_tp, shard_dim, shard_modules, shard_span
 
 TORCH_DTYPES = {DType.FLOAT32: torch.float32, DType.BFLOAT16: torch.bfloat16, DType.FLOAT16: torch.float16}
 
@@ -28,18 +38,17 @@ class ModelLoadError(RuntimeError):
 @dataclass
 class LoadedModel:
     name: str  # what the config named, for logs, ModelInfo and judge metadata
-    model: Transformer
+    model: Transformer  # a tensor-parallel rank's shard when loaded with world > 1
     tokenizer: Tokenizer
-    fingerprint: str  # identifies the weights (see `fingerprint`), for judge heads
-
-    @property
-    def args(self) -> ModelArgs:
-        return self.model.args
+    fingerprint: str  # identifies the weights (see `fingerprint`), for judge heads; the same on every rank
+    args: ModelArgs  # the whole model's shape (model.args is the shard's), for ModelInfo
 
 
 def fingerprint(model: Transformer) -> str:
     """A short hash of the final norm's weights and the shape: distinct per checkpoint, the same across
-    dtypes (hashed in bfloat16) and devices, and cheap. Judge heads record it to refuse a foreign target."""
+    dtypes (hashed in bfloat16) and devices, and cheap. Judge heads record it to refuse a foreign target.
+    It reads only what tensor parallelism leaves whole (the norm is replicated; family, widths, depth and
+    vocabulary are not divided), so every rank's shard gives the unsharded model's fingerprint."""
     a = model.args
     h = hashlib.sha256(f"{a.family}:{a.hidden_size}:{a.num_layers}:{a.vocab_size}".encode())
     h.update(model.model.norm.weight.detach().to("cpu", torch.bfloat16).view(torch.int16).numpy().tobytes())
@@ -87,10 +96,24 @@ def _check_fits(args: ModelArgs, max_seq_len: int, what: str) -> None:
         )
 
 
-def _build(args: ModelArgs, device: torch.device, dtype: torch.dtype) -> Transformer:
+def checkpoint_args(folder: Path) -> ModelArgs:
+    """The whole model's shape, from the folder's config.json (no weights read)."""
+    try:
+        return ModelArgs.from_hf(json.loads((folder / "config.json").read_text()))
+    except (KeyError, ValueError) as err:
+        raise ModelLoadError(f"{folder}: {err}") from None
+
+
+def _build(
+    args: ModelArgs, device: torch.device, dtype: torch.dtype, world: int = 1, group: dist.ProcessGroup | None = None
+) -> Transformer:
+    """Uninitialised parameters on `device` (the caller fills them); with world > 1 at one rank's shapes."""
     with torch.device("meta"):
         model = Transformer(args)
-    model = model.to_empty(device=device).to(dtype)
+    if world > 1:
+        shard_modules(model, world, group)  # still on meta: only the local shapes are ever allocated
+    # Cast on meta, then allocate: the other order would first allocate float32, twice bfloat16's bytes.
+    model = model.to(dtype).to_empty(device=device)
     if args.tie_word_embeddings:  # to_empty gives every module a new Parameter: tie them again
         model.lm_head.weight = model.model.embed_tokens.weight
     # RoPE frequencies stay float32 whatever the weights' dtype (as in transformers); set after the cast.
@@ -98,28 +121,64 @@ def _build(args: ModelArgs, device: torch.device, dtype: torch.dtype) -> Transfo
     return model
 
 
-def load_checkpoint(folder: Path, dtype: torch.dtype, device: torch.device) -> Transformer:
-    from safetensors.torch import load_file
+def load_checkpoint(
+    folder: Path,
+    dtype: torch.dtype,
+    device: torch.device,
+    *,
+    rank: int = 0,
+    world: int = 1,
+    group: dist.ProcessGroup | None = None,
+) -> Transformer:
+    """The safetensors checkpoint in `folder`, on `device` in `dtype`; with world > 1, rank `rank`'s
+    tensor-parallel shard of it: the model `engine.tp.apply_tp(full, rank, world, group)` gives (names,
+    shapes, values, RowParallelLinear modules, local `args` and head counts).
 
-    args = ModelArgs.from_hf(json.loads((folder / "config.json").read_text()))
-    model = _build(args, device, dtype)
+    Memory: the parameters are allocated once, at the rank's shapes, and filled one tensor at a time. A
+    sharded tensor (`engine.tp.shard_dim`) is read as the rank's slice only (safetensors' get_slice copies
+    just those elements out of the memory-mapped file), so no rank ever materialises a full sharded tensor;
+    a replicated one (embedding, norms, LM head) is read whole. Peak: the shard on `device`, plus one tensor
+    as read, in host memory (at most the embedding or the LM head).
+
+    Raises ValueError (engine.tp.check_tp) for a split that does not divide, and ModelLoadError for missing
+    tensors or shapes that disagree with config.json; both before any tensor is read.
+    """
+    from safetensors import safe_open
+
+    args = checkpoint_args(folder)
+    check_tp(args, rank, world, group)
     files = sorted(folder.glob("*.safetensors"))
     if not files:
         raise ModelLoadError(f"{folder} has no *.safetensors weights")
-    state: dict[str, torch.Tensor] = {}
-    for f in files:
-        state.update(load_file(str(f)))
-    if args.tie_word_embeddings:
-        state.pop("lm_head.weight", None)
-    expected = set(model.state_dict()) - ({"lm_head.weight"} if args.tie_word_embeddings else set())
-    missing, unexpected = expected - set(state), set(state) - expected
-    if missing:
-        raise ModelLoadError(f"{folder}: checkpoint lacks {len(missing)} tensors, e.g. {sorted(missing)[:3]}")
-    with torch.no_grad():
-        params = model.state_dict()
-        for name in expected:
-            params[name].copy_(state[name])
-    del unexpected  # extra tensors (for example rotary caches of old checkpoints) are ignored
+    model = _build(args, device, dtype, world, group)
+    params = model.state_dict()  # shares the parameters' storage; a tied LM head is the embedding
+    expected = set(params) - ({"lm_head.weight"} if args.tie_word_embeddings else set())
+    with ExitStack() as stack:
+        # Headers first (safe_open maps the file and parses its header only): which file holds each tensor.
+        where = {}
+        for f in files:
+            st = stack.enter_context(safe_open(str(f), framework="pt"))
+            where.update((name, st) for name in st.keys() if name in expected)  # noqa: SIM118 (not a dict)
+        missing = expected - set(where)  # tensors not named in `expected` (e.g. old rotary caches) are ignored
+        if missing:
+            raise ModelLoadError(f"{folder}: checkpoint lacks {len(missing)} tensors, e.g. {sorted(missing)[:3]}")
+        dims = {name: shard_dim(name) if world > 1 else None for name in where}
+        for name, st in where.items():
+            want = list(params[name].shape)  # the rank's shape; the file holds the whole tensor
+            if dims[name] is not None:
+                want[dims[name]] *= world
+            if (shape := list(st.get_slice(name).get_shape())) != want:
+                raise ModelLoadError(f"{folder}: {name} has shape {shape}, config.json implies {want}")
+        with torch.no_grad():
+            for name, st in where.items():
+                dim = dims[name]
+                if dim is None:
+                    tensor = st.get_tensor(name)
+                else:
+                    tensor_slice = st.get_slice(name)
+                    span = shard_span(tensor_slice.get_shape()[dim], rank, world)
+                    tensor = tensor_slice[(slice(None),) * dim + (span,)]
+                params[name].copy_(tensor)  # to the device and dtype of the parameter
     return model
 
 
@@ -142,22 +201,34 @@ def dummy_model(args: ModelArgs, seed: int, noise: float, dtype: torch.dtype, de
     return model
 
 
-def load_model(spec: ModelSpec, *, device: str | torch.device = "cpu", max_seq_len: int) -> LoadedModel:
+def load_model(
+    spec: ModelSpec,
+    *,
+    device: str | torch.device = "cpu",
+    max_seq_len: int,
+    rank: int = 0,
+    world: int = 1,
+    group: dist.ProcessGroup | None = None,
+) -> LoadedModel:
+    """The model `spec` names, ready for inference; with world > 1, rank `rank`'s tensor-parallel shard
+    (engine.tp), whose forward passes run collectives on `group` (None: the default group, which may be
+    formed after loading). A real checkpoint is read shard-only (`load_checkpoint`); a dummy model is drawn
+    whole, identically on every rank, and sliced. `args` and `fingerprint` describe the whole model either
+    way. A split that does not divide raises engine.tp.check_tp's ValueError before any weight is read."""
     device = torch.device(device)
     dtype = TORCH_DTYPES[spec.dtype]
     if spec.is_dummy:
         args = ModelArgs.from_hf(_shape_config(spec.model[len("dummy:") :]))
         _check_fits(args, max_seq_len, spec.model)
-        model = dummy_model(args, spec.seed, spec.noise, dtype, device)
+        check_tp(args, rank, world, group)
+        model = apply_tp(dummy_model(args, spec.seed, spec.noise, dtype, device), rank, world, group)
         tokenizer: Tokenizer = ByteTokenizer(args.vocab_size)
     else:
         folder = resolve_checkpoint(spec.model)
-        try:
-            model = load_checkpoint(folder, dtype, device)
-        except (KeyError, ValueError) as err:
-            raise ModelLoadError(f"{folder}: {err}") from None
-        _check_fits(model.args, max_seq_len, spec.model)
-        tokenizer = HFTokenizer(folder, model.args.eos_token_ids)
+        args = checkpoint_args(folder)
+        _check_fits(args, max_seq_len, spec.model)
+        model = load_checkpoint(folder, dtype, device, rank=rank, world=world, group=group)
+        tokenizer = HFTokenizer(folder, args.eos_token_ids)
     model.eval().requires_grad_(False)
     # Row-by-row attention buys bfloat16 batch invariance on the CPU (docs/engine.md); on a GPU it would
     # cost a kernel launch per row and layer, and the GPU path makes its own guarantees.
@@ -166,4 +237,4 @@ def load_model(spec: ModelSpec, *, device: str | torch.device = "cpu", max_seq_l
         # cuDNN's attention builds an execution plan per new key length: 3 ms of host time per call, every
         # decode step (measured on an H100, torch 2.11). The other SDPA kernels have no such cost.
         torch.backends.cuda.enable_cudnn_sdp(False)
-    return LoadedModel(spec.model, model, tokenizer, fingerprint(model))
+    return LoadedModel(spec.model, model, tokenizer, fingerprint(model), args)

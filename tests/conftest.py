@@ -1,16 +1,19 @@
-"""Shared fixtures: the tiny random pair of config/tiny.yaml, loaded once per test session."""
+"""Shared fixtures: the tiny random pair of config/tiny.yaml, loaded once per test session, and tiny
+checkpoint folders written as Hugging Face lays them out."""
 
 from __future__ import annotations
 
 import asyncio
+import json
 import threading
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 import torch
 
 from engine.config import Config, load_config
-from engine.model import ModelArgs
+from engine.model import ModelArgs, Transformer
 from engine.shapes import SHAPES
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -47,6 +50,32 @@ def judge_config(tmp_path_factory) -> Config:
     path = tmp_path_factory.mktemp("judge") / "tiny-judge.safetensors"
     JudgeHead(w, 20.0, 0.5, plain.target.name, plain.target.fingerprint).save(path)
     return load_config(TINY_YAML, {"judge.path": str(path), "decoding.mode": "judge"})
+
+
+@pytest.fixture(scope="session")
+def write_checkpoint(tmp_path_factory) -> Callable[[Transformer, dict, torch.dtype], Path]:
+    """write(model, config, dtype) -> a fresh folder holding config.json, `model`'s weights in `dtype` split
+    over two safetensors files (a tied LM head omitted, as transformers saves it), and a two-word tokenizer
+    (enough for engine.weights.load_model, which loads one from every checkpoint folder)."""
+    from safetensors.torch import save_file
+    from tokenizers import Tokenizer, models
+    from transformers import PreTrainedTokenizerFast
+
+    def write(model: Transformer, config: dict, dtype: torch.dtype) -> Path:
+        folder = tmp_path_factory.mktemp("checkpoint")
+        (folder / "config.json").write_text(json.dumps(config))
+        state = {k: v.to(dtype).contiguous() for k, v in model.state_dict().items()}
+        if model.args.tie_word_embeddings:
+            del state["lm_head.weight"]
+        names = sorted(state)
+        half = len(names) // 2
+        for i, part in enumerate((names[:half], names[half:]), start=1):
+            save_file({k: state[k] for k in part}, str(folder / f"model-0000{i}-of-00002.safetensors"))
+        words = Tokenizer(models.WordLevel({"<unk>": 0, "hello": 1}, unk_token="<unk>"))
+        PreTrainedTokenizerFast(tokenizer_object=words, unk_token="<unk>").save_pretrained(str(folder))
+        return folder
+
+    return write
 
 
 class EventLoopThread:

@@ -1,4 +1,6 @@
-"""engine.tp: TP=2 over gloo on CPU matches the unsharded model; shards and names; refusals of uneven splits."""
+"""engine.tp: TP=2 over gloo on CPU matches the unsharded model, whether the ranks slice a full model
+(apply_tp) or load only their shards of a checkpoint (engine.weights); shards and names; refusals of
+uneven splits."""
 
 from __future__ import annotations
 
@@ -12,8 +14,8 @@ import torch.multiprocessing as mp
 
 from engine.model import ModelArgs, Transformer
 from engine.shapes import SHAPES
-from engine.tp import RowParallelLinear, apply_tp
-from engine.weights import dummy_model
+from engine.tp import RowParallelLinear, apply_tp, shard_dim
+from engine.weights import dummy_model, load_checkpoint
 
 CPU = torch.device("cpu")
 WORLD = 2
@@ -50,13 +52,17 @@ def _passes(model: Transformer) -> tuple[list[torch.Tensor], list[int]]:
     return logits, greedy
 
 
-def _worker(rank: int, init_file: str, out_dir: str) -> None:
+def _worker(rank: int, init_file: str, out_dir: str, checkpoint: str | None) -> None:
+    """One rank: apply_tp of the tiny model, or with `checkpoint` a shard-only load of that folder."""
     torch.set_num_threads(1)  # two ranks on a small CPU machine
     dist.init_process_group(
         "gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD, timeout=timedelta(seconds=60)
     )
     try:
-        model = apply_tp(_tiny(), rank, WORLD)
+        if checkpoint is None:
+            model = apply_tp(_tiny(), rank, WORLD)
+        else:
+            model = load_checkpoint(Path(checkpoint), torch.float32, CPU, rank=rank, world=WORLD).eval()
         logits, greedy = _passes(model)
         kv_heads = model.new_cache(MAX_LEN).k.shape[2]
         torch.save({"logits": logits, "greedy": greedy, "kv_heads": kv_heads}, Path(out_dir) / f"rank{rank}.pt")
@@ -64,12 +70,23 @@ def _worker(rank: int, init_file: str, out_dir: str) -> None:
         dist.destroy_process_group()
 
 
+def _spawn(tmp: Path, checkpoint: Path | None) -> list[dict]:
+    folder = None if checkpoint is None else str(checkpoint)
+    mp.spawn(_worker, args=(str(tmp / "init"), str(tmp), folder), nprocs=WORLD, join=True)
+    return [torch.load(tmp / f"rank{r}.pt") for r in range(WORLD)]
+
+
 @pytest.fixture(scope="module")
 def tp_runs(tmp_path_factory) -> list[dict]:
     """One spawn of two gloo ranks serves all the TP=2 checks (process start-up dominates the cost)."""
-    tmp = tmp_path_factory.mktemp("tp")
-    mp.spawn(_worker, args=(str(tmp / "init"), str(tmp)), nprocs=WORLD, join=True)
-    return [torch.load(tmp / f"rank{r}.pt") for r in range(WORLD)]
+    return _spawn(tmp_path_factory.mktemp("tp"), None)
+
+
+@pytest.fixture(scope="module")
+def shard_loaded_runs(tmp_path_factory, write_checkpoint) -> list[dict]:
+    """The same passes on two ranks that each read only their shard of the tiny model saved as a checkpoint."""
+    folder = write_checkpoint(_tiny(), SHAPES["tiny"], torch.float32)
+    return _spawn(tmp_path_factory.mktemp("tp-loaded"), folder)
 
 
 @pytest.fixture(scope="module")
@@ -82,7 +99,7 @@ def test_tp2_logits_match_unsharded(tp_runs, unsharded):
     got = tp_runs[0]["logits"]
     assert [g.shape for g in got] == [w.shape for w in want]
     for i, (g, w) in enumerate(zip(got, want)):
-        torch.testing.assert_close(g, w, atol=1e-4, rtol=0, msg=lambda m: f"pass {i}: {m}")
+        torch.testing.assert_close(g, w, atol=1e-4, rtol=0, msg=lambda m, i=i: f"pass {i}: {m}")
 
 
 def test_tp2_ranks_return_identical_logits(tp_runs):
@@ -94,6 +111,18 @@ def test_tp2_greedy_equals_unsharded(tp_runs, unsharded):
     _, want = unsharded
     assert tp_runs[0]["greedy"] == want
     assert tp_runs[1]["greedy"] == want
+
+
+def test_tp2_shard_loaded_ranks_match_unsharded_and_apply_tp(shard_loaded_runs, tp_runs, unsharded):
+    """The same float32 weights, read shard-only: within TP's rounding of the unsharded model, and bitwise
+    the ranks that sliced the full model."""
+    want, want_greedy = unsharded
+    for run in shard_loaded_runs:
+        for i, (g, w) in enumerate(zip(run["logits"], want)):
+            torch.testing.assert_close(g, w, atol=1e-4, rtol=0, msg=lambda m, i=i: f"pass {i}: {m}")
+        assert all(torch.equal(g, t) for g, t in zip(run["logits"], tp_runs[0]["logits"]))
+        assert run["greedy"] == want_greedy
+        assert run["kv_heads"] == SHAPES["tiny"]["num_key_value_heads"] // WORLD
 
 
 def test_tp2_cache_holds_local_kv_heads(tp_runs):
@@ -115,6 +144,17 @@ def test_shards_keep_names_and_tile_the_full_weights():
             assert all(torch.equal(s[name], tensor) for s in shards), name
             continue
         assert torch.equal(torch.cat([s[name] for s in shards], dim=dim), tensor), name
+
+
+def test_shard_dim_follows_megatrons_split():
+    layer = "model.layers.7"
+    attn = [shard_dim(f"{layer}.self_attn.{p}.weight") for p in ("q_proj", "k_proj", "v_proj", "o_proj")]
+    assert attn == [0, 0, 0, 1]  # heads by output features; o_proj by input features
+    assert [shard_dim(f"{layer}.mlp.{p}.weight") for p in ("gate_proj", "up_proj", "down_proj")] == [0, 0, 1]
+    assert shard_dim(f"{layer}.self_attn.q_proj.bias") == 0  # with its output features
+    assert shard_dim(f"{layer}.self_attn.o_proj.bias") is None  # added once, after the all-reduce
+    replicated = ("model.embed_tokens.weight", "model.norm.weight", "lm_head.weight", f"{layer}.input_layernorm.weight")
+    assert [shard_dim(name) for name in replicated] == [None] * len(replicated)
 
 
 def test_apply_tp_updates_modules_and_args():

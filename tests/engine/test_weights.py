@@ -1,0 +1,176 @@
+"""engine.weights: a tensor-parallel rank's shard-only load of a checkpoint is apply_tp's shard of the full
+model, reads sharded tensors as slices only, refuses what apply_tp refuses, and keeps the whole model's
+fingerprint and args. (TP=2 forward passes of shard-loaded ranks: tests/engine/test_tp.py.)"""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import safetensors
+import torch
+
+from engine.config import ModelSpec
+from engine.model import ModelArgs, Transformer
+from engine.shapes import SHAPES
+from engine.tp import apply_tp, local_args, shard_dim
+from engine.weights import ModelLoadError, dummy_model, load_checkpoint, load_model
+
+CPU = torch.device("cpu")
+F32 = torch.float32
+WORLD = 2
+CASES = {
+    "qwen2": SHAPES["tiny"],  # q, k, v biases (column-parallel, split with their outputs)
+    "qwen2-tied": {**SHAPES["tiny"], "tie_word_embeddings": True},
+    "llama": {**SHAPES["tiny-llama"], "num_key_value_heads": 2},  # tiny-llama's single kv head cannot split
+}
+
+
+def _random_model(config: dict) -> Transformer:
+    """dummy_model's weights with random norms too, so replicated tensors differ from one another."""
+    model = dummy_model(ModelArgs.from_hf(config), seed=3, noise=0.0, dtype=F32, device=CPU)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight"):
+                p.normal_(1.0, 0.1, generator=torch.Generator().manual_seed(len(name)))
+    return model
+
+
+@pytest.fixture(scope="module", params=list(CASES))
+def checkpoint(request, write_checkpoint):
+    """A bfloat16 checkpoint (loaded as float32 below, so the dtype conversion is exercised too)."""
+    config = CASES[request.param]
+    return write_checkpoint(_random_model(config), config, torch.bfloat16)
+
+
+def _tied(folder) -> bool:
+    return bool(json.loads((folder / "config.json").read_text()).get("tie_word_embeddings"))
+
+
+class _SpyOpen:
+    """safetensors.safe_open recording every read as (name, "whole" or "slice", shape of what was read)."""
+
+    real = safetensors.safe_open
+
+    def __init__(self, reads: list[tuple[str, str, tuple[int, ...]]], *args, **kwargs):
+        self._file, self._reads = self.real(*args, **kwargs), reads
+
+    def __enter__(self):
+        self._file.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        return self._file.__exit__(*exc)
+
+    def keys(self):
+        return self._file.keys()
+
+    def get_tensor(self, name: str) -> torch.Tensor:
+        tensor = self._file.get_tensor(name)
+        self._reads.append((name, "whole", tuple(tensor.shape)))
+        return tensor
+
+    def get_slice(self, name: str) -> _SpySlice:
+        return _SpySlice(name, self._file.get_slice(name), self._reads)
+
+
+class _SpySlice:
+    def __init__(self, name: str, inner, reads: list):
+        self._name, self._inner, self._reads = name, inner, reads
+
+    def get_shape(self) -> list[int]:  # header only
+        return self._inner.get_shape()
+
+    def __getitem__(self, index) -> torch.Tensor:
+        tensor = self._inner[index]
+        self._reads.append((self._name, "slice", tuple(tensor.shape)))
+        return tensor
+
+
+@pytest.mark.parametrize("rank", range(WORLD))
+def test_shard_load_equals_apply_tp_of_full_load(checkpoint, rank):
+    want = apply_tp(load_checkpoint(checkpoint, F32, CPU), rank, WORLD)
+    got = load_checkpoint(checkpoint, F32, CPU, rank=rank, world=WORLD)
+    assert got.args == want.args
+    assert [(n, type(m)) for n, m in got.named_modules()] == [(n, type(m)) for n, m in want.named_modules()]
+    assert [(layer.self_attn.n_heads, layer.self_attn.n_kv) for layer in got.model.layers] == [
+        (layer.self_attn.n_heads, layer.self_attn.n_kv) for layer in want.model.layers
+    ]
+    got_state, want_state = got.state_dict(), want.state_dict()
+    assert list(got_state) == list(want_state)
+    for name, tensor in want_state.items():
+        assert got_state[name].dtype == tensor.dtype == F32, name
+        assert torch.equal(got_state[name], tensor), name
+    tied = got.args.tie_word_embeddings
+    assert (got.lm_head.weight is got.model.embed_tokens.weight) == tied
+    assert torch.equal(got.inv_freq, want.inv_freq)
+
+
+def test_sharded_tensors_are_read_as_the_ranks_slice_only(checkpoint, monkeypatch):
+    reads: list[tuple[str, str, tuple[int, ...]]] = []
+    monkeypatch.setattr(safetensors, "safe_open", lambda *a, **k: _SpyOpen(reads, *a, **k))
+    local = load_checkpoint(checkpoint, F32, CPU, rank=1, world=WORLD).state_dict()
+    names = [name for name, _, _ in reads]
+    assert len(names) == len(set(names)), "a tensor was read twice"
+    assert set(names) == set(local) - ({"lm_head.weight"} if _tied(checkpoint) else set())
+    for name, how, shape in reads:
+        assert how == ("whole" if shard_dim(name) is None else "slice"), name
+        assert shape == tuple(local[name].shape), f"{name}: read {shape}, the rank holds {tuple(local[name].shape)}"
+    assert any(how == "slice" for _, how, _ in reads)
+
+
+def test_uneven_world_refused_like_apply_tp_before_any_file_is_opened(checkpoint, monkeypatch):
+    with pytest.raises(ValueError) as by_apply_tp:
+        apply_tp(load_checkpoint(checkpoint, F32, CPU), 0, 3)
+
+    def no_open(*args, **kwargs):
+        raise AssertionError("a weights file was opened")
+
+    monkeypatch.setattr(safetensors, "safe_open", no_open)
+    with pytest.raises(ValueError) as by_loader:
+        load_checkpoint(checkpoint, F32, CPU, rank=0, world=3)
+    with pytest.raises(ValueError) as by_load_model:
+        load_model(ModelSpec(model=str(checkpoint)), max_seq_len=64, rank=0, world=3)
+    assert "not divisible by 3" in str(by_apply_tp.value)
+    assert str(by_loader.value) == str(by_load_model.value) == str(by_apply_tp.value)
+
+
+def test_load_model_shards_keep_the_whole_models_args_and_fingerprint(checkpoint):
+    spec = ModelSpec(model=str(checkpoint))
+    whole = load_model(spec, max_seq_len=64)
+    assert whole.args == whole.model.args
+    for rank in range(WORLD):
+        shard = load_model(spec, max_seq_len=64, rank=rank, world=WORLD)
+        assert shard.fingerprint == whole.fingerprint
+        assert shard.args == whole.args
+        assert shard.model.args == local_args(whole.args, WORLD)
+        assert not any(p.requires_grad for p in shard.model.parameters())
+
+
+def test_dummy_shard_is_apply_tp_of_the_whole_dummy():
+    """Dummy weights are drawn whole on every rank (so the ranks agree) and then sliced."""
+    spec = ModelSpec(model="dummy:tiny", seed=5)
+    whole = load_model(spec, max_seq_len=64)
+    shard = load_model(spec, max_seq_len=64, rank=1, world=WORLD)
+    want = apply_tp(whole.model, 1, WORLD).state_dict()
+    got = shard.model.state_dict()
+    assert list(got) == list(want) and all(torch.equal(got[n], want[n]) for n in want)
+    assert (shard.fingerprint, shard.args) == (whole.fingerprint, whole.args)
+
+
+def test_shape_disagreeing_with_config_refused(checkpoint, tmp_path):
+    folder = tmp_path / "edited"
+    shutil.copytree(checkpoint, folder)
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "intermediate_size": config["intermediate_size"] // 2}))
+    with pytest.raises(ModelLoadError, match=r"mlp\.\w+_proj\.weight has shape \[.*\], config.json implies"):
+        load_checkpoint(folder, F32, CPU, rank=0, world=WORLD)
+
+
+def test_missing_tensor_refused(checkpoint, tmp_path):
+    folder = tmp_path / "half"
+    shutil.copytree(checkpoint, folder)
+    next(iter(sorted(folder.glob("*.safetensors")))).unlink()
+    with pytest.raises(ModelLoadError, match="checkpoint lacks"):
+        load_checkpoint(folder, F32, CPU, rank=1, world=WORLD)

@@ -231,6 +231,7 @@ class RequestState:
     def __init__(self, request_id: str, request: Request, seed: int, tokenizer: Tokenizer):
         self.request_id, self.request = request_id, request
         self.sampling = Sampling.of(request.params, seed)
+        self.stop_ids = sorted(stop_ids(request, tokenizer))  # sent with each plan; fixed for the request
         self.ids = list(request.prompt_ids)
         self.output = Output(tokenizer, request.params)
         self.target_len = 0
@@ -495,18 +496,27 @@ class Scheduler:
         feed = reused.out.tokens[-1:] if reused is not None else []
         return DraftInput(state.request_id, state.draft_len, feed, k_next, True, state.step + 1, state.sampling)
 
-    def _plan(self, state: RequestState, **parts) -> StepPlan:
-        request = state.request
+    def _plan(
+        self,
+        state: RequestState,
+        *,
+        draft: DraftInput | None = None,
+        target: TargetInput | None = None,
+        verify: VerifyInput | None = None,
+        judge: bool = False,
+        speculate: DraftInput | None = None,
+        release: bool = False,
+    ) -> StepPlan:
         return StepPlan(
             request_id=state.request_id,
-            draft=parts.get("draft"),
-            target=parts.get("target"),
-            verify=parts.get("verify"),
-            judge=parts.get("judge", False),
-            threshold=request.threshold,
-            speculate=parts.get("speculate"),
-            stop_ids=sorted(stop_ids(request, self.tokenizer)),
-            release=False,
+            draft=draft,
+            target=target,
+            verify=verify,
+            judge=judge,
+            threshold=state.request.threshold,
+            speculate=speculate,
+            stop_ids=state.stop_ids,
+            release=release,
         )
 
     async def _execute(self, state: RequestState, plan: StepPlan, q: torch.Tensor | None) -> tuple[StepResult, float]:
@@ -567,8 +577,7 @@ class Scheduler:
         """Frees the request's caches in every actor: a step of its own, after the request's last one (also
         one still running in the actors after a cancellation), so every rank sees the same order."""
         state.speculation = None
-        plan = StepPlan(state.request_id, None, None, None, False, 0.0, None, [], release=True)
-        released = asyncio.ensure_future(self.graph.run(plan, None))
+        released = asyncio.ensure_future(self.graph.run(self._plan(state, release=True), None))
         released.add_done_callback(_log_failure)
 
 

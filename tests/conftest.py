@@ -89,6 +89,17 @@ class EventLoopThread:
     def run(self, coro, timeout: float = 60.0):
         return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
 
+    def start_server(self, backend, **kwargs):
+        """cluster.server.build_server(backend, **kwargs) started on this loop -> (server, port)."""
+        from cluster.server import build_server
+
+        async def start():
+            server, port = await build_server(backend, **kwargs)
+            await server.start()
+            return server, port
+
+        return self.run(start())
+
     def close(self) -> None:
         self.loop.call_soon_threadsafe(self.loop.stop)
         self.thread.join(5)

@@ -19,7 +19,6 @@ import ray
 from cluster.backend import describe
 from cluster.client import Final, JudgeserveClient
 from cluster.ray_backend import RayBackend
-from cluster.server import build_server
 from engine.config import Config, Mode
 from engine.decode import Completion, Engine, RequestError, StepEvent
 from engine.output import FinishReason
@@ -169,12 +168,7 @@ def test_pipelined_and_unpipelined_give_the_same_output(backends, loop, expected
 def test_grpc_server_over_ray_backend_streams_the_engines_output(backends, loop, expected, tp):
     backend = backends.get(tp, pipeline=True)
 
-    async def start():
-        server, port = await build_server(backend, host="127.0.0.1", port=0)
-        await server.start()
-        return server, port
-
-    server, port = loop.run(start())
+    server, port = loop.start_server(backend, host="127.0.0.1", port=0)
     try:
         with JudgeserveClient(f"127.0.0.1:{port}") as client:
             assert client.health() == "SERVING"

@@ -11,9 +11,7 @@ and a plain request still completes.
 
 from __future__ import annotations
 
-import asyncio
 import re
-import threading
 from pathlib import Path
 
 import grpc
@@ -24,11 +22,12 @@ from hypothesis import strategies as st
 
 from cluster.backend import LocalBackend
 from cluster.client import JudgeserveClient
-from cluster.server import EdgeLimits, build_server, engine_request_for, parse_generate
+from cluster.server import EdgeLimits, engine_request_for, parse_generate
 from engine.config import load_config
 from engine.decode import Engine
 from engine.judge import JudgeHead
 from protos import judgeserve_pb2 as pb
+from tests.conftest import EventLoopThread
 
 TINY_YAML = Path(__file__).resolve().parents[2] / "config" / "tiny.yaml"
 GENERATE = "/judgeserve.v1.Judgeserve/Generate"
@@ -44,19 +43,12 @@ def server():
     w = torch.randn(engine.target.args.hidden_size, generator=torch.Generator().manual_seed(7))
     engine.judge = JudgeHead(w, 20.0, 0.5, engine.target.name, engine.target.fingerprint)
     backend = LocalBackend(engine)
-    loop = asyncio.new_event_loop()
-    threading.Thread(target=loop.run_forever, daemon=True).start()
-
-    async def start():
-        srv, port = await build_server(backend, host="127.0.0.1", port=0)
-        await srv.start()
-        return srv, port
-
-    srv, port = asyncio.run_coroutine_threadsafe(start(), loop).result(30)
+    loop = EventLoopThread()
+    srv, port = loop.start_server(backend, host="127.0.0.1", port=0)
     with JudgeserveClient(f"127.0.0.1:{port}") as client, grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
         yield backend, client, channel
-    asyncio.run_coroutine_threadsafe(srv.stop(0), loop).result(30)
-    loop.call_soon_threadsafe(loop.stop)
+    loop.run(srv.stop(0))
+    loop.close()
     backend.close()
 
 

@@ -22,7 +22,6 @@ import ray
 
 from cluster.client import JudgeserveClient
 from cluster.ray_backend import RayBackend
-from cluster.server import build_server
 from engine.config import Config, Mode
 from engine.decode import Engine
 from engine.sampling import SamplingParams
@@ -76,12 +75,7 @@ def served(config):
     loop = EventLoopThread()
     backend = RayBackend(config)
 
-    async def start():
-        server, port = await build_server(backend, host="127.0.0.1", port=0)
-        await server.start()
-        return server, port
-
-    server, port = loop.run(start())
+    server, port = loop.start_server(backend, host="127.0.0.1", port=0)
     try:
         assert loop.run(backend.ready(), timeout=120)
         yield Served(backend, f"127.0.0.1:{port}", loop, "graph" if config.serve.compiled_graph else "calls")

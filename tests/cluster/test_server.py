@@ -27,13 +27,14 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from cluster.backend import BackendNotReady, LocalBackend
 from cluster.client import Final, JudgeserveClient
-from cluster.server import EdgeLimits, TLSFiles, build_server
+from cluster.server import EdgeLimits, TLSFiles
 from engine.config import Mode, load_config
 from engine.decode import Completion, Engine
 from engine.judge import JudgeHead
 from engine.sampling import SamplingParams
 from protos import judgeserve_pb2 as pb
 from protos import judgeserve_pb2_grpc as pb_grpc
+from tests.conftest import EventLoopThread
 
 TINY_YAML = Path(__file__).resolve().parents[2] / "config" / "tiny.yaml"
 TOKEN = "test-token-0123456789"
@@ -101,25 +102,9 @@ def _input(mode: Mode) -> dict:
     return {"prompt": PROMPT}
 
 
-class _Loop:
-    """An asyncio loop on a daemon thread, for the grpc.aio servers."""
-
-    def __init__(self):
-        self.loop = asyncio.new_event_loop()
-        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
-        self.thread.start()
-
-    def run(self, coro, timeout: float = 30.0):
-        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
-
-    def close(self) -> None:
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self.thread.join(5)
-
-
 @dataclass
 class Servers:
-    loop: _Loop
+    loop: EventLoopThread
     backend: LocalBackend
     target: str  # no token
     secured: str  # requires TOKEN
@@ -127,17 +112,11 @@ class Servers:
 
 @pytest.fixture(scope="module")
 def servers(engine, expected):
-    loop, backend = _Loop(), LocalBackend(engine)
-    started = []
-
-    async def start(**kwargs) -> str:
-        server, port = await build_server(backend, **kwargs)
-        await server.start()
-        started.append(server)
-        return f"127.0.0.1:{port}"
-
-    yield Servers(loop, backend, loop.run(start()), loop.run(start(token=TOKEN)))
-    for server in started:
+    loop, backend = EventLoopThread(), LocalBackend(engine)
+    started = [loop.start_server(backend), loop.start_server(backend, token=TOKEN)]
+    (_, plain), (_, secured) = started
+    yield Servers(loop, backend, f"127.0.0.1:{plain}", f"127.0.0.1:{secured}")
+    for server, _ in started:
         loop.run(server.stop(0))
     backend.close()
     loop.close()
@@ -424,12 +403,7 @@ def test_an_engine_failure_ends_the_stream_with_finish_reason_error(servers, eng
 
     backend = LocalBackend(FailsOnSecondStep())
 
-    async def start():
-        server, port = await build_server(backend)
-        await server.start()
-        return server, port
-
-    server, port = servers.loop.run(start())
+    server, port = servers.loop.start_server(backend)
     try:
         with JudgeserveClient(f"127.0.0.1:{port}") as c:
             *deltas, final = list(c.stream(PROMPT, max_tokens=8, mode="standard"))
@@ -466,12 +440,7 @@ def test_health_is_not_serving_until_the_backend_is_ready(servers, engine):
 
     backend = SlowBackend(engine)
 
-    async def start():
-        server, port = await build_server(backend)
-        await server.start()
-        return server, port
-
-    server, port = servers.loop.run(start())
+    server, port = servers.loop.start_server(backend)
     try:
         with JudgeserveClient(f"127.0.0.1:{port}") as c:
             assert c.health() == "NOT_SERVING"
@@ -521,12 +490,7 @@ def test_tls_server_with_a_self_signed_certificate(servers, engine, tmp_path):
     cert, key = _self_signed(tmp_path)
     backend = LocalBackend(engine)
 
-    async def start():
-        server, port = await build_server(backend, tls=TLSFiles(cert, key), token=TOKEN)
-        await server.start()
-        return server, port
-
-    server, port = servers.loop.run(start())
+    server, port = servers.loop.start_server(backend, tls=TLSFiles(cert, key), token=TOKEN)
     try:
         with JudgeserveClient(f"127.0.0.1:{port}", token=TOKEN, tls_ca=cert) as c:
             assert c.health(timeout=10) == "SERVING"

@@ -300,13 +300,16 @@ class RayBackend:
         """Request ids holding state in each actor (all empty when nothing runs), tokens emitted by each
         request whose stream was closed early (when it was stopped), and pipelining counts."""
         scheduler = await self._scheduler.stats.remote()
+        target = list(await asyncio.gather(*(s.active.remote() for s in self._shards)))
         return {
             "scheduler": scheduler["active"],
             "cancelled": scheduler["cancelled"],
             "stopped_at_step": scheduler["stopped_at_step"],
+            # read after the shards' active lists: a release that empties rank 0's list has recorded the
+            # request's passes by then (both happen in one call), so an idle snapshot always has them
             "target_passes": await self._shards[0].released.remote(),
             "draft": await self._draft.active.remote(),
-            "target": list(await asyncio.gather(*(s.active.remote() for s in self._shards))),
+            "target": target,
             "judge": await self._judge.active.remote() if self._judge is not None else [],
             "pipelined_blocks": scheduler["pipelined_blocks"],
             "pipelined_blocks_used": scheduler["pipelined_blocks_used"],

@@ -1,7 +1,8 @@
 """The serving path's overhead: tokens/s through gRPC and the Ray actors against the in-process engine.
 
-One run, the same prompts (HumanEval and GSM8K-train chain-of-thought questions, greedy), each prompt run
-on every path (in-process first, then each served path with its own actor set):
+One run, the same prompts (HumanEval and GSM8K-train chain-of-thought questions, greedy); for each served
+path (its own actor set, one at a time) every prompt runs in-process and then served, so that both sides of
+each ratio share the machine's drift:
   - in_process    engine.decode.Engine, runtime.threads torch threads (the baseline)
   - served        a gRPC client -> cluster.server -> RayBackend -> scheduler -> the step graph as a Ray
                   Compiled Graph (serve.compiled_graph, the default) -> draft worker, target shard
@@ -127,6 +128,7 @@ def main() -> None:
         "--set", action="append", default=[], metavar="KEY=VALUE",
         help="config override, e.g. runtime.device=cuda or target.model=dummy:llama-3.1-8b (YAML values)",
     )
+    ap.add_argument("--paths", default=",".join(PATHS), help=f"served paths to measure (of {', '.join(PATHS)})")
     ap.add_argument("--out", type=Path, default=Path("bench/results/serve_cpu.json"))
     args = ap.parse_args()
 
@@ -141,36 +143,33 @@ def main() -> None:
     engine = Engine.from_config(config)
     items = synthetic_prompts(args.synthetic) if args.synthetic else prompts(args.humaneval, args.gsm8k, args.gsm8k_path)
     work = [engine.tokenizer.chat([{"role": "user", "content": text}]) for _, text in items]
-    tallies = {(m, v): Tally() for m in modes for v in ("in_process", *PATHS)}
-    for mode in modes:
-        for ids in tqdm(work, desc=f"in_process {mode.value}"):
-            req = engine.make_request(prompt_ids=ids, mode=mode, params=SamplingParams(max_tokens=args.max_tokens))
-            c = engine.generate(req)
-            tallies[mode, "in_process"].add(c.token_ids, c.steps, final_message(c).timings)
-
     loop = _Loop()
     os.environ.setdefault("RAY_worker_niceness", "0")  # as cluster.ray_backend's local Ray: actors at nice 0
     ray.init(num_cpus=2 * args.threads, include_dashboard=False, _node_ip_address="127.0.0.1", logging_level="warning")
-    # One actor set at a time (a 2-GPU machine holds one): the compiled step graph, then plain calls.
-    for name, compiled in PATHS.items():
-        backend, server, address = served(config, loop, compiled)
+    # One actor set at a time (a 2-GPU machine holds one). Each prompt runs in-process, then served, so that
+    # both sides of a ratio see the same drift of a shared machine (on 2 cores runs differ by ~10%).
+    paths = args.paths.split(",")
+    tallies = {(m, p, side): Tally() for m in modes for p in paths for side in ("in_process", "served")}
+    for name in paths:
+        backend, server, address = served(config, loop, PATHS[name])
         with JudgeserveClient(address) as client:
             for mode in modes:
-                for ids in tqdm(work, desc=f"{name} {mode.value}"):
-                    run_served(client, ids, mode, args.max_tokens, tallies[mode, name])
+                for ids in tqdm(work, desc=f"in_process / {name} {mode.value}"):
+                    req = engine.make_request(prompt_ids=ids, mode=mode, params=SamplingParams(max_tokens=args.max_tokens))
+                    c = engine.generate(req)
+                    tallies[mode, name, "in_process"].add(c.token_ids, c.steps, final_message(c).timings)
+                    run_served(client, ids, mode, args.max_tokens, tallies[mode, name, "served"])
         loop.run(server.stop(0))
         backend.close()
     ray.shutdown()
 
     rows = []
-    for (mode, v), tally in tallies.items():
-        if not tally.outputs:
-            continue
-        ref = tallies[mode, "in_process"]
+    for (mode, name, side), tally in tallies.items():
+        ref = tallies[mode, name, "in_process"]
         rows.append(
             {
                 "mode": mode.value,
-                "path": v,
+                "path": name if side == "served" else f"in_process (beside {name})",
                 "tokens": tally.tokens,
                 "tokens_per_s": round(tally.tokens_per_s, 3),
                 "ratio_to_in_process": round(tally.tokens_per_s / ref.tokens_per_s, 3),
@@ -180,11 +179,11 @@ def main() -> None:
                 "steps": tally.steps,
             }
         )
-    print(f"\n{'mode':9} {'path':13} {'tok/s':>7} {'ratio':>6} {'same':>5}  per step (ms): draft verify judge | transport scheduling | overlapped draft")
+    print(f"\n{'mode':9} {'path':28} {'tok/s':>7} {'ratio':>6} {'same':>5}  per step (ms): draft verify judge | transport scheduling | overlapped draft")
     for r in rows:
         s = r["per_step_ms"]
         print(
-            f"{r['mode']:9} {r['path']:13} {r['tokens_per_s']:7.2f} {r['ratio_to_in_process']:6.3f} "
+            f"{r['mode']:9} {r['path']:28} {r['tokens_per_s']:7.2f} {r['ratio_to_in_process']:6.3f} "
             f"{r['identical_outputs']:>2}/{r['prompts']:<2}  {s['draft_ms']:6.1f} {s['verify_ms']:6.1f} {s['judge_ms']:5.1f} | "
             f"{s['transport_ms']:6.2f} {s['scheduling_ms']:6.2f} | {s['overlapped_draft_ms']:6.1f}"
         )

@@ -50,10 +50,6 @@ from engine.tokenizer import ChatMessage, Tokenizer
 
 log = logging.getLogger("judgeserve.ray_backend")
 
-# The model actors' environment. OpenMP's threads spin after each CPU pass by default, and the draft
-# worker's and target shards' passes alternate: each one's spinning threads took the cores the other
-# needed (measured on the tiny pair, 2 cores: served/in-process 0.55 -> 0.86 with passive waiting).
-ACTOR_ENV = {"env_vars": {"OMP_WAIT_POLICY": "PASSIVE"}}
 
 
 # How often a start that waits for the cluster to grow logs what it still waits for.
@@ -387,11 +383,12 @@ class RayBackend:
         config = self.config
         self._groups = [placement_group(list(bundles), strategy="STRICT_PACK") for bundles in self._placement.groups]
         world = config.serve.tensor_parallel
+        actor_env = {"env_vars": dict(config.serve.actor_env)}
         self._shards = [
-            TargetShard.options(**self._at(slot), runtime_env=ACTOR_ENV).remote(config, rank, world)
+            TargetShard.options(**self._at(slot), runtime_env=actor_env).remote(config, rank, world)
             for rank, slot in enumerate(self._placement.shards)
         ]
-        self._draft = DraftWorker.options(**self._at(self._placement.draft), runtime_env=ACTOR_ENV).remote(config)
+        self._draft = DraftWorker.options(**self._at(self._placement.draft), runtime_env=actor_env).remote(config)
         self._judge = self._scheduler = None
 
     def _kill_actors(self) -> None:

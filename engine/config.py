@@ -180,6 +180,14 @@ class ServeConfig(_Section):
             "GPU nodes take minutes) before giving up with what was missing"
         ),
     )
+    actor_env: dict[str, str] = Field(
+        default_factory=lambda: {"OMP_WAIT_POLICY": "PASSIVE"},
+        description=(
+            "environment variables of the draft worker's and target shards' processes (NCCL_*, CUDA_*, OpenMP); "
+            "the default makes OpenMP's idle threads sleep: on CPU the draft's and the target's passes alternate "
+            "on the same cores (docs/performance.md)"
+        ),
+    )
     max_record_bytes: int = Field(
         16 * 1024 * 1024,
         ge=1024,

@@ -26,6 +26,7 @@ class RequestCaches:
     def __init__(self, model: Transformer, max_len: int, limit: int):
         self.model, self.max_len, self.limit = model, max_len, limit
         self._caches: dict[str, KVCache] = {}
+        self._free: list[KVCache] = []  # released caches, for the next requests
         self._passes: dict[str, int] = {}  # passes run for each active request
         # request id -> passes it ran, for the last RECENT_RELEASED released: shows how much work a
         # cancelled request still cost after its stop (docs/reliability.md)
@@ -40,7 +41,9 @@ class RequestCaches:
                     f"{len(self._caches)} request caches are held already (serve.max_active_requests is "
                     f"{self.limit}): {sorted(self._caches)}"
                 )
-            cache = self._caches[request_id] = self.model.new_cache(self.max_len)
+            # a released cache is reused: a CUDA graph captured over it stays valid (engine.cuda_graphs)
+            cache = self._caches[request_id] = self._free.pop() if self._free else self.model.new_cache(self.max_len)
+            cache.truncate(0)
         if keep > cache.length:
             raise CacheError(f"request {request_id}: asked to keep {keep} positions, the cache holds {cache.length}")
         cache.truncate(keep)
@@ -52,7 +55,10 @@ class RequestCaches:
             self.released[request_id] = self._passes.pop(request_id)
             if len(self.released) > RECENT_RELEASED:
                 del self.released[next(iter(self.released))]
-        return self._caches.pop(request_id, None) is not None
+        cache = self._caches.pop(request_id, None)
+        if cache is not None:
+            self._free.append(cache)
+        return cache is not None
 
     def active(self) -> list[str]:
         return sorted(self._caches)

@@ -68,7 +68,12 @@ class DraftWorker:
     def __init__(self, config: Config):
         set_threads(config)
         self.config = config
-        self.loaded = load_model(config.draft, device=actor_device(config), max_seq_len=config.decoding.max_seq_len)
+        self.loaded = load_model(
+            config.draft,
+            device=actor_device(config),
+            max_seq_len=config.decoding.max_seq_len,
+            cuda_graphs=config.runtime.graphed,
+        )
         self.caches = RequestCaches(self.loaded.model, config.decoding.max_seq_len, cache_limit(config))
         self.max_bytes = config.serve.max_record_bytes
 

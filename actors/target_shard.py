@@ -98,7 +98,12 @@ class TargetShard:
         # Refuses an uneven split here, before any weight is read or any collective could hang on it. The
         # group is formed later (join); the shard's collectives use the default group.
         loaded = load_model(
-            config.target, device=self.device, max_seq_len=config.decoding.max_seq_len, rank=rank, world=world
+            config.target,
+            device=self.device,
+            max_seq_len=config.decoding.max_seq_len,
+            rank=rank,
+            world=world,
+            cuda_graphs=config.runtime.graphed,
         )
         # loaded.args is the whole model's (ModelInfo describes the whole model), and the fingerprint is the
         # unsharded model's, which the judge checks.

@@ -1,10 +1,12 @@
-"""GPU baseline at real shapes with dummy (random) weights: the roofline, our autoregressive decode, HF
-`generate` on the same shape, and verification-pass latency against one-token decode, in one device run.
+"""GPU benchmark at real shapes with dummy (random) weights, in one device run: the roofline from the card's
+copy bandwidth, our autoregressive decode with CUDA graphs and eagerly, HF `generate` on the same shape,
+verification-pass latency against one-token decode, and speculative decoding with replayed acceptance.
 
-    source .device/bootstrap.sh && python3 -m bench.gpu --out $OUT/gpu.json
+    source .device/bootstrap.sh && python3 -m bench.gpu --out $OUT/gpu.json [--trace FILE] [--synthetic 19.7:32]
 
-Random weights do the same work as real ones at the same shape; no acceptance is measured here (the
-speculative figures need acceptance traces, a later benchmark).
+Random weights do the same work as real ones at the same shape but accept almost nothing, so the
+speculative rows replay acceptance traces (engine.trace): recorded on the real pair on a CPU, or synthetic
+at a given mean. Those rows are labelled replayed, next to DESIGN.md's prediction from this run's latencies.
 """
 
 from __future__ import annotations
@@ -20,8 +22,10 @@ import torch
 
 from engine.config import Mode, parse_config
 from engine.decode import Engine
+from engine.model import Transformer
 from engine.sampling import SamplingParams
 from engine.shapes import SHAPES
+from engine.trace import AcceptanceTrace, TraceReplayer
 
 VERIFY_ROWS = (1, 2, 3, 5, 9, 17, 33, 65)
 
@@ -40,22 +44,23 @@ def copy_bandwidth(gib: float = 2.0) -> float:
     return 2 * x.numel() * n / (time.perf_counter() - t)
 
 
-def engine_for(target: str, draft: str, max_seq_len: int) -> Engine:
+def engine_for(target: str, draft: str, max_seq_len: int, cuda_graphs: bool) -> Engine:
     cfg = parse_config(
         {
             "name": "gpu-bench",
             "target": {"model": f"dummy:{target}", "dtype": "bfloat16"},
             "draft": {"model": f"dummy:{draft}", "dtype": "bfloat16"},
             "decoding": {"mode": "ar", "max_seq_len": max_seq_len},
-            "runtime": {"device": "cuda"},
+            "runtime": {"device": "cuda", "cuda_graphs": cuda_graphs},
         },
         base=Path("."),
     )
     return Engine.from_config(cfg)
 
 
-def timed_generate(engine: Engine, prompt: list[int], n: int) -> float:
-    req = engine.make_request(prompt_ids=prompt, mode=Mode.AR, params=SamplingParams(max_tokens=n, ignore_eos=True))
+def timed_generate(engine: Engine, prompt: list[int], n: int, mode: Mode = Mode.AR, k: int | None = None) -> float:
+    params = SamplingParams(max_tokens=n, ignore_eos=True)
+    req = engine.make_request(prompt_ids=prompt, mode=mode, params=params, draft_tokens=k)
     torch.cuda.synchronize()
     t = time.perf_counter()
     engine.generate(req)
@@ -64,11 +69,11 @@ def timed_generate(engine: Engine, prompt: list[int], n: int) -> float:
 
 
 @torch.inference_mode()
-def pass_latency_ms(engine: Engine, prompt_len: int) -> dict[int, float]:
-    model, cache = engine.target.model, engine.target.model.new_cache(prompt_len + 128)
+def pass_latency_ms(model: Transformer, prompt_len: int, rows_list: tuple[int, ...] = VERIFY_ROWS) -> dict[int, float]:
+    cache = model.new_cache(prompt_len + 128)
     model(torch.randint(0, 1000, (1, prompt_len), device="cuda"), cache, last_only=True)
     out = {}
-    for rows in VERIFY_ROWS:
+    for rows in rows_list:
         times = []
         for _ in range(12):
             cache.length = prompt_len
@@ -102,6 +107,36 @@ def hf_tokens_per_s(shape: str, prompt: list[int], n: int) -> float:
     return n / dt
 
 
+def replayed_run(engine: Engine, prompt: list[int], args: argparse.Namespace, trace: AcceptanceTrace, ar: float) -> dict:
+    """Standard speculative decoding whose acceptance replays `trace`, with DESIGN.md's prediction from this
+    run's own pass latencies: t_step = K t_draft + t_verify(K+1), tokens/s = E[n+1] / t_step."""
+    k = trace.draft_tokens
+    replayer = engine.acceptance_hook = TraceReplayer(trace)
+    try:
+        timed_generate(engine, prompt, 64, Mode.STANDARD, k)  # warm-up: captures the draft's and K+1 graphs
+        replayer.position = 0
+        seconds = timed_generate(engine, prompt, args.new_tokens, Mode.STANDARD, k)
+        steps = replayer.position
+    finally:
+        engine.acceptance_hook = None
+    t_draft = pass_latency_ms(engine.draft.model, args.prompt_len, (1,))[1] / 1e3
+    t_verify = pass_latency_ms(engine.target.model, args.prompt_len, (k + 1,))[k + 1] / 1e3
+    per_step = (args.new_tokens - 1) / steps  # as replayed (the prefill gives the first token)
+    predicted = per_step / (k * t_draft + t_verify)
+    tokens_per_s = args.new_tokens / seconds
+    return {
+        "trace": replayer.label,
+        "k": k,
+        "tokens_per_step": round(per_step, 2),
+        "speculative_steps": steps,
+        "tokens_per_s": round(tokens_per_s, 2),
+        "speedup": round(tokens_per_s / ar, 3),
+        "predicted_tokens_per_s": round(predicted, 1),
+        "draft_pass_ms": round(t_draft * 1e3, 3),
+        "verify_pass_ms": round(t_verify * 1e3, 3),
+    }
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--target", default="llama-3.1-8b")
@@ -109,20 +144,31 @@ def main() -> None:
     ap.add_argument("--prompt-len", type=int, default=128)
     ap.add_argument("--new-tokens", type=int, default=256)
     ap.add_argument("--out", type=Path, default=Path("gpu.json"))
+    ap.add_argument("--trace", type=Path, action="append", default=[], help="an acceptance trace to replay (engine.trace)")
+    ap.add_argument(
+        "--synthetic", action="append", default=[], metavar="MEAN:K",
+        help="a synthetic trace of MEAN tokens per step at draft length K (default: 19.7:32, the paper's 8B/70B)",
+    )
     args = ap.parse_args()
+    traces = [AcceptanceTrace.load(p) for p in args.trace]
+    traces += [AcceptanceTrace.synthetic(float(m), int(k)) for m, k in (x.split(":") for x in args.synthetic or ["19.7:32"])]
 
     card = torch.cuda.get_device_name()
     bw = copy_bandwidth()
-    engine = engine_for(args.target, args.draft, args.prompt_len + args.new_tokens + 128)
-    weight_bytes = sum(p.numel() * p.element_size() for p in engine.target.model.parameters())
     prompt = torch.randint(0, 1000, (args.prompt_len,), generator=torch.Generator().manual_seed(0)).tolist()
-    timed_generate(engine, prompt, 16)  # warm-up
-    full, first = timed_generate(engine, prompt, args.new_tokens), timed_generate(engine, prompt, 1)
-    ar = args.new_tokens / full
-    ar_decode = (args.new_tokens - 1) / (full - first)
-    latency = pass_latency_ms(engine, args.prompt_len)
-    del engine
-    torch.cuda.empty_cache()
+    ar, ar_decode, latency = {}, {}, {}
+    for graphs in (True, False):  # the fast path, then the same engine's eager passes
+        engine = engine_for(args.target, args.draft, args.prompt_len + args.new_tokens + 128, graphs)
+        weight_bytes = sum(p.numel() * p.element_size() for p in engine.target.model.parameters())
+        timed_generate(engine, prompt, 16)  # warm-up (and the graphs' capture)
+        full, first = timed_generate(engine, prompt, args.new_tokens), timed_generate(engine, prompt, 1)
+        ar[graphs] = args.new_tokens / full
+        ar_decode[graphs] = (args.new_tokens - 1) / (full - first)
+        latency[graphs] = pass_latency_ms(engine.target.model, args.prompt_len)
+        if graphs:
+            speculative = [replayed_run(engine, prompt, args, trace, ar_decode[True]) for trace in traces]
+        del engine
+        torch.cuda.empty_cache()
     hf = hf_tokens_per_s(args.target, prompt, args.new_tokens)
 
     ceiling = bw / weight_bytes
@@ -131,11 +177,24 @@ def main() -> None:
     print(f"copy bandwidth {bw / 1e12:.2f} TB/s; weights {weight_bytes / 1e9:.2f} GB; ceiling {ceiling:.1f} tokens/s")
     print("| method | tokens/s | of ceiling |")
     print("|---|---:|---:|")
-    for name, v in (("judgeserve ar (eager, with prefill)", ar), ("judgeserve ar decode only", ar_decode),
-                    ("HF transformers generate", hf)):
+    rows = [
+        ("judgeserve ar, CUDA graphs (with prefill)", ar[True]),
+        ("judgeserve ar, CUDA graphs, decode only", ar_decode[True]),
+        ("judgeserve ar, eager (with prefill)", ar[False]),
+        ("HF transformers generate", hf),
+    ]
+    for name, v in rows:
         print(f"| {name} | {v:.1f} | {v / ceiling:.0%} |")
-    print("verification pass latency (ms) by tokens in the pass: "
-          + ", ".join(f"{r}: {ms:.2f}" for r, ms in latency.items()))
+    print(f"speculative decoding {args.draft}/{args.target} with CUDA graphs, acceptance REPLAYED from traces "
+          "(dummy weights: the text is meaningless, the work per step is real):")
+    print("| trace | K | tokens/step | tokens/s | speedup over ar | predicted tokens/s (DESIGN.md 3) |")
+    print("|---|---:|---:|---:|---:|---:|")
+    for r in speculative:
+        print(f"| {r['trace']} | {r['k']} | {r['tokens_per_step']:.2f} | {r['tokens_per_s']:.1f} | "
+              f"{r['speedup']:.2f}x | {r['predicted_tokens_per_s']:.1f} |")
+    for graphs, name in ((True, "CUDA graphs"), (False, "eager")):
+        print(f"verification pass latency (ms, {name}) by tokens in the pass: "
+              + ", ".join(f"{r}: {ms:.2f}" for r, ms in latency[graphs].items()))
     record = {
         "card": card,
         "date": datetime.date.today().isoformat(),
@@ -143,10 +202,13 @@ def main() -> None:
         "shapes": {"target": args.target, "draft": args.draft, "dtype": "bfloat16", "weights": "dummy"},
         "copy_bandwidth_tb_per_s": round(bw / 1e12, 3),
         "ceiling_tokens_per_s": round(ceiling, 1),
-        "ar_tokens_per_s": round(ar, 2),
-        "ar_decode_tokens_per_s": round(ar_decode, 2),
+        "ar_tokens_per_s": round(ar[True], 2),
+        "ar_decode_tokens_per_s": round(ar_decode[True], 2),
+        "ar_eager_tokens_per_s": round(ar[False], 2),
         "hf_tokens_per_s": round(hf, 2),
-        "verify_latency_ms": latency,
+        "verify_latency_ms": latency[True],
+        "verify_latency_eager_ms": latency[False],
+        "speculative_replayed": speculative,
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(record, indent=2) + "\n")

@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 from typing import Sequence
 
 DEFAULT_CONFIG = "config/qwen-coder.yaml"
@@ -63,9 +64,11 @@ def _cmd_generate(args: argparse.Namespace) -> int:
         draft_tokens=args.draft_tokens,
         threshold=args.judge_threshold,
     )
+    replayed = _attach_trace(engine, request, args)
     if args.json:
         result = engine.generate(request)
-        print(json.dumps(result.as_dict()))
+        print(json.dumps(result.as_dict() | ({"replayed": replayed} if replayed else {})))
+        _save_trace(engine, args)
         return 0
     events = engine.stream(request)
     while True:
@@ -79,7 +82,37 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     from cluster.client import summary
 
     print("\n--\n" + summary(result.as_dict()), file=sys.stderr)
+    if replayed:
+        print(f"{replayed}: the text is meaningless, the speed is the trace's", file=sys.stderr)
+    _save_trace(engine, args)
     return 0
+
+
+def _attach_trace(engine, request, args: argparse.Namespace) -> str | None:
+    """--record-trace / --replay-trace (engine.trace): the label of a replayed run, else None."""
+    from engine.trace import AcceptanceTrace, TraceError, TraceRecorder, TraceReplayer
+
+    if (args.record_trace or args.replay_trace) and not request.mode.is_speculative:
+        raise SystemExit("judgeserve generate: a trace needs --mode standard or judge")
+    if args.record_trace:
+        source = f"{engine.config.name}: {engine.target.name} / {engine.draft.name}"
+        engine.acceptance_hook = TraceRecorder(source, request.mode.value, request.draft_tokens)
+    elif args.replay_trace:
+        try:
+            replayer = TraceReplayer(AcceptanceTrace.load(args.replay_trace))
+        except TraceError as err:
+            raise SystemExit(f"judgeserve generate: --replay-trace: {err}") from None
+        engine.acceptance_hook = replayer
+        return replayer.label
+    return None
+
+
+def _save_trace(engine, args: argparse.Namespace) -> None:
+    if args.record_trace:
+        trace = engine.acceptance_hook.trace
+        trace.save(args.record_trace)
+        print(f"recorded {len(trace.accepted)} steps ({trace.mean_tokens_per_step:.2f} tokens per step) to "
+              f"{args.record_trace}", file=sys.stderr)
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
@@ -132,6 +165,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     gen.add_argument("--device", help="override runtime.device (cpu, cuda)")
     gen.add_argument("--json", action="store_true", help="print one JSON object instead of streaming text")
+    trace = gen.add_mutually_exclusive_group()
+    trace.add_argument("--record-trace", type=Path, metavar="FILE", help="write each step's acceptance (engine.trace)")
+    trace.add_argument(
+        "--replay-trace", type=Path, metavar="FILE",
+        help="accept as the trace's steps did (dummy weights at real shapes; the output says replayed)",
+    )
     gen.set_defaults(func=_cmd_generate)
 
     from cluster.batch import add_batch_arguments

@@ -102,6 +102,13 @@ class JudgeConfig(_Section):
 class RuntimeConfig(_Section):
     device: str = Field("cpu", description="torch device for the in-process engine: cpu or cuda[:N]")
     threads: int | None = Field(None, ge=1, le=1024, description="torch CPU threads; default: all cores")
+    cuda_graphs: bool | None = Field(
+        None,
+        description=(
+            "replay captured CUDA graphs for the passes after a prefill (engine.cuda_graphs); null: on with CUDA "
+            "(a CPU has no graphs)"
+        ),
+    )
 
     @field_validator("device")
     @classmethod
@@ -109,6 +116,17 @@ class RuntimeConfig(_Section):
         if not (v == "cpu" or v == "cuda" or v.startswith("cuda:")):
             raise ValueError("device must be cpu, cuda or cuda:N")
         return v
+
+    @model_validator(mode="after")
+    def _graphs_need_cuda(self) -> "RuntimeConfig":
+        if self.cuda_graphs and not self.device.startswith("cuda"):
+            raise ValueError("cuda_graphs: true needs device cuda (a CPU has no graphs)")
+        return self
+
+    @property
+    def graphed(self) -> bool:
+        """Whether the models' passes replay CUDA graphs."""
+        return self.device.startswith("cuda") if self.cuda_graphs is None else self.cuda_graphs
 
 
 class ServeConfig(_Section):

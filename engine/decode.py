@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Iterator, Sequence
+from typing import Callable, Iterator, Sequence
 
 import torch
 
@@ -130,14 +130,18 @@ class Engine:
         self._target_cache = target.model.new_cache(self.max_seq_len)
         self._draft_cache = draft.model.new_cache(self.max_seq_len) if draft is not None else None
         self.device = self._target_cache.k.device
+        # engine.trace.TraceRecorder or TraceReplayer: sees (and a replayer replaces) each speculative step's
+        # verdicts (matched, judged) before acceptance; None in normal serving
+        self.acceptance_hook: Callable[[torch.Tensor, torch.Tensor | None], tuple[torch.Tensor, torch.Tensor | None]] | None = None
 
     @classmethod
     def from_config(cls, config: Config) -> "Engine":
         if config.runtime.threads:
             torch.set_num_threads(config.runtime.threads)
         dev, n = config.runtime.device, config.decoding.max_seq_len
-        target = load_model(config.target, device=dev, max_seq_len=n)
-        draft = load_model(config.draft, device=dev, max_seq_len=n)
+        graphs = config.runtime.graphed
+        target = load_model(config.target, device=dev, max_seq_len=n, cuda_graphs=graphs)
+        draft = load_model(config.draft, device=dev, max_seq_len=n, cuda_graphs=graphs)
         judge = None
         if config.judge.path is not None:
             judge = load_judge(
@@ -268,6 +272,8 @@ class Engine:
         matched, target_probs = standard_accept(block, target_logits, request.params, gen)
         t2 = time.perf_counter()
         judged = self._judge(hidden, request) if request.mode is Mode.JUDGE else None
+        if self.acceptance_hook is not None:
+            matched, judged = self.acceptance_hook(matched, judged)
         t3 = time.perf_counter()
         n = accepted_length(matched, judged)
         last = final_token(n, block, target_logits, target_probs, request.params, gen)

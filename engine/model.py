@@ -148,6 +148,26 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return x * cos + rotated * sin
 
 
+@dataclass(frozen=True)
+class Span:
+    """Where an eager pass writes and reads: `rows` real tokens at positions start .. start + rows - 1 (any
+    further rows are padding), attention over exactly the keys below each row; `exact`: row by row."""
+
+    start: int
+    rows: int
+    exact: bool
+
+
+@dataclass(frozen=True)
+class Slots:
+    """Where a graph-safe pass writes and reads: positions [T] and the mask [T, max_len] of the keys each
+    row sees, both on the device. No Python number depends on the position, so a captured CUDA graph
+    replays the pass at any position (engine.cuda_graphs)."""
+
+    positions: torch.Tensor
+    mask: torch.Tensor
+
+
 class Attention(nn.Module):
     def __init__(self, args: ModelArgs, layer: int):
         super().__init__()
@@ -160,21 +180,27 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(self.n_heads * self.head_dim, h, bias=False)
 
     def forward(
-        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: KVCache, start: int, rows: int, exact: bool
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: KVCache, where: Span | Slots
     ) -> torch.Tensor:
-        """x: [batch, T, hidden] whose first `rows` rows are real (positions start .. start + rows - 1); any
-        further rows repeat the last real one and only keep the matrix products at Transformer.MIN_ROWS."""
+        """x: [batch, T, hidden]. With a Span, the first `rows` rows are real and any further rows repeat the
+        last real one (they only keep the matrix products at Transformer.MIN_ROWS); with Slots, every row is."""
         b, t, _ = x.shape
         q = self.q_proj(x).view(b, t, self.n_heads, self.head_dim).transpose(1, 2)
         k = self.k_proj(x).view(b, t, self.n_kv, self.head_dim).transpose(1, 2)
         v = self.v_proj(x).view(b, t, self.n_kv, self.head_dim).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        end = start + rows
-        cache.k[self.layer, :, :, start:end] = k[:, :, :rows]
-        cache.v[self.layer, :, :, start:end] = v[:, :, :rows]
         keys, values = cache.k[self.layer], cache.v[self.layer]  # [batch, kv_heads, max_len, head_dim]
         gqa = self.n_kv != self.n_heads
-        if exact:
+        if isinstance(where, Slots):  # the whole cache, masked: the same shapes at every position
+            keys.index_copy_(2, where.positions, k)
+            values.index_copy_(2, where.positions, v)
+            out = F.scaled_dot_product_attention(q, keys, values, attn_mask=where.mask, enable_gqa=gqa)
+            return self.o_proj(out.transpose(1, 2).reshape(b, t, -1))
+        start, rows = where.start, where.rows
+        end = start + rows
+        keys[:, :, start:end] = k[:, :, :rows]
+        values[:, :, start:end] = v[:, :, :rows]
+        if where.exact:
             # One query row at a time over exactly its own keys: the row's result is then the same whichever
             # pass computes it (one-token decode or a K+1-token verification), which keeps greedy
             # speculative output equal to autoregressive output in bfloat16 (docs/engine.md).
@@ -215,8 +241,8 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps)
 
-    def forward(self, x, cos, sin, cache: KVCache, start: int, rows: int, exact: bool):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, cache, start, rows, exact)
+    def forward(self, x, cos, sin, cache: KVCache, where: Span | Slots):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, cache, where)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -245,6 +271,9 @@ class Transformer(nn.Module):
         super().__init__()
         self.args = args
         self.exact_rows = True
+        # engine.cuda_graphs.CudaGraphs when the passes after a prefill replay captured CUDA graphs (set by
+        # the loader on a GPU); None: every pass runs eagerly
+        self.graphs: Any = None
         self.model = Backbone(args)
         self.lm_head = nn.Linear(args.hidden_size, args.vocab_size, bias=False)
         if args.tie_word_embeddings:
@@ -267,17 +296,18 @@ class Transformer(nn.Module):
         start, rows = cache.length, tokens.shape[1]
         if start + rows > cache.max_len:
             raise ValueError(f"KV cache overflow: {start} + {rows} tokens > max_seq_len {cache.max_len}")
+        if self.graphs is not None and start > 0:  # a prefill's length varies: it runs eagerly
+            replayed = self.graphs.run(self, tokens, cache, last_only)
+            if replayed is not None:
+                return replayed
         if tokens.shape[0] * rows < self.MIN_ROWS:  # pad with copies of the last token at the last position
             tokens = torch.cat((tokens, tokens[:, -1:].expand(-1, self.MIN_ROWS - rows)), dim=1)
         positions = (start + torch.arange(tokens.shape[1], device=tokens.device)).clamp_max(start + rows - 1)
-        freqs = torch.outer(positions.float(), self.inv_freq)  # [T, head_dim/2]
-        emb = torch.cat((freqs, freqs), dim=-1)
-        x = self.model.embed_tokens(tokens)
-        cos, sin = emb.cos().to(x.dtype), emb.sin().to(x.dtype)
+        x, cos, sin = self._embed(tokens, positions)
         # A prefill (start 0) is the same call in every mode, so only later passes need the row-exact path.
-        exact = self.exact_rows and start > 0 and rows <= self.EXACT_MAX_ROWS
+        where = Span(start, rows, self.exact_rows and start > 0 and rows <= self.EXACT_MAX_ROWS)
         for layer in self.model.layers:
-            x = layer(x, cos, sin, cache, start, rows, exact)
+            x = layer(x, cos, sin, cache, where)
         cache.length = start + rows
         if last_only:  # the LM head too sees MIN_ROWS rows, the real last one first
             x = x[:, rows - 1 :] if x.shape[1] - rows + 1 >= self.MIN_ROWS else x[:, -self.MIN_ROWS :].flip(1)
@@ -285,3 +315,25 @@ class Transformer(nn.Module):
         logits = self.lm_head(hidden).float()
         keep = 1 if last_only else rows
         return logits[:, :keep], hidden[:, :keep]
+
+    def forward_slots(
+        self, tokens: torch.Tensor, cache: KVCache, start: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The graph-safe pass: tokens [batch, T] at positions start .. start + T - 1, `start` a 0-d tensor on
+        the device; attends over the whole cache through a mask and leaves cache.length to the caller.
+        Returns logits [batch, T, vocab] in float32 and hidden [batch, T, hidden], every row."""
+        positions = start + torch.arange(tokens.shape[1], device=tokens.device)
+        mask = torch.arange(cache.max_len, device=tokens.device)[None, :] <= positions[:, None]
+        x, cos, sin = self._embed(tokens, positions)
+        where = Slots(positions, mask)
+        for layer in self.model.layers:
+            x = layer(x, cos, sin, cache, where)
+        hidden = self.model.norm(x)
+        return self.lm_head(hidden).float(), hidden
+
+    def _embed(self, tokens: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """Token embeddings and the rotary cos, sin [T, head_dim] of `positions`."""
+        freqs = torch.outer(positions.float(), self.inv_freq)  # [T, head_dim/2]
+        emb = torch.cat((freqs, freqs), dim=-1)
+        x = self.model.embed_tokens(tokens)
+        return x, emb.cos().to(x.dtype), emb.sin().to(x.dtype)

@@ -1,0 +1,118 @@
+"""Acceptance traces: how many draft tokens each speculative step accepted, recorded on a real-model run and
+replayed on dummy weights at real shapes.
+
+Real weights cannot reach the GPU machine, and random weights accept almost nothing, so a GPU benchmark of
+speculative decoding replays a trace: every step does the real work (K draft passes, one verification of
+K+1 tokens, the judge, the rollback), then accepts as many tokens as the recorded step did. The text of a
+replayed run is meaningless and its speed is that of the recorded acceptance; every output of such a run
+says "replayed" and names the trace. A synthetic trace (`synthetic`) stands in for acceptance no model
+here produces, such as the paper's 19.7 tokens per step.
+
+File format (JSON): {"format": "judgeserve-acceptance-trace/1", "source": what it was recorded on, "mode":
+"standard" or "judge", "draft_tokens": K, "accepted": [n per speculative step], "judged": [of those n, how
+many only the judge accepted]}.
+
+Not for: choosing tokens (the replayed tokens are the draft's own, cut at the recorded length).
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+FORMAT = "judgeserve-acceptance-trace/1"
+
+
+class TraceError(ValueError):
+    """A trace file that cannot be replayed (the message says what is wrong)."""
+
+
+@dataclass
+class AcceptanceTrace:
+    source: str
+    mode: str  # how the recorded run accepted: standard or judge
+    draft_tokens: int  # K of the recorded run
+    accepted: list[int] = field(default_factory=list)  # n per speculative step, 0..K
+    judged: list[int] = field(default_factory=list)  # of n, accepted by the judge alone
+
+    @property
+    def mean_tokens_per_step(self) -> float:
+        """E[n + 1]: what a speculative step emits on average under this trace."""
+        return 1 + sum(self.accepted) / len(self.accepted) if self.accepted else 0.0
+
+    def save(self, path: Path) -> None:
+        record = {"format": FORMAT, "source": self.source, "mode": self.mode, "draft_tokens": self.draft_tokens,
+                  "accepted": self.accepted, "judged": self.judged}
+        Path(path).write_text(json.dumps(record) + "\n")
+
+    @classmethod
+    def load(cls, path: Path) -> "AcceptanceTrace":
+        try:
+            record = json.loads(Path(path).read_text())
+        except (OSError, ValueError) as err:
+            raise TraceError(f"{path}: not a readable trace ({err})") from None
+        if not isinstance(record, dict) or record.get("format") != FORMAT:
+            raise TraceError(f"{path}: not a {FORMAT} file")
+        trace = cls(str(record.get("source", "")), record.get("mode"), record.get("draft_tokens"),
+                    record.get("accepted"), record.get("judged"))
+        k = trace.draft_tokens
+        if trace.mode not in ("standard", "judge") or not isinstance(k, int) or not 1 <= k <= 128:
+            raise TraceError(f"{path}: mode must be standard or judge and draft_tokens in [1, 128]")
+        steps = trace.accepted
+        if not isinstance(steps, list) or not steps or not isinstance(trace.judged, list) or len(trace.judged) != len(steps):
+            raise TraceError(f"{path}: accepted must be a non-empty list, judged a list of the same length")
+        for n, j in zip(steps, trace.judged):
+            if not (isinstance(n, int) and isinstance(j, int) and 0 <= j <= n <= k):
+                raise TraceError(f"{path}: every step needs 0 <= judged <= accepted <= draft_tokens ({k})")
+        return trace
+
+    @classmethod
+    def synthetic(cls, mean_tokens_per_step: float, draft_tokens: int, steps: int = 4096, seed: int = 0) -> "AcceptanceTrace":
+        """A judge trace whose steps emit `mean_tokens_per_step` on average: n ~ Binomial(K, p), p chosen for
+        the mean (the paper's 8B/70B judge: about 19.7 tokens per step)."""
+        p = (mean_tokens_per_step - 1) / draft_tokens
+        if not 0 <= p <= 1:
+            raise TraceError(f"a mean of {mean_tokens_per_step} tokens per step needs 0 <= mean - 1 <= K ({draft_tokens})")
+        rng = random.Random(seed)
+        accepted = [sum(rng.random() < p for _ in range(draft_tokens)) for _ in range(steps)]
+        return cls(f"synthetic: mean {mean_tokens_per_step} tokens per step", "judge", draft_tokens, accepted,
+                   [0] * steps)
+
+
+class TraceRecorder:
+    """Engine hook that records each speculative step's acceptance and changes nothing."""
+
+    def __init__(self, source: str, mode: str, draft_tokens: int):
+        self.trace = AcceptanceTrace(source, mode, draft_tokens)
+
+    def __call__(self, matched: torch.Tensor, judged: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        ok = matched | judged if judged is not None else matched
+        n = int(torch.cumprod(ok.to(torch.int64), 0).sum())
+        self.trace.accepted.append(n)
+        self.trace.judged.append(int((~matched[:n]).sum()))
+        return matched, judged
+
+
+class TraceReplayer:
+    """Engine hook that replaces each speculative step's verdicts by the trace's next step (cycling): the
+    first n - j draft tokens matched, the next j judged, the rest rejected (n clipped to this step's K)."""
+
+    def __init__(self, trace: AcceptanceTrace):
+        self.trace, self.position = trace, 0
+
+    @property
+    def label(self) -> str:
+        return f"replayed acceptance ({self.trace.mode} trace: {self.trace.source})"
+
+    def __call__(self, matched: torch.Tensor, judged: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        i = self.position % len(self.trace.accepted)
+        self.position += 1
+        k = matched.shape[0]
+        n = min(self.trace.accepted[i], k)
+        j = min(self.trace.judged[i], n)
+        index = torch.arange(k)
+        return index < n - j, (index >= n - j) & (index < n)

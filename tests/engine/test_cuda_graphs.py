@@ -1,0 +1,85 @@
+"""engine.cuda_graphs on the CPU: the graph-safe pass (`Transformer.forward_slots`) and the replay
+bookkeeping, run without capture (the same inputs, outputs and cache moves; tests/gpu captures for real)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from engine.config import Mode, load_config
+from engine.cuda_graphs import CudaGraphs
+from engine.decode import Engine
+from engine.sampling import SamplingParams
+from engine.weights import dummy_model
+from tests.conftest import TINY_YAML
+
+CPU = torch.device("cpu")
+
+
+def test_the_graph_safe_pass_equals_the_eager_pass_and_writes_the_same_cache(tiny_args):
+    model = dummy_model(tiny_args, 0, 0.0, torch.float32, CPU).eval()
+    model.exact_rows = False
+    prompt = torch.randint(0, tiny_args.vocab_size, (1, 11), generator=torch.Generator().manual_seed(1))
+    block = torch.randint(0, tiny_args.vocab_size, (1, 5), generator=torch.Generator().manual_seed(2))
+    eager, slots = model.new_cache(64), model.new_cache(64)
+    with torch.inference_mode():
+        for cache in (eager, slots):
+            model(prompt, cache)
+        want_logits, want_hidden = model(block, eager)
+        logits, hidden = model.forward_slots(block, slots, torch.tensor(slots.length))
+    torch.testing.assert_close(logits, want_logits, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(hidden, want_hidden, rtol=1e-5, atol=1e-5)
+    end = eager.length
+    torch.testing.assert_close(slots.k[:, :, :, :end], eager.k[:, :, :, :end])
+    torch.testing.assert_close(slots.v[:, :, :, :end], eager.v[:, :, :, :end])
+
+
+def test_replays_move_the_cache_and_warm_up_leaves_valid_entries_alone(tiny_args):
+    model = dummy_model(tiny_args, 0, 0.0, torch.float32, CPU).eval()
+    model.exact_rows = False
+    graphs = model.graphs = CudaGraphs(max_rows=8, capture=False)
+    cache = model.new_cache(64)
+    prompt = torch.arange(7)[None] + 40
+    with torch.inference_mode():
+        model(prompt, cache)  # a prefill runs eagerly: no graph
+        assert len(graphs) == 0 and cache.length == 7
+        before = cache.k[:, :, :, :7].clone()
+        model(torch.tensor([[5]]), cache)  # the first one-token pass sets up its graph (warming up at the end)
+        assert len(graphs) == 1 and cache.length == 8
+        torch.testing.assert_close(cache.k[:, :, :, :7], before)
+        model(torch.tensor([[6]]), cache)
+        model(torch.tensor([[1, 2, 3]]), cache)
+        assert len(graphs) == 2 and cache.length == 11
+        model(torch.arange(9)[None], cache)  # longer than max_rows: eagerly
+        assert len(graphs) == 2 and cache.length == 20
+
+
+@pytest.mark.parametrize("mode", [Mode.AR, Mode.STANDARD, Mode.JUDGE])
+def test_greedy_output_through_the_graph_path_equals_the_plain_path(judge_config, mode):
+    """Every pass after a prefill goes through CudaGraphs (no capture on a CPU) in one engine, eagerly in the
+    other; both use the masked attention of the GPU path (exact_rows off)."""
+    engines = []
+    for graphed in (False, True):
+        engine = Engine.from_config(judge_config)
+        for loaded in (engine.target, engine.draft):
+            loaded.model.exact_rows = False
+            loaded.model.graphs = CudaGraphs(capture=False) if graphed else None
+        engines.append(engine)
+    for prompt in ("The quick", "def f(x):", "Once upon a time"):
+        outs = []
+        for engine in engines:
+            request = engine.make_request(prompt=prompt, mode=mode, params=SamplingParams(max_tokens=40))
+            outs.append(engine.generate(request))
+        plain, graphed = outs
+        assert graphed.token_ids == plain.token_ids, prompt
+        assert graphed.steps == plain.steps
+    assert len(engines[1].target.model.graphs) >= 1
+    if mode.is_speculative:
+        assert len(engines[1].draft.model.graphs) >= 1
+
+
+def test_cuda_graphs_on_a_cpu_is_refused_in_the_config():
+    with pytest.raises(ValueError, match="cuda_graphs"):
+        load_config(TINY_YAML, {"runtime.cuda_graphs": True})
+    assert not load_config(TINY_YAML).runtime.graphed
+    assert load_config(TINY_YAML, {"runtime.device": "cuda"}).runtime.graphed

@@ -1,0 +1,79 @@
+"""engine.trace: recording a run's acceptance, replaying it (the same work, the recorded acceptance), files."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from engine.config import Mode
+from engine.sampling import SamplingParams
+from engine.trace import FORMAT, AcceptanceTrace, TraceError, TraceRecorder, TraceReplayer
+
+
+def _run(engine, prompt: str, mode: Mode, hook, max_tokens: int = 40):
+    engine.acceptance_hook = hook
+    try:
+        request = engine.make_request(prompt=prompt, mode=mode, params=SamplingParams(max_tokens=max_tokens))
+        events = list(_events(engine.stream(request)))
+    finally:
+        engine.acceptance_hook = None
+    return events
+
+
+def _events(stream):
+    while True:
+        try:
+            yield next(stream)
+        except StopIteration as done:
+            yield done.value
+            return
+
+
+def test_replaying_a_recorded_trace_reproduces_the_run(tiny_engine, tmp_path):
+    recorder = TraceRecorder("tiny", "standard", 4)
+    *steps, done = _run(tiny_engine, "The quick", Mode.STANDARD, recorder)
+    trace = recorder.trace
+    assert len(trace.accepted) == done.speculative_steps and sum(trace.accepted) == done.draft_tokens_accepted
+    trace.save(tmp_path / "t.json")
+    *replayed_steps, replayed = _run(tiny_engine, "The quick", Mode.STANDARD, TraceReplayer(AcceptanceTrace.load(tmp_path / "t.json")))
+    assert replayed.token_ids == done.token_ids and replayed.steps == done.steps
+
+
+def test_a_replayed_step_emits_the_recorded_count_whatever_the_models_say(tiny_engine):
+    trace = AcceptanceTrace("test", "judge", 4, accepted=[4, 0, 2, 3], judged=[1, 0, 2, 0])
+    *steps, done = _run(tiny_engine, "Hello", Mode.STANDARD, TraceReplayer(trace), max_tokens=30)
+    # step 0 is the prefill (one token); then 5, 1, 3, 4 tokens per step, cycling, until max_tokens
+    counts = [len(s.tokens) for s in steps]
+    assert counts[:9] == [1, 5, 1, 3, 4, 5, 1, 3, 4]
+    judged = [sum(p.name == "JUDGE" for p in s.provenance) for s in steps]
+    assert judged[:5] == [0, 1, 0, 2, 0]
+
+
+def test_a_synthetic_trace_has_the_asked_mean():
+    trace = AcceptanceTrace.synthetic(19.7, 32, steps=8000)
+    assert abs(trace.mean_tokens_per_step - 19.7) < 0.2
+    assert max(trace.accepted) <= 32
+    with pytest.raises(TraceError):
+        AcceptanceTrace.synthetic(40.0, 32)
+
+
+@pytest.mark.parametrize(
+    "record",
+    [
+        {"format": "something-else"},
+        {"format": FORMAT, "mode": "ar", "draft_tokens": 4, "accepted": [1], "judged": [0]},
+        {"format": FORMAT, "mode": "judge", "draft_tokens": 4, "accepted": [], "judged": []},
+        {"format": FORMAT, "mode": "judge", "draft_tokens": 4, "accepted": [5], "judged": [0]},
+        {"format": FORMAT, "mode": "judge", "draft_tokens": 4, "accepted": [2], "judged": [3]},
+        {"format": FORMAT, "mode": "judge", "draft_tokens": 4, "accepted": [2, 1], "judged": [0]},
+    ],
+)
+def test_a_bad_trace_file_is_refused_with_a_reason(tmp_path, record):
+    path = tmp_path / "bad.json"
+    path.write_text(json.dumps(record))
+    with pytest.raises(TraceError, match="bad.json"):
+        AcceptanceTrace.load(path)
+    (tmp_path / "junk.json").write_text("{not json")
+    with pytest.raises(TraceError, match="not a readable trace"):
+        AcceptanceTrace.load(tmp_path / "junk.json")

@@ -49,9 +49,9 @@ def test_replays_move_the_cache_and_warm_up_leaves_valid_entries_alone(tiny_args
         torch.testing.assert_close(cache.k[:, :, :, :7], before)
         model(torch.tensor([[6]]), cache)
         model(torch.tensor([[1, 2, 3]]), cache)
-        assert len(graphs) == 2 and cache.length == 11
+        assert len(graphs) == 2 and cache.length == 12
         model(torch.arange(9)[None], cache)  # longer than max_rows: eagerly
-        assert len(graphs) == 2 and cache.length == 20
+        assert len(graphs) == 2 and cache.length == 21
 
 
 @pytest.mark.parametrize("mode", [Mode.AR, Mode.STANDARD, Mode.JUDGE])

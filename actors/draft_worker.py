@@ -20,6 +20,7 @@ import torch
 from actors.caches import RequestCaches, actor_device, cache_limit, set_threads
 from actors.messages import DraftInput, DraftOutput, Role, StepPlan, step_generator
 from engine.config import Config
+from engine.cuda_graphs import graphs_for
 from engine.model import KVCache, Transformer
 from engine.sampling import SamplingParams, probabilities, sample
 from engine.weights import load_model
@@ -72,7 +73,7 @@ class DraftWorker:
             config.draft,
             device=actor_device(config),
             max_seq_len=config.decoding.max_seq_len,
-            cuda_graphs=config.runtime.graphed,
+            graphs=graphs_for(config.runtime),
         )
         self.caches = RequestCaches(self.loaded.model, config.decoding.max_seq_len, cache_limit(config))
         self.max_bytes = config.serve.max_record_bytes

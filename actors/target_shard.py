@@ -38,6 +38,7 @@ from actors.messages import (
     step_generator,
 )
 from engine.config import Config
+from engine.cuda_graphs import graphs_for
 from engine.model import KVCache, Transformer
 from engine.sampling import SamplingParams, next_token
 from engine.verify import DraftBlock, final_token, standard_accept
@@ -103,7 +104,7 @@ class TargetShard:
             max_seq_len=config.decoding.max_seq_len,
             rank=rank,
             world=world,
-            cuda_graphs=config.runtime.graphed,
+            graphs=graphs_for(config.runtime),
         )
         # loaded.args is the whole model's (ModelInfo describes the whole model), and the fingerprint is the
         # unsharded model's, which the judge checks.

@@ -109,6 +109,13 @@ class RuntimeConfig(_Section):
             "(a CPU has no graphs)"
         ),
     )
+    compile: bool = Field(
+        False,
+        description=(
+            "torch.compile each graphed pass before its capture: fuses the small kernels between the matrix "
+            "products (measured in docs/performance.md); costs compile time at the first pass of each shape"
+        ),
+    )
 
     @field_validator("device")
     @classmethod
@@ -121,6 +128,8 @@ class RuntimeConfig(_Section):
     def _graphs_need_cuda(self) -> "RuntimeConfig":
         if self.cuda_graphs and not self.device.startswith("cuda"):
             raise ValueError("cuda_graphs: true needs device cuda (a CPU has no graphs)")
+        if self.compile and not self.graphed:
+            raise ValueError("compile: true needs CUDA graphs (device cuda, cuda_graphs not false)")
         return self
 
     @property

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 
 import torch
 
+from engine.config import RuntimeConfig
 from engine.model import KVCache, Transformer
 
 WARMUP_PASSES = 2  # before capture, on a side stream: lets cuBLAS and the allocator settle (torch's advice)
@@ -41,10 +42,11 @@ class CudaGraphs:
     eagerly (run returns None). With `capture` False the same inputs, outputs and bookkeeping run the pass
     without a graph: how the CPU tests check this path."""
 
-    def __init__(self, max_rows: int = 129, *, capture: bool = True):
-        self.max_rows, self.capture = max_rows, capture
+    def __init__(self, max_rows: int = 129, *, capture: bool = True, compile: bool = False):
+        self.max_rows, self.capture, self.compile = max_rows, capture, compile
         self._graphs: dict[tuple[int, int, int], _Graph] = {}
         self._pool = None  # one memory pool for all: replays never overlap
+        self._compiled: Callable | None = None  # torch.compile(model.forward_slots), made at the first capture
 
     def __len__(self) -> int:
         return len(self._graphs)
@@ -84,14 +86,24 @@ class CudaGraphs:
                 hidden.copy_(out[1])
 
             return _Graph(replay, cache, tokens, start, logits, hidden)
+        forward = model.forward_slots
+        if self.compile:  # one compiled function per model; each new shape compiles during the warm-up
+            if self._compiled is None:
+                self._compiled = torch.compile(model.forward_slots, fullgraph=True, dynamic=False)
+            forward = self._compiled
         side = torch.cuda.Stream(device)
         side.wait_stream(torch.cuda.current_stream(device))
         with torch.cuda.stream(side):
             for _ in range(WARMUP_PASSES):
-                model.forward_slots(tokens, cache, start)
+                forward(tokens, cache, start)
         torch.cuda.current_stream(device).wait_stream(side)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self._pool):
-            logits, hidden = model.forward_slots(tokens, cache, start)
+            logits, hidden = forward(tokens, cache, start)
         self._pool = graph.pool()
         return _Graph(graph.replay, cache, tokens, start, logits, hidden)
+
+
+def graphs_for(runtime: RuntimeConfig) -> CudaGraphs | None:
+    """A model's CudaGraphs as the runtime section asks (one per model), or None: eager passes."""
+    return CudaGraphs(compile=runtime.compile) if runtime.graphed else None

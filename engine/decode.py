@@ -17,6 +17,7 @@ from typing import Callable, Iterator, Sequence
 import torch
 
 from engine.config import Config, Mode
+from engine.cuda_graphs import graphs_for
 from engine.judge import JudgeHead, load_judge
 from engine.model import KVCache
 from engine.output import FinishReason, Output
@@ -139,9 +140,8 @@ class Engine:
         if config.runtime.threads:
             torch.set_num_threads(config.runtime.threads)
         dev, n = config.runtime.device, config.decoding.max_seq_len
-        graphs = config.runtime.graphed
-        target = load_model(config.target, device=dev, max_seq_len=n, cuda_graphs=graphs)
-        draft = load_model(config.draft, device=dev, max_seq_len=n, cuda_graphs=graphs)
+        target = load_model(config.target, device=dev, max_seq_len=n, graphs=graphs_for(config.runtime))
+        draft = load_model(config.draft, device=dev, max_seq_len=n, graphs=graphs_for(config.runtime))
         judge = None
         if config.judge.path is not None:
             judge = load_judge(

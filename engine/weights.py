@@ -210,14 +210,14 @@ def load_model(
     rank: int = 0,
     world: int = 1,
     group: dist.ProcessGroup | None = None,
-    cuda_graphs: bool = False,
+    graphs: CudaGraphs | None = None,
 ) -> LoadedModel:
     """The model `spec` names, ready for inference; with world > 1, rank `rank`'s tensor-parallel shard
     (engine.tp), whose forward passes run collectives on `group` (None: the default group, which may be
     formed after loading). A real checkpoint is read shard-only (`load_checkpoint`); a dummy model is drawn
     whole, identically on every rank, and sliced. `args` and `fingerprint` describe the whole model either
     way. A split that does not divide raises engine.tp.check_tp's ValueError before any weight is read.
-    With `cuda_graphs` (on a GPU), the passes after a prefill replay CUDA graphs (engine.cuda_graphs)."""
+    With `graphs` (engine.cuda_graphs.graphs_for), the passes after a prefill replay CUDA graphs."""
     device = torch.device(device)
     dtype = TORCH_DTYPES[spec.dtype]
     if spec.is_dummy:
@@ -240,6 +240,5 @@ def load_model(
         # cuDNN's attention builds an execution plan per new key length: 3 ms of host time per call, every
         # decode step (measured on an H100, torch 2.11). The other SDPA kernels have no such cost.
         torch.backends.cuda.enable_cudnn_sdp(False)
-        if cuda_graphs:
-            model.graphs = CudaGraphs()
+        model.graphs = graphs
     return LoadedModel(spec.model, model, tokenizer, fingerprint(model), args)

@@ -21,8 +21,10 @@ def engines():
     torch.backends.cudnn.allow_tf32 = False
     graphed = Engine.from_config(load_config(TINY_YAML, {"runtime.device": "cuda"}))
     eager = Engine.from_config(load_config(TINY_YAML, {"runtime.device": "cuda", "runtime.cuda_graphs": False}))
+    compiled = Engine.from_config(load_config(TINY_YAML, {"runtime.device": "cuda", "runtime.compile": True}))
     assert graphed.target.model.graphs is not None and eager.target.model.graphs is None
-    return graphed, eager
+    assert compiled.target.model.graphs.compile
+    return graphed, eager, compiled
 
 
 def _tokens(engine: Engine, prompt: str, mode: Mode) -> list[int]:
@@ -32,14 +34,16 @@ def _tokens(engine: Engine, prompt: str, mode: Mode) -> list[int]:
 
 @pytest.mark.parametrize("mode", [Mode.AR, Mode.STANDARD])
 def test_graph_replays_give_the_eager_greedy_output(engines, mode):
-    graphed, eager = engines
+    graphed, eager, compiled = engines
     for prompt in PROMPTS:
-        assert _tokens(graphed, prompt, mode) == _tokens(eager, prompt, mode), prompt
-    assert len(graphed.target.model.graphs) >= 1  # captured for real
+        want = _tokens(eager, prompt, mode)
+        assert _tokens(graphed, prompt, mode) == want, prompt
+        assert _tokens(compiled, prompt, mode) == want, prompt
+    assert len(graphed.target.model.graphs) >= 1 and len(compiled.target.model.graphs) >= 1  # captured for real
 
 
 def test_greedy_speculative_output_through_graphs_equals_autoregressive(engines):
-    graphed, _ = engines
+    graphed = engines[0]
     for prompt in PROMPTS:
         assert _tokens(graphed, prompt, Mode.STANDARD) == _tokens(graphed, prompt, Mode.AR), prompt
     assert len(graphed.draft.model.graphs) >= 1

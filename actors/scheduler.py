@@ -63,6 +63,7 @@ from engine.model import ModelArgs
 from engine.output import FinishReason, Output
 from engine.sampling import SamplingParams
 from engine.tokenizer import ByteTokenizer, HFTokenizer, Tokenizer
+from engine.trace import AcceptanceTrace, TraceReplayer
 from engine.verify import Accepted, DraftBlock, Provenance, accept, accepted_length
 from engine.weights import resolve_checkpoint
 
@@ -310,6 +311,11 @@ class Scheduler:
         self.draft, self.shards, self.judge = draft, list(shards), judge
         self.tokenizer = tokenizer_for(config.target, target_args)
         self.max_seq_len = config.decoding.max_seq_len
+        # benchmarks on dummy weights: each speculative step accepts as the trace's next step did (engine.trace)
+        trace = config.decoding.replay_trace
+        self.replay = TraceReplayer(AcceptanceTrace.load(trace)) if trace is not None else None
+        if self.replay is not None:
+            log.warning("%s: every output is meaningless (benchmarks on dummy weights only)", self.replay.label)
         self.max_bytes = config.serve.max_record_bytes
         self.pipeline = config.serve.pipeline
         compiled = config.serve.compiled_graph
@@ -533,6 +539,8 @@ class Scheduler:
         """n leading draft tokens that pass (matched or judged), then the candidate for that n."""
         matched = torch.tensor(verdict.matched, dtype=torch.bool)  # [K]
         judged_t = torch.tensor(judged, dtype=torch.bool) if judged is not None else None  # [K]
+        if self.replay is not None:
+            matched, judged_t = self.replay(matched, judged_t)
         n = accepted_length(matched, judged_t)
         last = verdict.final_candidates[n]
         if result.speculated is not None and n == len(block):

@@ -104,7 +104,8 @@ class TargetShard:
             max_seq_len=config.decoding.max_seq_len,
             rank=rank,
             world=world,
-            graphs=graphs_for(config.runtime),
+            # A captured pass would hold NCCL collectives; not yet run on GPUs, so TP shards stay eager.
+            graphs=graphs_for(config.runtime) if world == 1 else None,
         )
         # loaded.args is the whole model's (ModelInfo describes the whole model), and the fingerprint is the
         # unsharded model's, which the judge checks.

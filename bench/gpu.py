@@ -69,8 +69,8 @@ def timed_generate(engine: Engine, prompt: list[int], n: int, mode: Mode = Mode.
 
 
 @torch.inference_mode()
-def pass_latency_ms(model: Transformer, prompt_len: int, rows_list: tuple[int, ...] = VERIFY_ROWS) -> dict[int, float]:
-    cache = model.new_cache(prompt_len + 128)
+def pass_latency_ms(model: Transformer, max_len: int, prompt_len: int, rows_list: tuple[int, ...]) -> dict[int, float]:
+    cache = model.new_cache(max_len)  # the engine's cache size: a compiled pass meets the shapes it knows
     model(torch.randint(0, 1000, (1, prompt_len), device="cuda"), cache, last_only=True)
     out = {}
     for rows in rows_list:
@@ -113,14 +113,16 @@ def replayed_run(engine: Engine, prompt: list[int], args: argparse.Namespace, tr
     k = trace.draft_tokens
     replayer = engine.acceptance_hook = TraceReplayer(trace)
     try:
-        timed_generate(engine, prompt, 64, Mode.STANDARD, k)  # warm-up: captures the draft's and K+1 graphs
+        # warm-up: the same run (the trace from its start), so that every pass shape it meets, the shorter
+        # blocks near max_tokens included, is captured (and compiled) before the timed run
+        timed_generate(engine, prompt, args.new_tokens, Mode.STANDARD, k)
         replayer.position = 0
         seconds = timed_generate(engine, prompt, args.new_tokens, Mode.STANDARD, k)
         steps = replayer.position
     finally:
         engine.acceptance_hook = None
-    t_draft = pass_latency_ms(engine.draft.model, args.prompt_len, (1,))[1] / 1e3
-    t_verify = pass_latency_ms(engine.target.model, args.prompt_len, (k + 1,))[k + 1] / 1e3
+    t_draft = pass_latency_ms(engine.draft.model, engine.max_seq_len, args.prompt_len, (1,))[1] / 1e3
+    t_verify = pass_latency_ms(engine.target.model, engine.max_seq_len, args.prompt_len, (k + 1,))[k + 1] / 1e3
     per_step = (args.new_tokens - 1) / steps  # as replayed (the prefill gives the first token)
     predicted = per_step / (k * t_draft + t_verify)
     tokens_per_s = args.new_tokens / seconds
@@ -144,7 +146,11 @@ def main() -> None:
     ap.add_argument("--prompt-len", type=int, default=128)
     ap.add_argument("--new-tokens", type=int, default=256)
     ap.add_argument("--out", type=Path, default=Path("gpu.json"))
-    ap.add_argument("--compile", action="store_true", help="also measure runtime.compile (torch.compile before capture)")
+    ap.add_argument(
+        "--paths", default="eager,graphs",
+        help="of eager, graphs, compiled (runtime.compile: torch.compile before capture); the last runs the speculative rows",
+    )
+    ap.add_argument("--rows", default=",".join(map(str, VERIFY_ROWS)), help="tokens per pass for the latency table")
     ap.add_argument("--trace", type=Path, action="append", default=[], help="an acceptance trace to replay (engine.trace)")
     ap.add_argument(
         "--synthetic", action="append", default=[], metavar="MEAN:K",
@@ -157,10 +163,10 @@ def main() -> None:
     card = torch.cuda.get_device_name()
     bw = copy_bandwidth()
     prompt = torch.randint(0, 1000, (args.prompt_len,), generator=torch.Generator().manual_seed(0)).tolist()
-    variants = {"eager": {"cuda_graphs": False}, "graphs": {"cuda_graphs": True}}
-    if args.compile:
-        variants["compiled"] = {"cuda_graphs": True, "compile": True}
-    fast = list(variants)[-1]  # the speculative runs use the fastest path measured
+    every = {"eager": {"cuda_graphs": False}, "graphs": {"cuda_graphs": True}, "compiled": {"compile": True}}
+    variants = {name: every[name] for name in args.paths.split(",")}
+    fast = list(variants)[-1]  # the speculative runs use the last path measured (the fastest, in the default order)
+    rows = tuple(int(r) for r in args.rows.split(","))
     ar, ar_decode, latency, setup_s = {}, {}, {}, {}
     for name, runtime in variants.items():
         engine = engine_for(args.target, args.draft, args.prompt_len + args.new_tokens + 128, runtime)
@@ -171,7 +177,9 @@ def main() -> None:
         full, first = timed_generate(engine, prompt, args.new_tokens), timed_generate(engine, prompt, 1)
         ar[name] = args.new_tokens / full
         ar_decode[name] = (args.new_tokens - 1) / (full - first)
-        latency[name] = pass_latency_ms(engine.target.model, args.prompt_len)
+        print(f"{name}: ar {ar[name]:.1f} tokens/s (decode only {ar_decode[name]:.1f}), first 16 tokens "
+              f"{setup_s[name]:.1f} s", flush=True)
+        latency[name] = pass_latency_ms(engine.target.model, engine.max_seq_len, args.prompt_len, rows)
         if name == fast:
             speculative = [replayed_run(engine, prompt, args, trace, ar_decode[name]) for trace in traces]
         del engine
@@ -184,9 +192,9 @@ def main() -> None:
     print(f"copy bandwidth {bw / 1e12:.2f} TB/s; weights {weight_bytes / 1e9:.2f} GB; ceiling {ceiling:.1f} tokens/s")
     print("| method | tokens/s | of ceiling |")
     print("|---|---:|---:|")
-    rows = [(f"judgeserve ar, {name} (decode only: {ar_decode[name]:.1f})", ar[name]) for name in variants]
-    rows.append(("HF transformers generate", hf))
-    for name, v in rows:
+    table = [(f"judgeserve ar, {name} (decode only: {ar_decode[name]:.1f})", ar[name]) for name in variants]
+    table.append(("HF transformers generate", hf))
+    for name, v in table:
         print(f"| {name} | {v:.1f} | {v / ceiling:.0%} |")
     print("first 16 tokens (capture, compilation) s: " + ", ".join(f"{k} {v:.1f}" for k, v in setup_s.items()))
     print(f"speculative decoding {args.draft}/{args.target} ({fast}), acceptance REPLAYED from traces "

@@ -46,6 +46,8 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     from engine.sampling import SamplingParams
 
     overrides = {"runtime.device": args.device} if args.device else {}
+    if args.replay_trace:
+        overrides["decoding.replay_trace"] = str(args.replay_trace.resolve())
     config = load_config(args.config, overrides)
     params = SamplingParams(
         max_tokens=args.max_tokens or config.decoding.max_new_tokens,
@@ -64,7 +66,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
         draft_tokens=args.draft_tokens,
         threshold=args.judge_threshold,
     )
-    replayed = _attach_trace(engine, request, args)
+    replayed = _trace(engine, request, args)
     if args.json:
         result = engine.generate(request)
         print(json.dumps(result.as_dict() | ({"replayed": replayed} if replayed else {})))
@@ -88,31 +90,43 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
-def _attach_trace(engine, request, args: argparse.Namespace) -> str | None:
-    """--record-trace / --replay-trace (engine.trace): the label of a replayed run, else None."""
-    from engine.trace import AcceptanceTrace, TraceError, TraceRecorder, TraceReplayer
+def _trace(engine, request, args: argparse.Namespace) -> str | None:
+    """--record-trace attaches a recorder; returns the label of a replayed run (decoding.replay_trace) or None."""
+    from engine.trace import TraceRecorder, TraceReplayer
 
     if (args.record_trace or args.replay_trace) and not request.mode.is_speculative:
         raise SystemExit("judgeserve generate: a trace needs --mode standard or judge")
     if args.record_trace:
         source = f"{engine.config.name}: {engine.target.name} / {engine.draft.name}"
         engine.acceptance_hook = TraceRecorder(source, request.mode.value, request.draft_tokens)
-    elif args.replay_trace:
-        try:
-            replayer = TraceReplayer(AcceptanceTrace.load(args.replay_trace))
-        except TraceError as err:
-            raise SystemExit(f"judgeserve generate: --replay-trace: {err}") from None
-        engine.acceptance_hook = replayer
-        return replayer.label
-    return None
+    hook = engine.acceptance_hook
+    return hook.label if isinstance(hook, TraceReplayer) else None
 
 
 def _save_trace(engine, args: argparse.Namespace) -> None:
-    if args.record_trace:
-        trace = engine.acceptance_hook.trace
-        trace.save(args.record_trace)
-        print(f"recorded {len(trace.accepted)} steps ({trace.mean_tokens_per_step:.2f} tokens per step) to "
-              f"{args.record_trace}", file=sys.stderr)
+    """Writes the recorded trace; a file of the same mode and K gets these steps appended (one call per
+    prompt builds a trace over many)."""
+    from engine.trace import AcceptanceTrace, TraceError
+
+    if not args.record_trace:
+        return
+    trace = engine.acceptance_hook.trace
+    if args.record_trace.exists():
+        try:
+            old = AcceptanceTrace.load(args.record_trace)
+        except TraceError as err:
+            raise SystemExit(f"judgeserve generate: --record-trace: {err} (not overwritten)") from None
+        if (old.mode, old.draft_tokens) != (trace.mode, trace.draft_tokens):
+            raise SystemExit(
+                f"judgeserve generate: --record-trace: {args.record_trace} holds a {old.mode} trace with K="
+                f"{old.draft_tokens}, this run is {trace.mode} with K={trace.draft_tokens} (not overwritten)"
+            )
+        old.accepted += trace.accepted
+        old.judged += trace.judged
+        trace = old
+    trace.save(args.record_trace)
+    print(f"{args.record_trace}: {len(trace.accepted)} steps, {trace.mean_tokens_per_step:.2f} tokens per step",
+          file=sys.stderr)
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
@@ -166,7 +180,10 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--device", help="override runtime.device (cpu, cuda)")
     gen.add_argument("--json", action="store_true", help="print one JSON object instead of streaming text")
     trace = gen.add_mutually_exclusive_group()
-    trace.add_argument("--record-trace", type=Path, metavar="FILE", help="write each step's acceptance (engine.trace)")
+    trace.add_argument(
+        "--record-trace", type=Path, metavar="FILE",
+        help="write each step's acceptance (engine.trace); appended to FILE's steps if it holds a trace of this mode and K",
+    )
     trace.add_argument(
         "--replay-trace", type=Path, metavar="FILE",
         help="accept as the trace's steps did (dummy weights at real shapes; the output says replayed)",
@@ -202,13 +219,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     from engine.decode import RequestError
     from engine.fetch import FetchError
     from engine.judge import JudgeError
+    from engine.trace import TraceError
     from engine.weights import ModelLoadError
     from training import TrainingError
 
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (ConfigError, RequestError, FetchError, JudgeError, ModelLoadError, TrainingError) as err:
+    except (ConfigError, RequestError, FetchError, JudgeError, ModelLoadError, TraceError, TrainingError) as err:
         print(f"judgeserve: {err}", file=sys.stderr)
         return 1
     except ValueError as err:  # SamplingParams and similar field checks

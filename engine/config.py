@@ -84,6 +84,13 @@ class DecodingConfig(_Section):
     draft_tokens: int = Field(8, ge=1, le=128, description="K: draft tokens proposed per step")
     max_seq_len: int = Field(4096, ge=16, le=131072, description="KV cache length: prompt + output")
     max_new_tokens: int = Field(256, ge=1, description="default max_tokens of a request")
+    replay_trace: Path | None = Field(
+        None,
+        description=(
+            "benchmarks on dummy weights only: every speculative step accepts as this acceptance trace's next "
+            "step did (engine.trace); the output text is meaningless and labelled replayed"
+        ),
+    )
 
     @model_validator(mode="after")
     def _fits(self) -> "DecodingConfig":
@@ -208,11 +215,11 @@ class ServeConfig(_Section):
         ),
     )
     actor_env: dict[str, str] = Field(
-        default_factory=lambda: {"OMP_WAIT_POLICY": "PASSIVE"},
+        default_factory=lambda: {"GOMP_SPINCOUNT": "20000"},
         description=(
             "environment variables of the draft worker's and target shards' processes (NCCL_*, CUDA_*, OpenMP); "
-            "the default makes OpenMP's idle threads sleep: on CPU the draft's and the target's passes alternate "
-            "on the same cores (docs/performance.md)"
+            "the default lets OpenMP's threads spin only briefly between a pass's kernels before they sleep: on "
+            "CPU the draft's and the target's passes alternate on the same cores (docs/performance.md)"
         ),
     )
     max_record_bytes: int = Field(
@@ -252,10 +259,11 @@ def _resolve_paths(data: dict[str, Any], base: Path) -> dict[str, Any]:
                 spec["model"] = "dummy:" + str(base / model[6:])
             elif looks_like_path and not model.startswith("dummy:") and not Path(model).expanduser().is_absolute():
                 spec["model"] = str(base / model)
-    judge = data.get("judge")
-    if isinstance(judge, dict) and isinstance(judge.get("path"), str):
-        p = Path(judge["path"]).expanduser()
-        judge["path"] = str(p if p.is_absolute() else base / p)
+    for section, key in (("judge", "path"), ("decoding", "replay_trace")):
+        part = data.get(section)
+        if isinstance(part, dict) and isinstance(part.get(key), str):
+            p = Path(part[key]).expanduser()
+            part[key] = str(p if p.is_absolute() else base / p)
     return data
 
 

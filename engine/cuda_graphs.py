@@ -89,6 +89,9 @@ class CudaGraphs:
         forward = model.forward_slots
         if self.compile:  # one compiled function per model; each new shape compiles during the warm-up
             if self._compiled is None:
+                # every (cache size, batch, T) is its own specialisation, compiled once: more than dynamo's
+                # default limit of 8 in a serving process (decode, draft passes, each K+1)
+                torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 256)
                 self._compiled = torch.compile(model.forward_slots, fullgraph=True, dynamic=False)
             forward = self._compiled
         side = torch.cuda.Stream(device)

@@ -23,6 +23,7 @@ from engine.model import KVCache
 from engine.output import FinishReason, Output
 from engine.sampling import SamplingParams, next_token, probabilities, sample
 from engine.tokenizer import ChatMessage
+from engine.trace import AcceptanceTrace, TraceReplayer
 from engine.verify import Accepted, DraftBlock, Provenance, accept, accepted_length, final_token, judge_accept, standard_accept
 from engine.weights import LoadedModel, load_model
 
@@ -150,7 +151,10 @@ class Engine:
                 target_fingerprint=target.fingerprint,
                 hidden_size=target.args.hidden_size,
             )
-        return cls(config, target, draft, judge)
+        engine = cls(config, target, draft, judge)
+        if config.decoding.replay_trace is not None:
+            engine.acceptance_hook = TraceReplayer(AcceptanceTrace.load(config.decoding.replay_trace))
+        return engine
 
     # ---- requests -----------------------------------------------------------------------------------
 

@@ -285,3 +285,23 @@ def test_a_queued_request_can_be_aborted(backends, loop):
     assert held.finish_reason is FinishReason.ABORT and 1 <= len(held.token_ids) < ENDLESS
     stats = _wait_empty(backend, loop)
     assert not any([stats["scheduler"], stats["draft"], *stats["target"]]), stats
+
+
+def test_a_replayed_trace_accepts_alike_in_process_and_served(backends, loop, config, tmp_path):
+    """decoding.replay_trace (GPU benchmarks on dummy weights): the scheduler replays a trace exactly as the
+    in-process engine does, so served and in-process replayed outputs, provenance included, are equal."""
+    from engine.trace import AcceptanceTrace
+
+    path = tmp_path / "trace.json"
+    AcceptanceTrace("test", "judge", 4, accepted=[4, 0, 2, 3, 1], judged=[1, 0, 2, 0, 0]).save(path)
+    replayed = config.model_copy(update={"decoding": config.decoding.model_copy(update={"replay_trace": path})})
+    engine = Engine.from_config(replayed)
+    want = engine.generate(engine.make_request(prompt=PROMPT, params=SamplingParams(max_tokens=LONG), mode=Mode.STANDARD))
+    assert [sum(p.name == "JUDGE" for p in want.provenance)] == [want.judge_accepted_tokens] and want.judge_accepted_tokens > 0
+    backend = RayBackend(replayed)
+    try:
+        assert loop.run(backend.ready(), timeout=90)
+        events, got = loop.run(_collect(backend, "replayed", max_tokens=LONG, mode=Mode.STANDARD))
+    finally:
+        backend.close()
+    _assert_same(got, want, events)

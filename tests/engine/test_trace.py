@@ -77,3 +77,29 @@ def test_a_bad_trace_file_is_refused_with_a_reason(tmp_path, record):
     (tmp_path / "junk.json").write_text("{not json")
     with pytest.raises(TraceError, match="not a readable trace"):
         AcceptanceTrace.load(tmp_path / "junk.json")
+
+
+def test_the_cli_records_over_several_runs_and_replays_with_a_label(tmp_path, capsys):
+    from cluster.cli import main
+    from tests.conftest import TINY_YAML
+
+    trace = tmp_path / "t.json"
+    base = ["generate", "--config", str(TINY_YAML), "--raw", "--mode", "standard", "--max-tokens", "24", "--json"]
+    for prompt in ("The quick", "Hello"):
+        assert main([*base, "--prompt", prompt, "--record-trace", str(trace)]) == 0
+    runs = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    recorded = AcceptanceTrace.load(trace)
+    # a step that is not speculative emits one target token; a speculative one its draft tokens and one more
+    assert len(recorded.accepted) == sum(r["steps"] - r["provenance"].count("target") for r in runs)
+    assert sum(recorded.accepted) == sum(r["provenance"].count("matched") for r in runs)
+
+    assert main([*base, "--prompt", "The quick", "--replay-trace", str(trace)]) == 0
+    replayed = json.loads(capsys.readouterr().out)
+    assert replayed["replayed"].startswith("replayed acceptance") and replayed["token_ids"] == runs[0]["token_ids"]
+
+    with pytest.raises(SystemExit, match="not overwritten"):  # another K: the file is kept as it is
+        main([*base, "--prompt", "x", "--draft-tokens", "2", "--record-trace", str(trace)])
+    assert AcceptanceTrace.load(trace).accepted == recorded.accepted
+    (tmp_path / "bad.json").write_text("[]")
+    assert main([*base, "--prompt", "x", "--replay-trace", str(tmp_path / "bad.json")]) == 1
+    assert "bad.json" in capsys.readouterr().err

@@ -43,23 +43,23 @@ def draft_block(
     sampling: the guess only has to be likely, it is never emitted unchecked) and the block follows it.
     """
     device = cache.k.device
-    tokens, probs, first = [], [], None
+    fed = torch.tensor([feed], device=device)
+    drawn, probs = [], []  # the guess (if any), then d_1..d_K, as 0-d tensors on the device
     for i in range(k + int(guess)):
-        logits, _ = model(torch.tensor([feed], device=device), cache, last_only=True)
+        logits, _ = model(fed, cache, last_only=True)
         row = logits[0, -1]  # [vocab]
-        if guess and i == 0:
-            token = first = int(row.argmax())
-        elif params.greedy:
-            token = int(row.argmax())
-            tokens.append(token)
+        if (guess and i == 0) or params.greedy:  # the argmax stays on the device: one host sync per block
+            token = row.argmax()
         else:
             q = probabilities(row, params)  # [vocab]
-            token = int(sample(q, gen))
-            tokens.append(token)
+            token = torch.tensor(int(sample(q, gen)), device=device)
             probs.append(q)
-        feed = [token]
+        drawn.append(token)
+        fed = token.view(1, 1)
     q_block = torch.stack(probs).cpu() if probs else None  # [K, vocab]
-    return tokens, q_block, first
+    ids = torch.stack(drawn).tolist() if drawn else []
+    first = ids.pop(0) if guess else None
+    return ids, q_block, first
 
 
 @ray.remote

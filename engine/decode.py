@@ -291,19 +291,19 @@ class Engine:
     def _draft(self, seq: _Sequence, k: int, params: SamplingParams, gen: torch.Generator) -> DraftBlock:
         """K draft tokens, one draft pass each; the first pass also feeds what the draft has not seen."""
         cache = seq.draft_cache
-        feed = seq.ids[cache.length :]
+        feed = torch.tensor([seq.ids[cache.length :]], device=self.device)
         tokens, probs = [], []
         for _ in range(k):
-            logits, _ = self.draft.model(torch.tensor([feed], device=self.device), cache, last_only=True)
-            if params.greedy:
-                token = int(logits[0, -1].argmax())
+            logits, _ = self.draft.model(feed, cache, last_only=True)
+            if params.greedy:  # the argmax stays on the device: one host sync per block, not per token
+                token = logits[0, -1].argmax()
             else:
                 q = probabilities(logits[0, -1], params)
-                token = int(sample(q, gen))
+                token = torch.tensor(int(sample(q, gen)), device=self.device)
                 probs.append(q)
             tokens.append(token)
-            feed = [token]
-        return DraftBlock(torch.tensor(tokens), torch.stack(probs) if probs else None)
+            feed = token.view(1, 1)
+        return DraftBlock(torch.stack(tokens).cpu(), torch.stack(probs) if probs else None)
 
     def _verify(self, seq: _Sequence, block: DraftBlock) -> tuple[torch.Tensor, torch.Tensor]:
         """One target pass over [t_last, d_1..d_K] -> logits [K+1, vocab], hidden of d_1..d_K [K, hidden]."""

@@ -128,6 +128,7 @@ def replayed_run(engine: Engine, prompt: list[int], args: argparse.Namespace, tr
     tokens_per_s = args.new_tokens / seconds
     return {
         "trace": replayer.label,
+        "mode": trace.mode,
         "k": k,
         "tokens_per_step": round(per_step, 2),
         "speculative_steps": steps,
@@ -223,6 +224,9 @@ def main() -> None:
         "verify_latency_ms": latency[fast],
         "verify_latency_ms_by_path": latency,
         "speculative_replayed": speculative,
+        # the names: the first replayed row of each trace mode
+        **{f"{m}_tokens_per_s": next(r["tokens_per_s"] for r in speculative if r["mode"] == m)
+           for m in ("standard", "judge") if any(r["mode"] == m for r in speculative)},
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(record, indent=2) + "\n")

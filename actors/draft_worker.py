@@ -1,10 +1,9 @@
 """The draft worker: a Ray actor holding the draft model and one KV cache per active request.
 
 Each step-graph node (`step`, and `speculate` for pipelining) drafts one whole block (nothing per token
-crosses the actor boundary). The pure part,
-`draft_block`, is the engine's draft loop (engine.decode.Engine._draft) with the same forward calls, so the
-draft tokens equal the in-process engine's bit for bit; it optionally starts with a greedy guess of the
-target's next token, which is how pipelining drafts block t+1 before block t is verified (actors.scheduler).
+crosses the actor boundary) with `engine.decode.draft_block`, the in-process engine's own draft loop, so the
+draft tokens equal the engine's bit for bit; a block may start with a greedy guess of the target's next
+token, which is how pipelining drafts block t+1 before block t is verified (actors.scheduler).
 
 Not for: deciding what to accept (the scheduler and engine.verify), or the target.
 """
@@ -21,45 +20,8 @@ from actors.caches import RequestCaches, actor_device, cache_limit, set_threads
 from actors.messages import DraftInput, DraftOutput, Role, StepPlan, step_generator
 from engine.config import Config
 from engine.cuda_graphs import graphs_for
-from engine.model import KVCache, Transformer
-from engine.sampling import SamplingParams, probabilities, sample
+from engine.decode import draft_block
 from engine.weights import load_model
-
-
-@torch.inference_mode()
-def draft_block(
-    model: Transformer,
-    cache: KVCache,
-    feed: list[int],
-    k: int,
-    params: SamplingParams,
-    gen: torch.Generator | None,
-    guess: bool,
-) -> tuple[list[int], torch.Tensor | None, int | None]:
-    """One draft pass per token, the first also feeding `feed` (what the draft has not seen).
-
-    Returns (d_1..d_K, q [K, vocab] float32 on the CPU or None when greedy, the guess or None). With
-    `guess`, the first pass yields the draft's argmax guess of the target's next token (argmax even when
-    sampling: the guess only has to be likely, it is never emitted unchecked) and the block follows it.
-    """
-    device = cache.k.device
-    fed = torch.tensor([feed], device=device)
-    drawn, probs = [], []  # the guess (if any), then d_1..d_K, as 0-d tensors on the device
-    for i in range(k + int(guess)):
-        logits, _ = model(fed, cache, last_only=True)
-        row = logits[0, -1]  # [vocab]
-        if (guess and i == 0) or params.greedy:  # the argmax stays on the device: one host sync per block
-            token = row.argmax()
-        else:
-            q = probabilities(row, params)  # [vocab]
-            token = torch.tensor(int(sample(q, gen)), device=device)
-            probs.append(q)
-        drawn.append(token)
-        fed = token.view(1, 1)
-    q_block = torch.stack(probs).cpu() if probs else None  # [K, vocab]
-    ids = torch.stack(drawn).tolist() if drawn else []
-    first = ids.pop(0) if guess else None
-    return ids, q_block, first
 
 
 @ray.remote

@@ -63,7 +63,7 @@ from engine.model import ModelArgs
 from engine.output import FinishReason, Output
 from engine.sampling import SamplingParams
 from engine.tokenizer import ByteTokenizer, HFTokenizer, Tokenizer
-from engine.trace import AcceptanceTrace, TraceReplayer
+from engine.trace import replayer_for
 from engine.verify import Accepted, DraftBlock, Provenance, accept, accepted_length
 from engine.weights import resolve_checkpoint
 
@@ -312,8 +312,7 @@ class Scheduler:
         self.tokenizer = tokenizer_for(config.target, target_args)
         self.max_seq_len = config.decoding.max_seq_len
         # benchmarks on dummy weights: each speculative step accepts as the trace's next step did (engine.trace)
-        trace = config.decoding.replay_trace
-        self.replay = TraceReplayer(AcceptanceTrace.load(trace)) if trace is not None else None
+        self.replay = replayer_for(config.decoding)
         if self.replay is not None:
             log.warning("%s: every output is meaningless (benchmarks on dummy weights only)", self.replay.label)
         self.max_bytes = config.serve.max_record_bytes

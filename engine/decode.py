@@ -19,12 +19,21 @@ import torch
 from engine.config import Config, Mode
 from engine.cuda_graphs import graphs_for
 from engine.judge import JudgeHead, load_judge
-from engine.model import KVCache
+from engine.model import KVCache, Transformer
 from engine.output import FinishReason, Output
 from engine.sampling import SamplingParams, next_token, probabilities, sample
 from engine.tokenizer import ChatMessage
-from engine.trace import AcceptanceTrace, TraceReplayer
-from engine.verify import Accepted, DraftBlock, Provenance, accept, accepted_length, final_token, judge_accept, standard_accept
+from engine.trace import replayer_for
+from engine.verify import (
+    Accepted,
+    DraftBlock,
+    Provenance,
+    accept,
+    accepted_length,
+    final_token,
+    judge_accept,
+    standard_accept,
+)
 from engine.weights import LoadedModel, load_model
 
 
@@ -118,6 +127,42 @@ class _Sequence:
             draft_cache.length = 0
 
 
+@torch.inference_mode()
+def draft_block(
+    model: Transformer,
+    cache: KVCache,
+    feed: list[int],
+    k: int,
+    params: SamplingParams,
+    gen: torch.Generator | None,
+    guess: bool,
+) -> tuple[list[int], torch.Tensor | None, int | None]:
+    """One draft pass per token, the first also feeding `feed` (what the draft has not seen).
+
+    Returns (d_1..d_K, q [K, vocab] float32 on the CPU or None when greedy, the guess or None). With
+    `guess`, the first pass yields the draft's argmax guess of the target's next token (argmax even when
+    sampling: the guess only has to be likely, it is never emitted unchecked) and the block follows it.
+    """
+    device = cache.k.device
+    fed = torch.tensor([feed], device=device)
+    drawn, probs = [], []  # the guess (if any), then d_1..d_K, as 0-d tensors on the device
+    for i in range(k + int(guess)):
+        logits, _ = model(fed, cache, last_only=True)
+        row = logits[0, -1]  # [vocab]
+        if (guess and i == 0) or params.greedy:  # the argmax stays on the device: one host sync per block
+            token = row.argmax()
+        else:
+            q = probabilities(row, params)  # [vocab]
+            token = torch.tensor(int(sample(q, gen)), device=device)
+            probs.append(q)
+        drawn.append(token)
+        fed = token.view(1, 1)
+    q_block = torch.stack(probs).cpu() if probs else None  # [K, vocab]
+    ids = torch.stack(drawn).tolist() if drawn else []
+    first = ids.pop(0) if guess else None
+    return ids, q_block, first
+
+
 class Engine:
     """Owns a target, an optional draft and judge, and one KV cache per model (one request at a time)."""
 
@@ -152,8 +197,7 @@ class Engine:
                 hidden_size=target.args.hidden_size,
             )
         engine = cls(config, target, draft, judge)
-        if config.decoding.replay_trace is not None:
-            engine.acceptance_hook = TraceReplayer(AcceptanceTrace.load(config.decoding.replay_trace))
+        engine.acceptance_hook = replayer_for(config.decoding)
         return engine
 
     # ---- requests -----------------------------------------------------------------------------------
@@ -291,19 +335,8 @@ class Engine:
     def _draft(self, seq: _Sequence, k: int, params: SamplingParams, gen: torch.Generator) -> DraftBlock:
         """K draft tokens, one draft pass each; the first pass also feeds what the draft has not seen."""
         cache = seq.draft_cache
-        feed = torch.tensor([seq.ids[cache.length :]], device=self.device)
-        tokens, probs = [], []
-        for _ in range(k):
-            logits, _ = self.draft.model(feed, cache, last_only=True)
-            if params.greedy:  # the argmax stays on the device: one host sync per block, not per token
-                token = logits[0, -1].argmax()
-            else:
-                q = probabilities(logits[0, -1], params)
-                token = torch.tensor(int(sample(q, gen)), device=self.device)
-                probs.append(q)
-            tokens.append(token)
-            feed = token.view(1, 1)
-        return DraftBlock(torch.stack(tokens).cpu(), torch.stack(probs) if probs else None)
+        tokens, q, _ = draft_block(self.draft.model, cache, seq.ids[cache.length :], k, params, gen, guess=False)
+        return DraftBlock(torch.tensor(tokens), q)
 
     def _verify(self, seq: _Sequence, block: DraftBlock) -> tuple[torch.Tensor, torch.Tensor]:
         """One target pass over [t_last, d_1..d_K] -> logits [K+1, vocab], hidden of d_1..d_K [K, hidden]."""

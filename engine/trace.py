@@ -24,6 +24,9 @@ from pathlib import Path
 
 import torch
 
+from engine.config import DecodingConfig
+from engine.verify import accepted_length
+
 FORMAT = "judgeserve-acceptance-trace/1"
 
 
@@ -90,8 +93,7 @@ class TraceRecorder:
         self.trace = AcceptanceTrace(source, mode, draft_tokens)
 
     def __call__(self, matched: torch.Tensor, judged: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
-        ok = matched | judged if judged is not None else matched
-        n = int(torch.cumprod(ok.to(torch.int64), 0).sum())
+        n = accepted_length(matched, judged)
         self.trace.accepted.append(n)
         self.trace.judged.append(int((~matched[:n]).sum()))
         return matched, judged
@@ -116,3 +118,10 @@ class TraceReplayer:
         j = min(self.trace.judged[i], n)
         index = torch.arange(k)
         return index < n - j, (index >= n - j) & (index < n)
+
+
+def replayer_for(decoding: DecodingConfig) -> TraceReplayer | None:
+    """The replayer decoding.replay_trace asks for (the engine's and the scheduler's), or None."""
+    path = decoding.replay_trace
+    return TraceReplayer(AcceptanceTrace.load(path)) if path is not None else None
+

@@ -66,6 +66,7 @@ def _worker(rank: int, init_file: str, out_dir: str, checkpoint: str | None) -> 
         logits, greedy = _passes(model)
         kv_heads = model.new_cache(MAX_LEN).k.shape[2]
         torch.save({"logits": logits, "greedy": greedy, "kv_heads": kv_heads}, Path(out_dir) / f"rank{rank}.pt")
+        dist.barrier()  # no rank tears its connections down while the other still reads from them
     finally:
         dist.destroy_process_group()
 

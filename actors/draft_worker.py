@@ -1,8 +1,9 @@
 """The draft worker: a Ray actor holding the draft model and one KV cache per active request.
 
-Each step-graph node (`step`, and `speculate` for pipelining) drafts one whole block (nothing per token
-crosses the actor boundary) with `engine.decode.draft_block`, the in-process engine's own draft loop, so the
-draft tokens equal the engine's bit for bit; a block may start with a greedy guess of the target's next
+Each step-graph node (`step`, and `speculate` for pipelining) drafts whole blocks (nothing per token
+crosses the actor boundary) for every request of the step batch at once with `engine.decode.draft_blocks`,
+the in-process engine's own draft loop, so the draft tokens equal the engine's (bit for bit where the
+model's batch invariance holds: bfloat16 on the CPU); a block may start with a greedy guess of the target's next
 token, which is how pipelining drafts block t+1 before block t is verified (actors.scheduler).
 
 Not for: deciding what to accept (the scheduler and engine.verify), or the target.
@@ -17,11 +18,13 @@ import ray
 import torch
 
 from actors.caches import RequestCaches, actor_device, cache_limit, set_threads
-from actors.messages import DraftInput, DraftOutput, Role, StepPlan, step_generator
+from actors.messages import DraftInput, DraftOutput, Role, StepBatch, step_generator
 from engine.config import Config
 from engine.cuda_graphs import graphs_for
-from engine.decode import draft_block
+from engine.decode import DraftAsk, draft_blocks
 from engine.weights import load_model
+
+Drafted = tuple[bytes | None, torch.Tensor | None]  # a plan's (DraftOutput, q), or (None, None)
 
 
 @ray.remote
@@ -44,42 +47,55 @@ class DraftWorker:
         """The loaded model, for ModelInfo (cluster.backend.describe's keys) and the vocabulary check."""
         return {"name": self.loaded.name, "fingerprint": self.loaded.fingerprint, "args": self.loaded.args}
 
-    def step(self, rec: bytes) -> tuple[bytes | None, torch.Tensor | None]:
-        """Step-graph node (actors.step_graph): StepPlan -> (DraftOutput, q) when it drafts, else (None, None).
+    def step(self, rec: bytes) -> list[Drafted]:
+        """Step-graph node (actors.step_graph): StepBatch -> per plan (DraftOutput, q) when it drafts, else
+        (None, None); the releases first, then every block in one batch of passes.
 
         q is the draft's distribution [K, vocab] (float32, CPU) over the block's positions in sampling mode
         and None when greedy: vocab-sized, so it travels as a tensor to target rank 0, never in a record.
         """
-        plan = StepPlan.from_bytes(rec, self.max_bytes)
-        if plan.release:
-            self.caches.release(plan.request_id)
-        return self._propose(plan.draft) if plan.draft is not None else (None, None)
+        plans = StepBatch.from_bytes(rec, self.max_bytes).plans
+        for plan in plans:
+            if plan.release:
+                self.caches.release(plan.request_id)
+        return self._propose([plan.draft for plan in plans])
 
-    def speculate(self, rec: bytes, drafted: tuple[bytes | None, torch.Tensor | None]) -> tuple[bytes | None, torch.Tensor | None]:
-        """Step-graph node, after `step`: drafts the next step's block while the target verifies this one
-        (StepPlan.speculate), fed this block's last token; (None, None) when not asked or when the block
+    def speculate(self, rec: bytes, drafted: list[Drafted]) -> list[Drafted]:
+        """Step-graph node, after `step`: drafts each plan's next block while the target verifies this one
+        (StepPlan.speculate), fed this block's last token; (None, None) where not asked or where the block
         holds a stop token."""
-        plan = StepPlan.from_bytes(rec, self.max_bytes)
-        inp = plan.speculate
-        if inp is None:
-            return None, None
-        if plan.draft is not None:  # the block was drafted in this step: continue from this cache
-            out = DraftOutput.from_bytes(drafted[0], self.max_bytes)
-            block, inp = out.tokens, dataclasses.replace(inp, keep=out.cache_len, feed=out.tokens[-1:])
-        else:
-            block = plan.verify.draft
-        if any(t in plan.stop_ids for t in block):
-            return None, None
-        return self._propose(inp)
+        asks: list[DraftInput | None] = []
+        for plan, (out, _) in zip(StepBatch.from_bytes(rec, self.max_bytes).plans, drafted):
+            inp = plan.speculate
+            if inp is not None and plan.draft is not None:  # drafted in this step: continue from this cache
+                block = DraftOutput.from_bytes(out, self.max_bytes)
+                inp = dataclasses.replace(inp, keep=block.cache_len, feed=block.tokens[-1:])
+                tokens = block.tokens
+            else:
+                tokens = plan.verify.draft if inp is not None else []
+            asks.append(None if inp is None or any(t in plan.stop_ids for t in tokens) else inp)
+        return self._propose(asks)
 
-    def _propose(self, inp: DraftInput) -> tuple[bytes, torch.Tensor | None]:
+    def _propose(self, inputs: list[DraftInput | None]) -> list[Drafted]:
+        """Drafts the blocks asked for, all in one batch of passes; (None, None) where none is."""
         t0 = time.perf_counter()
-        params = inp.sampling.params()
-        gen = None if params.greedy else step_generator(inp.sampling.seed, Role.DRAFT, inp.step)
-        cache = self.caches.at(inp.request_id, inp.keep)
-        tokens, q, guess = draft_block(self.loaded.model, cache, inp.feed, inp.k, params, gen, inp.guess)
-        out = DraftOutput(tokens, guess, cache.length, time.perf_counter() - t0)
-        return out.to_bytes(), q
+        asks = {}
+        for i, inp in enumerate(inputs):
+            if inp is not None:
+                params = inp.sampling.params()
+                gen = None if params.greedy else step_generator(inp.sampling.seed, Role.DRAFT, inp.step)
+                cache = self.caches.at(inp.request_id, inp.keep)
+                asks[i] = DraftAsk(cache, inp.feed, inp.k, params, gen, inp.guess)
+        blocks = dict(zip(asks, draft_blocks(self.loaded.model, list(asks.values()))))
+        compute_s = time.perf_counter() - t0  # the batch's: every request in it waited for all of it
+        results: list[Drafted] = []
+        for i in range(len(inputs)):
+            if i not in blocks:
+                results.append((None, None))
+                continue
+            tokens, q, guess = blocks[i]
+            results.append((DraftOutput(tokens, guess, asks[i].cache.length, compute_s).to_bytes(), q))
+        return results
 
     def active(self) -> list[str]:
         """Request ids that hold a cache here (empty when nothing is running)."""

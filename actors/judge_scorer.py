@@ -23,7 +23,7 @@ import time
 import ray
 import torch
 
-from actors.messages import JudgeOutput, StepPlan
+from actors.messages import JudgeOutput, StepBatch
 from engine.config import Config
 from engine.judge import JudgeHead, load_judge
 from engine.verify import judge_accept
@@ -54,15 +54,18 @@ class JudgeScorer:
             "default_threshold": self.default_threshold,
         }
 
-    def step(self, rec: bytes, verified: tuple[bytes | None, torch.Tensor | None]) -> bytes | None:
-        """Step-graph node (actors.step_graph): StepPlan and target rank 0's output -> JudgeOutput on the
-        hidden states [K, hidden] of d_1..d_K when the plan asks (StepPlan.judge), else None."""
-        plan = StepPlan.from_bytes(rec, self.max_bytes)
-        if not plan.judge:
-            return None
-        t0 = time.perf_counter()
-        verdicts = judge_verdicts(self.head, verified[1], plan.threshold)
-        return JudgeOutput(verdicts, time.perf_counter() - t0).to_bytes()
+    def step(self, rec: bytes, verified: list[tuple[bytes | None, torch.Tensor | None]]) -> list[bytes | None]:
+        """Step-graph node (actors.step_graph): StepBatch and target rank 0's outputs -> per plan a JudgeOutput
+        on the hidden states [K, hidden] of d_1..d_K where the plan asks (StepPlan.judge), else None."""
+        results: list[bytes | None] = []
+        for plan, (_, hidden) in zip(StepBatch.from_bytes(rec, self.max_bytes).plans, verified):
+            if not plan.judge:
+                results.append(None)
+                continue
+            t0 = time.perf_counter()
+            verdicts = judge_verdicts(self.head, hidden, plan.threshold)
+            results.append(JudgeOutput(verdicts, time.perf_counter() - t0).to_bytes())
+        return results
 
     def active(self) -> list[str]:
         """The judge holds no per-request state; here for symmetry with the other actors' checks."""

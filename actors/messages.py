@@ -9,8 +9,9 @@ Vocab-sized or hidden-sized tensors never go through msgpack: the draft's q (sam
 target's hidden states for the judge travel as torch tensors in separate Ray return values, so the
 scheduler passes their ObjectRefs on without fetching them.
 
-One step is one StepPlan, sent once to every actor of the step graph (actors.step_graph), whose data flows
-between the actors without going back through the scheduler (DESIGN.md section 1):
+One step of one request is one StepPlan; the steps of the running requests travel together as one
+StepBatch, sent once to every actor of the step graph (actors.step_graph), whose data flows between the
+actors without going back through the scheduler (DESIGN.md section 1), per plan:
   plan --> draft worker: DraftOutput (+ q tensor when sampling) --> every target shard
   plan --> every target shard: VerifyOutput (+ hidden tensor) or, for prefill and autoregressive steps,
            TargetOutput --> judge scorer: JudgeOutput
@@ -109,6 +110,8 @@ def _is(value: Any, tp: type) -> bool:
 
 
 def _encode(value: Any) -> Any:
+    if isinstance(value, list):
+        return [_encode(v) for v in value] if value and isinstance(value[0], Record) else value
     return value._to_map() if isinstance(value, Record) else value
 
 
@@ -294,6 +297,16 @@ neither for a release.
     speculate: DraftInput | None
     stop_ids: list[int]
     release: bool  # nothing else: free the request's caches (in graph order, after its last step)
+
+
+@dataclass(frozen=True)
+class StepBatch(Record):
+    """One execution of the step graph: the steps of every running request that are ready (continuous
+    batching, actors.scheduler). Each actor handles them in list order and answers with a list in the same
+    order; the draft worker drafts all blocks in one batch of passes and the shards verify them in one
+    pass (a prefill runs alone: its length would pad every other row)."""
+
+    plans: list[StepPlan]
 
 
 # ---- judge scorer --------------------------------------------------------------------------------------

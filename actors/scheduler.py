@@ -22,10 +22,15 @@ so greedy output is the same with or without pipelining. In sampling mode the sp
 from the same RNG stream a re-draft would (actors.messages), and a dropped block is never looked at, so
 the emitted tokens still follow the target's distribution.
 
-Requests run one at a time by default (serve.max_active_requests); more interleave step by step, each
-with its own caches (batching them into one pass is a later issue; `RequestState` is what a batch would
-hold). `abort(request_id)` stops a request at the next step boundary; its caches are released in every
-actor when its loop ends, however it ends.
+Continuous batching (StepBatcher). Up to serve.max_active_requests run at once (more wait in arrival
+order, up to serve.max_queued_requests at the server), each with its own caches in every actor and its
+own mode, K, threshold and sampling. Each request's loop above is unchanged: its steps go to the
+batcher, which runs the ready steps of all running requests as one execution of the step graph, so one
+batch of draft passes drafts every block and one target pass verifies them all, each request accepting
+its own n (ragged acceptance; each cache is rolled back on its own). Requests join and leave between
+batches. Under load K may be capped (serve.draft_tokens_by_load): verification stops being nearly free
+once the batch's rows make the target compute-bound. `abort(request_id)` stops a request at the next
+step boundary; its caches are released in every actor when its loop ends, however it ends.
 
 Not for: tokenizing or checking requests (cluster.ray_backend, with engine.decode's rules), the gRPC edge.
 """
@@ -287,6 +292,78 @@ def stop_ids(request: Request, tokenizer: Tokenizer) -> frozenset[int]:
     return frozenset(p.stop_token_ids) | (frozenset() if p.ignore_eos else frozenset(tokenizer.eos_ids))
 
 
+class StepBatcher:
+    """Continuous batching: gathers the steps of the running requests into one execution of the step graph.
+
+    Each running request submits its next step (`run`) and awaits the result; a batch leaves as soon as
+    every running request has submitted one (or after `wait_s`, so that a request busy elsewhere never
+    holds the others back), and the next batch forms while it runs. Requests join and leave between
+    batches (`join`, `leave`), so a new request's prefill rides along with the others' steps and a
+    finished one stops taking a row, without waiting for the batch to drain. A release (StepPlan.release)
+    rides in the next batch and is not waited for. One batch runs at a time, so every actor sees the
+    batches in one order.
+    """
+
+    def __init__(self, graph: StepGraph, wait_s: float):
+        self.graph, self.wait_s = graph, wait_s
+        self.running = 0  # requests between their first and last step
+        self.batches = 0
+        self.batched_steps = 0  # steps (not releases) over all batches: / batches = the mean batch size
+        self._pending: list[tuple[StepPlan, torch.Tensor | None, asyncio.Future]] = []
+        self._changed = asyncio.Event()
+        self._task: asyncio.Task | None = None
+
+    def join(self) -> None:
+        self.running += 1
+
+    def leave(self) -> None:
+        self.running -= 1
+        self._changed.set()  # the batch forming may be complete without this request
+
+    async def run(self, plan: StepPlan, q: torch.Tensor | None) -> StepResult:
+        """Plan's result, once the batch it rides in has run (raises what the batch raised)."""
+        done = asyncio.get_running_loop().create_future()
+        self._pending.append((plan, q, done))
+        self._changed.set()
+        if self._task is None or self._task.done():
+            self._task = asyncio.ensure_future(self._loop())
+        return await done
+
+    def _ready(self) -> bool:
+        return sum(not plan.release for plan, _, _ in self._pending) >= self.running
+
+    async def _loop(self) -> None:
+        loop = asyncio.get_running_loop()
+        while self._pending:
+            deadline = loop.time() + self.wait_s
+            while not self._ready() and loop.time() < deadline:
+                self._changed.clear()
+                try:
+                    await asyncio.wait_for(self._changed.wait(), deadline - loop.time())
+                except asyncio.TimeoutError:
+                    break
+            batch, self._pending = self._pending, []
+            steps = sum(not plan.release for plan, _, _ in batch)
+            self.batches += bool(steps)
+            self.batched_steps += steps
+            try:
+                results = await self.graph.run([plan for plan, _, _ in batch], [q for _, q, _ in batch])
+            except Exception as err:  # every request of the batch sees the failure (StepFailed)
+                for *_, done in batch:
+                    if not done.done():
+                        done.set_exception(err)
+                continue
+            for (*_, done), result in zip(batch, results):
+                if not done.done():  # a cancelled waiter's future is done already
+                    done.set_result(result)
+
+
+def capped_draft_length(k: int, running: int, caps: dict[int, int]) -> int:
+    """K under load (serve.draft_tokens_by_load): the cap of the largest threshold <= running, if any."""
+    cap = max((n for n in caps if n <= running), default=None)
+    return k if cap is None else min(k, caps[cap])
+
+
 # ---- the actor -------------------------------------------------------------------------------------------
 
 
@@ -321,6 +398,8 @@ class Scheduler:
         if compiled is None:
             compiled = config.runtime.device.startswith("cuda")
         self.graph = StepGraph(draft, shards, judge, self.max_bytes, compiled)
+        self.batcher = StepBatcher(self.graph, config.serve.batch_wait_ms / 1e3)
+        self.k_caps = config.serve.draft_tokens_by_load
         self._turns = asyncio.Semaphore(config.serve.max_active_requests)
         self._requests: dict[str, RequestState] = {}
         self._pipelined = [0, 0]  # blocks drafted ahead, blocks used: over all requests, for stats()
@@ -348,6 +427,8 @@ class Scheduler:
             "stopped_at_step": dict(self._stopped_at),
             "pipelined_blocks": self._pipelined[0],
             "pipelined_blocks_used": self._pipelined[1],
+            "batches": self.batcher.batches,
+            "batched_steps": self.batcher.batched_steps,
         }
 
     def abort(self, request_id: str) -> bool:
@@ -374,6 +455,7 @@ class Scheduler:
             if not await self._wait_turn(state):
                 yield completion_record(state.completion()).to_bytes()
                 return
+            self.batcher.join()
             try:
                 state.started = time.perf_counter()  # wall time excludes the queue, as LocalBackend's does
                 async for event in self._run(state):
@@ -393,6 +475,7 @@ class Scheduler:
                 self._remember(self._stopped_at, inp.request_id, state.step)
                 raise
             finally:
+                self.batcher.leave()
                 self._release(state)
                 self._turns.release()
             yield completion_record(done).to_bytes()
@@ -405,6 +488,7 @@ class Scheduler:
         request, out = state.request, state.output
         while out.finish is None and not state.aborted.is_set():
             k = draft_length(request, len(state.ids), len(out.token_ids), self.max_seq_len)
+            k = capped_draft_length(k, self.batcher.running, self.k_caps)
             if not request.mode.is_speculative or k == 0 or state.target_len == 0:
                 step = await self._target_step(state)
             else:
@@ -494,7 +578,7 @@ class Scheduler:
         if not self.pipeline:
             return None
         ids_len, emitted = len(state.ids) + k + 1, len(state.output.token_ids) + k + 1
-        k_next = draft_length(state.request, ids_len, emitted, self.max_seq_len)
+        k_next = capped_draft_length(draft_length(state.request, ids_len, emitted, self.max_seq_len), self.batcher.running, self.k_caps)
         if k_next == 0:
             return None
         # keep and feed are the reused block's here; a block drafted in this step sets its own (DraftWorker).
@@ -529,7 +613,7 @@ class Scheduler:
         the step still completes in the actors (a graph's execution cannot be withdrawn), and the release
         follows it."""
         t0 = time.perf_counter()
-        result = await asyncio.shield(self.graph.run(plan, q))
+        result = await asyncio.shield(self.batcher.run(plan, q))
         return result, time.perf_counter() - t0
 
     def _accept(
@@ -584,7 +668,7 @@ class Scheduler:
         """Frees the request's caches in every actor: a step of its own, after the request's last one (also
         one still running in the actors after a cancellation), so every rank sees the same order."""
         state.speculation = None
-        released = asyncio.ensure_future(self.graph.run(self._plan(state, release=True), None))
+        released = asyncio.ensure_future(self.batcher.run(self._plan(state, release=True), None))
         released.add_done_callback(_log_failure)
 
 

@@ -1,12 +1,14 @@
 """One step's dataflow across the actors, run as a Ray Compiled Graph (the default) or as plain actor calls.
 
-The scheduler sends one StepPlan per step; the data then flows between the actors directly, and the
-scheduler gets everything back at once (one round trip per step instead of one per phase):
+The scheduler sends one StepBatch per execution: the StepPlans of every running request whose next step
+is ready (continuous batching). The data then flows between the actors directly, a list per node with one
+entry per plan, and the scheduler gets everything back at once (one round trip per batch of steps
+instead of one per phase of each):
 
-    drafted    = draft.step(plan)                       # DraftOutput and q, or nothing
-    speculated = draft.speculate(plan, drafted)         # pipelining: the next block, during verification
-    verified_r = shard_r.step(plan, drafted, q)         # every rank: verification, or one target token
-    judged     = judge.step(plan, verified_0)           # on rank 0's hidden states of the block
+    drafted    = draft.step(batch)                      # per plan: DraftOutput and q, or nothing
+    speculated = draft.speculate(batch, drafted)        # pipelining: next blocks, during verification
+    verified_r = shard_r.step(batch, drafted, qs)       # every rank: verifications and target tokens
+    judged     = judge.step(batch, verified_0)          # on rank 0's hidden states of the blocks
 
 A plain Ray actor call costs about 1 ms on the GPU machine (measured there: two chained calls 2.1 ms, the
 same two hops as a Compiled Graph 0.27 ms); a Compiled Graph sets up its channels once and reuses them for
@@ -36,11 +38,11 @@ import torch
 from ray.actor import ActorHandle
 from ray.dag import InputNode, MultiOutputNode
 
-from actors.messages import DraftOutput, JudgeOutput, StepPlan, TargetOutput, VerifyOutput
+from actors.messages import DraftOutput, JudgeOutput, StepBatch, StepPlan, TargetOutput, VerifyOutput
 
-# Executions a compiled graph holds at once: each running request has at most one, plus the last step and
-# the release of requests that just ended or were cancelled mid-step. Each costs a shared-memory buffer
-# per channel, so the bound is small and a semaphore makes further steps wait their turn.
+# Executions a compiled graph holds at once (the scheduler runs one batch at a time; more only while a
+# cancelled batch's execution drains). Each costs a shared-memory buffer per channel, so the bound is
+# small and a semaphore makes further executions wait their turn.
 MAX_INFLIGHT = 8
 
 
@@ -85,47 +87,50 @@ class StepGraph:
         if not self.compiled or self._dag is not None:
             return
         with InputNode() as inp:
-            plan, q = inp[0], inp[1]
+            plan, qs = inp[0], inp[1]
             drafted = self.draft.step.bind(plan)
             speculated = self.draft.speculate.bind(plan, drafted)
-            verified = [shard.step.bind(plan, drafted, q if rank == 0 else None) for rank, shard in enumerate(self.shards)]
+            verified = [shard.step.bind(plan, drafted, qs if rank == 0 else None) for rank, shard in enumerate(self.shards)]
             judged = [self.judge.step.bind(plan, verified[0])] if self.judge is not None else []
             graph = MultiOutputNode([drafted, speculated, *verified, *judged])
         self._dag = graph.experimental_compile(enable_asyncio=True, _max_inflight_executions=MAX_INFLIGHT)
 
-    async def run(self, plan: StepPlan, q: torch.Tensor | None) -> StepResult:
-        """One step: `q` is the reused block's [K, vocab] draft distribution (sampling), else None."""
-        rec = plan.to_bytes()
+    async def run(self, plans: list[StepPlan], qs: list[torch.Tensor | None]) -> list[StepResult]:
+        """One execution for a batch of steps (actors.messages.StepBatch); qs[i] is plan i's reused block's
+        [K, vocab] draft distribution (sampling), else None. Results in the plans' order."""
+        rec = StepBatch(plans).to_bytes()
         async with self._turns:
             try:
-                outs = await (self._run_compiled(rec, q) if self.compiled else self._run_calls(plan, rec, q))
+                outs = await (self._run_compiled(rec, qs) if self.compiled else self._run_calls(plans, rec, qs))
             except Exception as err:
-                raise StepFailed(f"step of request {plan.request_id} failed: {type(err).__name__}: {err}") from err
-        return self._decode(plan, outs)
+                ids = ", ".join(p.request_id for p in plans)
+                raise StepFailed(f"step of requests {ids} failed: {type(err).__name__}: {err}") from err
+        return [self._decode(i, plan, outs) for i, plan in enumerate(plans)]
 
     def teardown(self) -> None:
         if self._dag is not None:
             self._dag.teardown()
             self._dag = None
 
-    async def _run_compiled(self, rec: bytes, q: torch.Tensor | None) -> list[Any]:
+    async def _run_compiled(self, rec: bytes, qs: list[torch.Tensor | None]) -> list[Any]:
         if self._dag is None:
             self.compile()
-        futures = await self._dag.execute_async(rec, q)
+        futures = await self._dag.execute_async(rec, qs)
         outs = [await f for f in futures]
         for out in outs:  # a node's failure (a dead actor's closed channel) can arrive as a value
             if isinstance(out, Exception):
                 raise out
         return outs
 
-    async def _run_calls(self, plan: StepPlan, rec: bytes, q: torch.Tensor | None) -> list[Any]:
-        """The graph's nodes as plain calls; a node the plan gives nothing to do is not called (each call
-        costs a round trip: an autoregressive step is one call per shard)."""
-        nothing = (None, None)
-        drafted = self.draft.step.remote(rec) if plan.draft is not None or plan.release else nothing
-        speculated = self.draft.speculate.remote(rec, drafted) if plan.speculate is not None else nothing
-        verified = [shard.step.remote(rec, drafted, q if rank == 0 else None) for rank, shard in enumerate(self.shards)]
-        judged = [self.judge.step.remote(rec, verified[0]) if plan.judge else None] if self.judge is not None else []
+    async def _run_calls(self, plans: list[StepPlan], rec: bytes, qs: list[torch.Tensor | None]) -> list[Any]:
+        """The graph's nodes as plain calls; a node no plan gives anything to do is not called (each call
+        costs a round trip: a batch of autoregressive steps is one call per shard)."""
+        nothing = [(None, None)] * len(plans)
+        drafted = self.draft.step.remote(rec) if any(p.draft is not None or p.release for p in plans) else nothing
+        speculated = self.draft.speculate.remote(rec, drafted) if any(p.speculate is not None for p in plans) else nothing
+        verified = [shard.step.remote(rec, drafted, qs if rank == 0 else None) for rank, shard in enumerate(self.shards)]
+        judging = self.judge is not None and any(p.judge for p in plans)
+        judged = [self.judge.step.remote(rec, verified[0]) if judging else None] if self.judge is not None else []
         outs = [drafted, speculated, *verified, *judged]
         calls = [i for i, out in enumerate(outs) if isinstance(out, ray.ObjectRef)]
         # gather: a failure on any rank surfaces at once, not after rank 0's collective times out
@@ -133,9 +138,11 @@ class StepGraph:
             outs[i] = value
         return outs
 
-    def _decode(self, plan: StepPlan, outs: list[Any]) -> StepResult:
-        (drafted, q), (speculated, speculated_q), (leader, _) = outs[0], outs[1], outs[2]
+    def _decode(self, i: int, plan: StepPlan, outs: list[Any]) -> StepResult:
+        """Plan i's results out of the nodes' lists."""
+        (drafted, q), (speculated, speculated_q), (leader, _) = outs[0][i], outs[1][i], outs[2][i]
         judged = outs[2 + len(self.shards)] if self.judge is not None else None
+        judged = judged[i] if judged is not None else None
         limit = self.max_bytes
         return StepResult(
             drafted=DraftOutput.from_bytes(drafted, limit) if drafted is not None else None,
@@ -146,4 +153,3 @@ class StepGraph:
             verify=VerifyOutput.from_bytes(leader, limit) if plan.verify is not None else None,
             judged=JudgeOutput.from_bytes(judged, limit) if judged is not None else None,
         )
-

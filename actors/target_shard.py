@@ -8,9 +8,10 @@ through `actors.target_group.call_all`. The LM head and final norm are replicate
 pass with the full logits and hidden states; rank 0 alone turns them into the compact result
 (the other ranks return None), so nothing vocab-sized leaves the shard.
 
-The pure parts, `target_token` and `verify_pass` + `verdicts`, make the same forward calls as the
-in-process engine (engine.decode.Engine._target_step and ._verify), so TP=1 results are bitwise the
-engine's, and verification uses engine.verify unchanged.
+The pure parts, `target_token` and engine.decode.target_passes + `verdicts`, make the same forward calls
+as the in-process engine (engine.decode.Engine._target_step and ._verify), so TP=1 results are bitwise the
+engine's (a batch's too, where the model's batch invariance holds: bfloat16 on the CPU), and
+verification uses engine.verify unchanged.
 
 Not for: choosing K, accepting tokens, or the judge (actors.scheduler, actors.judge_scorer).
 """
@@ -30,7 +31,7 @@ from actors.caches import RequestCaches, actor_device, cache_limit, set_threads
 from actors.messages import (
     DraftOutput,
     Role,
-    StepPlan,
+    StepBatch,
     TargetInput,
     TargetOutput,
     VerifyInput,
@@ -39,10 +40,14 @@ from actors.messages import (
 )
 from engine.config import Config
 from engine.cuda_graphs import graphs_for
+from engine.decode import target_passes
 from engine.model import KVCache, Transformer
 from engine.sampling import SamplingParams, next_token
 from engine.verify import DraftBlock, final_token, standard_accept
 from engine.weights import load_model
+
+Drafted = tuple[bytes | None, torch.Tensor | None]  # the draft worker's (DraftOutput, q) of a plan
+Verified = tuple[bytes | None, torch.Tensor | None]  # rank 0's (TargetOutput or VerifyOutput, hidden) of a plan
 
 # A rank whose peer died waits this long in a collective before failing (torch's default is 30 minutes).
 COLLECTIVE_TIMEOUT = timedelta(minutes=5)
@@ -55,16 +60,6 @@ def target_token(
     """One target pass over `feed` (the prompt, or the last emitted token) -> the next token."""
     logits, _ = model(torch.tensor([feed], device=cache.k.device), cache, last_only=True)
     return next_token(logits[0, -1], params, gen)
-
-
-@torch.inference_mode()
-def verify_pass(
-    model: Transformer, cache: KVCache, feed: list[int], draft: list[int]
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """One target pass over feed + [d_1..d_K] -> logits [K+1, vocab] (CPU), hidden [K, hidden] of d_1..d_K."""
-    k = len(draft)
-    logits, hidden = model(torch.tensor([feed + draft], device=cache.k.device), cache)
-    return logits[0, -(k + 1) :].cpu(), hidden[0, -k:]
 
 
 def verdicts(
@@ -139,39 +134,60 @@ class TargetShard:
 
     # ---- passes ------------------------------------------------------------------------------------------
 
-    def step(
-        self, rec: bytes, drafted: tuple[bytes | None, torch.Tensor | None], q: torch.Tensor | None
-    ) -> tuple[bytes | None, torch.Tensor | None]:
-        """Step-graph node (actors.step_graph): StepPlan -> (TargetOutput or VerifyOutput, hidden) on rank 0,
-        (None, None) on the others.
+    def step(self, rec: bytes, drafted: list[Drafted], qs: list[torch.Tensor | None] | None) -> list[Verified]:
+        """Step-graph node (actors.step_graph): StepBatch -> per plan (TargetOutput or VerifyOutput, hidden) on
+        rank 0, (None, None) on the others and for releases.
 
-        A verification takes the block from `drafted` (the draft worker's output in this step; rank 0 also
-        its q) or from the plan (a block drafted ahead; rank 0 gets its q as `q`). The hidden states of
-        d_1..d_K are the judge's input (StepPlan.judge): not vocab-sized, they go as a CPU tensor.
+        The releases go first, then each prefill alone, then every other plan's pass (autoregressive
+        tokens and verifications) in one batched pass. A verification takes its block from `drafted` (the
+        draft worker's outputs in this step; rank 0 also its q) or from the plan (a block drafted ahead;
+        rank 0 gets its q in `qs`). The hidden states of d_1..d_K are the judge's input (StepPlan.judge):
+        not vocab-sized, they go as a CPU tensor.
         """
-        plan = StepPlan.from_bytes(rec, self.max_bytes)
-        if plan.release:
-            self.caches.release(plan.request_id)
-            return None, None
-        if plan.target is not None:
-            return self._one_token(plan.target), None
-        inp = plan.verify
-        if plan.draft is not None:
-            inp = dataclasses.replace(inp, draft=DraftOutput.from_bytes(drafted[0], self.max_bytes).tokens)
-            q = drafted[1]
-        return self._verify(inp, q)
+        plans = StepBatch.from_bytes(rec, self.max_bytes).plans
+        results: list[Verified] = [(None, None)] * len(plans)
+        for plan in plans:
+            if plan.release:
+                self.caches.release(plan.request_id)
+        rows: list[tuple[int, TargetInput | VerifyInput, torch.Tensor | None]] = []
+        for i, plan in enumerate(plans):
+            if plan.target is not None and plan.target.keep == 0:
+                results[i] = (self._prefill(plan.target), None)
+            elif plan.target is not None:
+                rows.append((i, plan.target, None))
+            elif plan.verify is not None:
+                inp, q = plan.verify, (qs[i] if qs is not None else None)  # qs goes to rank 0 alone
+                if plan.draft is not None:
+                    inp = dataclasses.replace(inp, draft=DraftOutput.from_bytes(drafted[i][0], self.max_bytes).tokens)
+                    q = drafted[i][1]
+                rows.append((i, inp, q))
+        if rows:
+            for (i, *_), out in zip(rows, self._pass(rows)):
+                results[i] = out
+        return results
 
-    def _verify(self, inp: VerifyInput, q: torch.Tensor | None) -> tuple[bytes | None, torch.Tensor | None]:
+    def _pass(self, rows: list[tuple[int, TargetInput | VerifyInput, torch.Tensor | None]]) -> list[Verified]:
+        """One batched target pass over every row: an autoregressive token or a verification each."""
         t0 = time.perf_counter()
-        cache = self.caches.at(inp.request_id, inp.keep)
-        logits, hidden = verify_pass(self.model, cache, inp.feed, inp.draft)
+        caches = [self.caches.at(inp.request_id, inp.keep) for _, inp, _ in rows]
+        feeds = [inp.feed + (inp.draft if isinstance(inp, VerifyInput) else []) for _, inp, _ in rows]
+        passes = target_passes(self.model, caches, feeds)
         if self.rank != 0:
-            return None, None
-        params = inp.sampling.params()
-        gen = None if params.greedy else step_generator(inp.sampling.seed, Role.TARGET, inp.step)
-        matched, candidates = verdicts(inp.draft, q, logits, params, gen)
-        out = VerifyOutput(matched, candidates, cache.length, time.perf_counter() - t0)
-        return out.to_bytes(), (hidden.cpu() if inp.want_hidden else None)
+            return [(None, None)] * len(rows)
+        compute_s = time.perf_counter() - t0  # the batch's pass: every request in it waited for all of it
+        results: list[Verified] = []
+        for (_, inp, q), cache, (logits, hidden) in zip(rows, caches, passes):
+            params = inp.sampling.params()
+            gen = None if params.greedy else step_generator(inp.sampling.seed, Role.TARGET, inp.step)
+            if isinstance(inp, TargetInput):
+                token = next_token(logits[-1], params, gen)
+                results.append((TargetOutput(token, cache.length, compute_s).to_bytes(), None))
+                continue
+            k = len(inp.draft)
+            matched, candidates = verdicts(inp.draft, q, logits[-(k + 1) :].cpu(), params, gen)
+            out = VerifyOutput(matched, candidates, cache.length, compute_s)
+            results.append((out.to_bytes(), hidden[-k:].cpu() if inp.want_hidden else None))
+        return results
 
     def active(self) -> list[str]:
         """Request ids that hold a cache on this rank (empty when nothing is running)."""
@@ -181,7 +197,8 @@ class TargetShard:
         """Passes each recently released request ran on this rank."""
         return dict(self.caches.released)
 
-    def _one_token(self, inp: TargetInput) -> bytes | None:
+    def _prefill(self, inp: TargetInput) -> bytes | None:
+        """The prompt's pass, alone, and the first token."""
         t0 = time.perf_counter()
         params = inp.sampling.params()
         gen = None if params.greedy else step_generator(inp.sampling.seed, Role.TARGET, inp.step)

@@ -309,6 +309,8 @@ class RayBackend:
             "judge": await self._judge.active.remote() if self._judge is not None else [],
             "pipelined_blocks": scheduler["pipelined_blocks"],
             "pipelined_blocks_used": scheduler["pipelined_blocks_used"],
+            "batches": scheduler["batches"],  # step-graph executions carrying steps, and the steps they carried
+            "batched_steps": scheduler["batched_steps"],
         }
 
     def actors(self) -> dict[str, ray.actor.ActorHandle]:

@@ -177,7 +177,29 @@ class ServeConfig(_Section):
         1, ge=1, le=1024, description="CPUs reserved for, and torch threads of, the draft worker and each shard"
     )
     max_active_requests: int = Field(
-        1, ge=1, le=1024, description="requests the scheduler runs at once (interleaved step by step; more wait)"
+        8,
+        ge=1,
+        le=1024,
+        description=(
+            "requests the scheduler runs at once, their steps batched into one pass of each model (continuous "
+            "batching; each holds a KV cache per model); more wait"
+        ),
+    )
+    batch_wait_ms: float = Field(
+        5.0,
+        ge=0,
+        le=1000,
+        description=(
+            "longest a batch of steps waits for a running request's next step before it leaves without it "
+            "(normally every running request's step is ready at once and nothing waits)"
+        ),
+    )
+    draft_tokens_by_load: dict[int, int] = Field(
+        default_factory=dict,
+        description=(
+            "K under load: {running requests: largest K}, the entry of the largest count <= the running requests "
+            "applies (e.g. {16: 4}: K at most 4 from 16 running requests on); empty: a request's own K always"
+        ),
     )
     max_queued_requests: int = Field(
         64,
@@ -222,6 +244,14 @@ class ServeConfig(_Section):
             "CPU the draft's and the target's passes alternate on the same cores (docs/performance.md)"
         ),
     )
+    @field_validator("draft_tokens_by_load")
+    @classmethod
+    def _caps_in_range(cls, caps: dict[int, int]) -> dict[int, int]:
+        for running, k in caps.items():
+            if running < 1 or not 1 <= k <= 128:
+                raise ValueError(f"{running}: {k}: running requests must be >= 1 and K in [1, 128]")
+        return caps
+
     max_record_bytes: int = Field(
         16 * 1024 * 1024,
         ge=1024,

@@ -127,7 +127,65 @@ class _Sequence:
             draft_cache.length = 0
 
 
+@dataclass(frozen=True)
+class DraftAsk:
+    """One request's part of a draft call: `feed` (what the draft has not seen) into `cache`, then K tokens;
+    with `guess`, first the draft's argmax guess of the target's next token (see draft_blocks)."""
+
+    cache: KVCache
+    feed: list[int]
+    k: int
+    params: SamplingParams
+    gen: torch.Generator | None
+    guess: bool = False
+
+
 @torch.inference_mode()
+def draft_blocks(model: Transformer, asks: Sequence[DraftAsk]) -> list[tuple[list[int], torch.Tensor | None, int | None]]:
+    """One draft pass per token for every request at once (a batch of one is the plain pass, graphs and
+    all), the first pass also feeding each request's `feed`; a request leaves the batch when its block is
+    complete. Per request: (d_1..d_K, q [K, vocab] float32 on the CPU or None when greedy, the guess or None).
+
+    With `guess`, the first pass yields the draft's argmax guess of the target's next token (argmax even
+    when sampling: the guess only has to be likely, it is never emitted unchecked) and the block follows it.
+    """
+    device = next(model.parameters()).device
+    fed = [torch.tensor(a.feed, device=device) for a in asks]
+    drawn: list[list[torch.Tensor]] = [[] for _ in asks]  # the guess (if any), then d_1..d_K, 0-d on the device
+    probs: list[list[torch.Tensor]] = [[] for _ in asks]
+    passes = [a.k + int(a.guess) for a in asks]
+    for i in range(max(passes, default=0)):
+        rows = [b for b, n in enumerate(passes) if i < n]
+        outs = model.forward_batch([fed[b] for b in rows], [asks[b].cache for b in rows], last_only=True)
+        for b, (logits, _) in zip(rows, outs):
+            ask, row = asks[b], logits[-1]  # [vocab]
+            if (ask.guess and i == 0) or ask.params.greedy:  # the argmax stays on the device: one sync per block
+                token = row.argmax()
+            else:
+                q = probabilities(row, ask.params)  # [vocab]
+                token = torch.tensor(int(sample(q, ask.gen)), device=device)
+                probs[b].append(q)
+            drawn[b].append(token)
+            fed[b] = token.view(1)
+    results = []
+    for ask, tokens, q in zip(asks, drawn, probs):
+        ids = torch.stack(tokens).tolist() if tokens else []
+        first = ids.pop(0) if ask.guess else None
+        results.append((ids, torch.stack(q).cpu() if q else None, first))  # q: [K, vocab]
+    return results
+
+
+@torch.inference_mode()
+def target_passes(
+    model: Transformer, caches: Sequence[KVCache], feeds: Sequence[list[int]]
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """One target pass for several requests (Transformer.forward_batch): feed b into caches[b] ->
+    (logits [T_b, vocab], hidden [T_b, hidden]) each, on the model's device. For a verification the feed
+    is [t_last, d_1..d_K]: its last K+1 logits and last K hidden states are the block's."""
+    device = caches[0].k.device
+    return model.forward_batch([torch.tensor(f, device=device) for f in feeds], list(caches))
+
+
 def draft_block(
     model: Transformer,
     cache: KVCache,
@@ -137,30 +195,8 @@ def draft_block(
     gen: torch.Generator | None,
     guess: bool,
 ) -> tuple[list[int], torch.Tensor | None, int | None]:
-    """One draft pass per token, the first also feeding `feed` (what the draft has not seen).
-
-    Returns (d_1..d_K, q [K, vocab] float32 on the CPU or None when greedy, the guess or None). With
-    `guess`, the first pass yields the draft's argmax guess of the target's next token (argmax even when
-    sampling: the guess only has to be likely, it is never emitted unchecked) and the block follows it.
-    """
-    device = cache.k.device
-    fed = torch.tensor([feed], device=device)
-    drawn, probs = [], []  # the guess (if any), then d_1..d_K, as 0-d tensors on the device
-    for i in range(k + int(guess)):
-        logits, _ = model(fed, cache, last_only=True)
-        row = logits[0, -1]  # [vocab]
-        if (guess and i == 0) or params.greedy:  # the argmax stays on the device: one host sync per block
-            token = row.argmax()
-        else:
-            q = probabilities(row, params)  # [vocab]
-            token = torch.tensor(int(sample(q, gen)), device=device)
-            probs.append(q)
-        drawn.append(token)
-        fed = token.view(1, 1)
-    q_block = torch.stack(probs).cpu() if probs else None  # [K, vocab]
-    ids = torch.stack(drawn).tolist() if drawn else []
-    first = ids.pop(0) if guess else None
-    return ids, q_block, first
+    """draft_blocks for one request."""
+    return draft_blocks(model, [DraftAsk(cache, feed, k, params, gen, guess)])[0]
 
 
 class Engine:
@@ -342,8 +378,8 @@ class Engine:
         """One target pass over [t_last, d_1..d_K] -> logits [K+1, vocab], hidden of d_1..d_K [K, hidden]."""
         k = block.tokens.shape[0]
         pending = seq.ids[seq.target_cache.length :] + block.tokens.tolist()
-        logits, hidden = self.target.model(torch.tensor([pending], device=self.device), seq.target_cache)
-        return logits[0, -(k + 1) :].cpu(), hidden[0, -k:]
+        ((logits, hidden),) = target_passes(self.target.model, [seq.target_cache], [pending])
+        return logits[-(k + 1) :].cpu(), hidden[-k:]
 
     def _judge(self, hidden: torch.Tensor, request: Request) -> torch.Tensor:
         """hidden: [K, hidden] -> [K] bool: the judge's verdict on each draft token."""

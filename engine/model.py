@@ -168,6 +168,15 @@ class Slots:
     mask: torch.Tensor
 
 
+@dataclass(frozen=True)
+class Rows:
+    """Where a batched eager pass writes and reads: row b of the batch is one request's pass, over
+    `caches[b]` at `spans[b]` (each request keeps its own cache; the matrix products see the whole batch)."""
+
+    caches: tuple[KVCache, ...]
+    spans: tuple[Span, ...]
+
+
 class Attention(nn.Module):
     def __init__(self, args: ModelArgs, layer: int):
         super().__init__()
@@ -180,22 +189,41 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(self.n_heads * self.head_dim, h, bias=False)
 
     def forward(
-        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: KVCache, where: Span | Slots
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: KVCache | None, where: Span | Slots | Rows
     ) -> torch.Tensor:
         """x: [batch, T, hidden]. With a Span, the first `rows` rows are real and any further rows repeat the
-        last real one (they only keep the matrix products at Transformer.MIN_ROWS); with Slots, every row is."""
+        last real one (they only keep the matrix products at Transformer.MIN_ROWS); with Slots, every row is;
+        with Rows, each batch row is a Span over its own cache (`cache` is None)."""
         b, t, _ = x.shape
         q = self.q_proj(x).view(b, t, self.n_heads, self.head_dim).transpose(1, 2)
         k = self.k_proj(x).view(b, t, self.n_kv, self.head_dim).transpose(1, 2)
         v = self.v_proj(x).view(b, t, self.n_kv, self.head_dim).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if isinstance(where, Rows):
+            out = torch.cat(
+                [
+                    self._attend(q[i : i + 1], k[i : i + 1], v[i : i + 1], c.k[self.layer], c.v[self.layer], span)
+                    for i, (c, span) in enumerate(zip(where.caches, where.spans))
+                ]
+            )
+            return self.o_proj(out.transpose(1, 2).reshape(b, t, -1))
         keys, values = cache.k[self.layer], cache.v[self.layer]  # [batch, kv_heads, max_len, head_dim]
-        gqa = self.n_kv != self.n_heads
         if isinstance(where, Slots):  # the whole cache, masked: the same shapes at every position
             keys.index_copy_(2, where.positions, k)
             values.index_copy_(2, where.positions, v)
+            gqa = self.n_kv != self.n_heads
             out = F.scaled_dot_product_attention(q, keys, values, attn_mask=where.mask, enable_gqa=gqa)
-            return self.o_proj(out.transpose(1, 2).reshape(b, t, -1))
+        else:
+            out = self._attend(q, k, v, keys, values, where)
+        return self.o_proj(out.transpose(1, 2).reshape(b, t, -1))
+
+    def _attend(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, where: Span
+    ) -> torch.Tensor:
+        """Writes the span's keys and values into the cache and attends: q [b, heads, T, head_dim] ->
+        [b, heads, T, head_dim]."""
+        b, _, t, _ = q.shape
+        gqa = self.n_kv != self.n_heads
         start, rows = where.start, where.rows
         end = start + rows
         keys[:, :, start:end] = k[:, :, :rows]
@@ -216,10 +244,10 @@ class Attention(nn.Module):
             if t > rows:
                 out = torch.cat((out, out[:, :, -1:].expand(b, self.n_heads, t - rows, self.head_dim)), dim=2)
         else:  # query i sits at position start + min(i, rows - 1) and sees the keys up to it
-            q_pos = (start + torch.arange(t, device=x.device)).clamp_max(end - 1)
-            mask = torch.arange(end, device=x.device)[None, :] <= q_pos[:, None]
+            q_pos = (start + torch.arange(t, device=q.device)).clamp_max(end - 1)
+            mask = torch.arange(end, device=q.device)[None, :] <= q_pos[:, None]
             out = F.scaled_dot_product_attention(q, keys[:, :, :end], values[:, :, :end], attn_mask=mask, enable_gqa=gqa)
-        return self.o_proj(out.transpose(1, 2).reshape(b, t, -1))
+        return out
 
 
 class MLP(nn.Module):
@@ -241,7 +269,7 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps)
 
-    def forward(self, x, cos, sin, cache: KVCache, where: Span | Slots):
+    def forward(self, x, cos, sin, cache: KVCache | None, where: Span | Slots | Rows):
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, cache, where)
         return x + self.mlp(self.post_attention_layernorm(x))
 
@@ -316,6 +344,52 @@ class Transformer(nn.Module):
         keep = 1 if last_only else rows
         return logits[:, :keep], hidden[:, :keep]
 
+    def forward_batch(
+        self, feeds: list[torch.Tensor], caches: list[KVCache], *, last_only: bool = False
+    ) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """One pass for several requests at once: feeds[b] (1-D token ids on the device, any length >= 1) is
+        written into caches[b] at its own length, as `forward` would; the matrix products run over the whole
+        batch. Returns per request (logits [T_b or 1, vocab] float32, hidden [T_b or 1, hidden]).
+
+        A single request takes `forward` itself (and its CUDA graphs). Otherwise rows are padded to the
+        longest feed with copies of their last token at their last position (idempotent writes), and each
+        row's attention is `forward`'s over its own cache, so a request's results are bitwise those of a
+        pass of its own wherever `forward`'s batch invariance holds (docs/engine.md).
+        """
+        if len(feeds) != len(caches):
+            raise ValueError(f"{len(feeds)} feeds for {len(caches)} caches")
+        if len(feeds) == 1:
+            logits, hidden = self.forward(feeds[0][None], caches[0], last_only=last_only)
+            return [(logits[0], hidden[0])]
+        lengths = [int(f.shape[0]) for f in feeds]
+        for cache, n in zip(caches, lengths):
+            if n < 1 or cache.length + n > cache.max_len:
+                raise ValueError(f"KV cache overflow or empty feed: {cache.length} + {n} tokens, max_seq_len {cache.max_len}")
+        b = len(feeds)
+        t = max(max(lengths), -(-self.MIN_ROWS // b))
+        tokens = torch.stack([torch.cat((f, f[-1:].expand(t - n))) for f, n in zip(feeds, lengths)])  # [B, T]
+        steps = torch.arange(t, device=tokens.device)
+        positions = torch.stack([(c.length + steps).clamp_max(c.length + n - 1) for c, n in zip(caches, lengths)])
+        x, cos, sin = self._embed(tokens, positions)
+        spans = tuple(
+            Span(c.length, n, self.exact_rows and c.length > 0 and n <= self.EXACT_MAX_ROWS) for c, n in zip(caches, lengths)
+        )
+        where = Rows(tuple(caches), spans)
+        for layer in self.model.layers:
+            x = layer(x, cos, sin, None, where)
+        for cache, n in zip(caches, lengths):
+            cache.length += n
+        if last_only:  # the real last row of each request; the LM head sees at least MIN_ROWS rows
+            x = torch.stack([x[i, n - 1] for i, n in enumerate(lengths)])  # [B, hidden]
+            if b < self.MIN_ROWS:
+                x = torch.cat((x, x[-1:].expand(self.MIN_ROWS - b, -1)))
+            hidden = self.model.norm(x)
+            logits = self.lm_head(hidden).float()
+            return [(logits[i : i + 1], hidden[i : i + 1]) for i in range(b)]
+        hidden = self.model.norm(x)
+        logits = self.lm_head(hidden).float()
+        return [(logits[i, :n], hidden[i, :n]) for i, n in enumerate(lengths)]
+
     def forward_slots(
         self, tokens: torch.Tensor, cache: KVCache, start: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -332,8 +406,11 @@ class Transformer(nn.Module):
         return self.lm_head(hidden).float(), hidden
 
     def _embed(self, tokens: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        """Token embeddings and the rotary cos, sin [T, head_dim] of `positions`."""
-        freqs = torch.outer(positions.float(), self.inv_freq)  # [T, head_dim/2]
+        """Token embeddings and the rotary cos, sin of `positions`: [T, head_dim] for positions [T] (shared by
+        the batch), [B, 1, T, head_dim] for positions [B, T] (a position per row; 1 broadcasts over heads)."""
+        freqs = positions.float()[..., None] * self.inv_freq  # [..., T, head_dim/2]
         emb = torch.cat((freqs, freqs), dim=-1)
+        if positions.dim() == 2:
+            emb = emb[:, None]
         x = self.model.embed_tokens(tokens)
         return x, emb.cos().to(x.dtype), emb.sin().to(x.dtype)

@@ -1,12 +1,13 @@
-"""actors.draft_worker.draft_block (no Ray): the engine's draft tokens and q, and the pipelining guess."""
+"""engine.decode.draft_block(s), the draft worker's loop (no Ray): the engine's draft tokens and q, the
+pipelining guess, and a batch of requests drafting as each would alone."""
 
 from __future__ import annotations
 
 import torch
 
-from actors.draft_worker import draft_block
-from engine.decode import _Sequence
+from engine.decode import DraftAsk, _Sequence, draft_block, draft_blocks
 from engine.sampling import SamplingParams
+from engine.weights import dummy_model
 
 PROMPT = list(b"The quick brown")
 K = 4
@@ -49,3 +50,31 @@ def test_guessed_block_equals_a_block_drafted_after_the_bonus(tiny_engine):
     fresh, _, _ = draft_block(model, after, [block[-1], guess], K, greedy, None, False)
     assert spec == fresh and after.length == ahead.length
     assert torch.equal(after.k[:, :, :, : after.length], ahead.k[:, :, :, : ahead.length])
+
+
+@torch.no_grad()
+def test_a_batch_of_requests_drafts_as_each_alone(tiny_args):
+    """Requests with different prompts, K, sampling and guesses in one draft_blocks call: each block, q,
+    guess and cache equals the request's own call (bfloat16: bitwise, the CPU's batch invariance)."""
+    model = dummy_model(tiny_args, seed=0, noise=0.1, dtype=torch.bfloat16, device=torch.device("cpu")).eval()
+    sampled = SamplingParams(temperature=0.8, top_k=40)
+    specs = [  # prompt, K, params, seed (sampling), guess
+        (PROMPT, 4, SamplingParams(), None, False),
+        (list(b"Hello"), 1, SamplingParams(), None, True),
+        (list(b"def f(x):\n    return"), 7, sampled, 5, False),
+        (list(b"1 + 1 ="), 3, sampled, 9, True),
+    ]
+
+    def asks():
+        return [
+            DraftAsk(model.new_cache(64), prompt, k, params, torch.Generator().manual_seed(seed) if seed else None, guess)
+            for prompt, k, params, seed, guess in specs
+        ]
+
+    alone = [(ask, draft_blocks(model, [ask])[0]) for ask in asks()]
+    together = asks()
+    for (want_ask, (tokens, q, guess)), ask, (got_tokens, got_q, got_guess) in zip(alone, together, draft_blocks(model, together)):
+        assert got_tokens == tokens and got_guess == guess and len(tokens) == ask.k
+        assert (q is None and got_q is None) or torch.equal(got_q, q)
+        n = want_ask.cache.length
+        assert ask.cache.length == n and torch.equal(ask.cache.k[:, :, :, :n], want_ask.cache.k[:, :, :, :n])

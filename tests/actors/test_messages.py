@@ -14,6 +14,9 @@ from actors.messages import (
     RecordError,
     Role,
     Sampling,
+    StepBatch,
+    StepPlan,
+    TargetInput,
     VerifyInput,
     VerifyOutput,
     stream_item_from_bytes,
@@ -111,3 +114,14 @@ def test_step_generators_are_reproducible_and_distinct():
     others = [draw(7, Role.TARGET, 3), draw(7, Role.DRAFT, 4), draw(8, Role.DRAFT, 3)]
     assert not any(torch.equal(draw(7, Role.DRAFT, 3), o) for o in others)
     assert draw(2**63 - 1, Role.TARGET, 10**6).shape == (4,)
+
+
+def test_a_step_batch_round_trips_its_plans():
+    sampling = Sampling(temperature=0.0, top_k=0, top_p=1.0, seed=3)
+    plans = [
+        StepPlan("a", None, TargetInput("a", 0, [1, 2], 0, sampling), None, False, 1.0, None, [0], False),
+        StepPlan("b", None, None, None, False, 1.0, None, [], True),
+    ]
+    batch = StepBatch(plans)
+    assert StepBatch.from_bytes(batch.to_bytes(), 1 << 20) == batch
+    assert StepBatch.from_bytes(StepBatch([]).to_bytes(), 1 << 20).plans == []

@@ -68,10 +68,12 @@ class _Backends:
     def __init__(self, config: Config, loop: EventLoopThread):
         self.config, self.loop, self.started = config, loop, {}
 
-    def get(self, tp: int, pipeline: bool, compiled: bool = False) -> RayBackend:
-        key = tp, pipeline, compiled
+    def get(self, tp: int, pipeline: bool, compiled: bool = False, running: int | None = None) -> RayBackend:
+        key = tp, pipeline, compiled, running
         if key not in self.started:
             update = {"tensor_parallel": tp, "pipeline": pipeline, "compiled_graph": compiled}
+            if running is not None:
+                update["max_active_requests"] = running
             backend = RayBackend(self.config.model_copy(update={"serve": self.config.serve.model_copy(update=update)}))
             assert self.loop.run(backend.ready(), timeout=90)
             self.started[key] = backend
@@ -84,8 +86,8 @@ class _Backends:
 
 @pytest.fixture(scope="module")
 def backends(config, loop):
-    # Logical CPUs for up to 6 backends' bundles (the actors are idle between tests).
-    ray.init(num_cpus=16, include_dashboard=False, _node_ip_address="127.0.0.1", logging_level="warning")
+    # Logical CPUs for up to 8 backends' bundles (the actors are idle between tests).
+    ray.init(num_cpus=24, include_dashboard=False, _node_ip_address="127.0.0.1", logging_level="warning")
     started = _Backends(config, loop)
     yield started
     started.close()
@@ -254,7 +256,7 @@ def test_closing_the_stream_cancels_the_request_and_frees_every_actor(backends, 
 
 
 def test_a_queued_request_can_be_aborted(backends, loop):
-    backend = backends.get(1, pipeline=True)  # serve.max_active_requests = 1: the second request waits
+    backend = backends.get(1, pipeline=True, running=1)  # serve.max_active_requests = 1: the second request waits
 
     async def run() -> tuple[Completion, Completion]:
         def request(n):

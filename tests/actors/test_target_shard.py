@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from actors.target_shard import target_token, verdicts, verify_pass
-from engine.decode import Timings, _Sequence
+from actors.target_shard import target_token, verdicts
+from engine.decode import Timings, _Sequence, target_passes
 from engine.sampling import SamplingParams
 from engine.verify import DraftBlock, final_token, standard_accept
 
@@ -34,7 +34,8 @@ def test_greedy_verdicts_equal_the_engines(tiny_engine):
 
     cache = tiny_engine.target.model.new_cache(64)
     target_token(tiny_engine.target.model, cache, PROMPT, SamplingParams(), None)
-    logits, hidden = verify_pass(tiny_engine.target.model, cache, [first], DRAFT)
+    ((logits, hidden),) = target_passes(tiny_engine.target.model, [cache], [[first] + DRAFT])
+    logits, hidden = logits[-(len(DRAFT) + 1) :].cpu(), hidden[-len(DRAFT) :]
     assert torch.equal(logits, logits_want) and torch.equal(hidden, hidden_want)
     matched, candidates = verdicts(DRAFT, None, logits, SamplingParams(), None)
     assert matched == matched_want.tolist()

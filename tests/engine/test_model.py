@@ -247,3 +247,45 @@ def test_bf16_decode_bitwise_equals_verification_pass(tiny_args, block_len, seed
         differ = (a[:, :, :, :end] != b[:, :, :, :end]).nonzero()
         where = sorted({(int(d[0]), int(d[3])) for d in differ})
         assert not where, f"cached {name} differ at (layer, position) {where}"
+
+
+# ---- batched passes over several requests' caches ----------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("feeds", [(1, 1), (1, 9, 3), (2, 1, 1, 5), (1, 1, 1, 1, 1, 1)])
+@pytest.mark.parametrize("last_only", [False, True])
+@torch.no_grad()
+def test_batched_pass_equals_each_request_alone(tiny_args, dtype, feeds, last_only):
+    """Requests at different positions feeding different numbers of tokens in one forward_batch: each one's
+    logits, hidden states and cache entries are those of its own pass, and no request's cache sees
+    another's. In bfloat16 bitwise (what keeps a batched request's greedy output equal to the same request
+    run alone); float32 matrix products on the CPU take other kernels for other row counts (last bits)."""
+    same = torch.equal if dtype is torch.bfloat16 else lambda a, b: torch.allclose(a, b, atol=1e-5, rtol=0)
+    model = dummy_model(tiny_args, seed=0, noise=0.0, dtype=dtype, device=CPU).eval()
+    prefixes = [_tokens(7 + 5 * i, seed=30 + i)[0] for i in range(len(feeds))]
+    news = [_tokens(n, seed=50 + i)[0] for i, n in enumerate(feeds)]
+
+    alone, batched = [], []
+    for prefix in prefixes:
+        for caches in (alone, batched):
+            caches.append(model.new_cache(64))
+            model(prefix[None], caches[-1])
+    expected = [model(new[None], cache, last_only=last_only) for new, cache in zip(news, alone)]
+    got = model.forward_batch(news, batched, last_only=last_only)
+
+    for i, ((logits, hidden), (want_logits, want_hidden)) in enumerate(zip(got, expected)):
+        assert same(logits, want_logits[0]), f"logits of request {i} differ"
+        assert same(hidden, want_hidden[0]), f"hidden states of request {i} differ"
+        a, b = batched[i], alone[i]
+        assert a.length == b.length == prefixes[i].numel() + feeds[i]
+        assert same(a.k[:, :, :, : a.length], b.k[:, :, :, : b.length]), f"cached keys of request {i} differ"
+        assert same(a.v[:, :, :, : a.length], b.v[:, :, :, : b.length]), f"cached values of request {i} differ"
+
+
+@torch.no_grad()
+def test_batched_pass_refuses_an_overflow_before_writing(tiny_f32):
+    small, roomy = tiny_f32.new_cache(8), tiny_f32.new_cache(64)
+    with pytest.raises(ValueError, match="overflow"):
+        tiny_f32.forward_batch([_tokens(4, 1)[0], _tokens(9, 2)[0]], [roomy, small])
+    assert roomy.length == small.length == 0

@@ -1,0 +1,305 @@
+"""Many users at once: aggregate tokens/s, time to first token and inter-token latency of concurrent
+streams through the served path (gRPC client -> cluster.server -> RayBackend -> scheduler -> actors).
+
+For each acceptance setting one RayBackend and gRPC server start in this process (loopback, a free port,
+serve.max_active_requests = the most streams asked, so that no stream of a round waits in the queue), one
+at a time. For each mode, draft length K (--draft-tokens) and stream count c, c client threads, each with
+its own channel (connected beforehand, as a user's would be) and its own synthetic prompt, send a greedy
+request of --max-tokens tokens at once (EOS ignored, so every stream does the same work), and time events:
+  - TTFT  from sending to the first streamed event carrying tokens
+  - ITL   each later event's gap since the previous one, divided among its tokens (one sample per token)
+  - tok/s all tokens of the round / the round's wall time (first send to last final message)
+Prints one table (p50 and p99 of TTFT and ITL, speed-up over the same mode and K at 1 stream, ratio to ar
+at the same streams, draft tokens accepted per speculative step) and writes the rows as JSON.
+
+Dummy weights accept almost nothing and have no judge, so acceptance can be replayed (decoding.replay_trace,
+engine.trace): --standard-trace for the standard rows, --judge-trace for the judge rows, which then run in
+mode standard with the judge trace replayed (no judge file needed). Figures with replayed acceptance are
+labelled "replayed" with their trace, in the table and the JSON; their text is meaningless. A trace caps
+acceptance at its own K, so a K sweep above it measures cost without gain. Without a trace a mode runs for
+real (e.g. config/qwen-coder.yaml, which has a judge file).
+
+    python3 -m bench.concurrency --config config/tiny.yaml --streams 1,4 --max-tokens 16 --judge-trace 3.0:4 --out /tmp/conc.json
+
+Client and server share this process (and its GIL); at many streams on few cores that is part of the
+figures. Each active request holds a KV cache of decoding.max_seq_len in every model actor: lower it with
+--set for many streams on a GPU. Only the public gRPC API is used, so how the scheduler runs concurrent
+requests (interleaved step by step, or batched) is what is measured, not assumed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import platform
+import shlex
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import grpc
+import numpy as np
+import torch
+import yaml
+from tqdm import tqdm
+
+from bench.serve_cpu import _Loop, served, synthetic_prompts
+from cluster.client import Final, JudgeserveClient
+from engine.config import Config, Mode, load_config
+from engine.trace import AcceptanceTrace, TraceError, TraceReplayer
+
+
+@dataclass(frozen=True)
+class Replay:
+    """An acceptance trace for decoding.replay_trace: its file, a short name for the table, its full label."""
+
+    path: Path
+    short: str
+    label: str
+
+
+@dataclass(frozen=True)
+class Series:
+    """Rows of one mode of --modes (`kind`): their label, the mode requests ask for, the replay (None: real)."""
+
+    kind: Mode
+    label: str
+    mode: Mode
+    replay: Replay | None
+
+
+@dataclass
+class StreamLog:
+    """What one client stream saw."""
+
+    start: float = 0.0
+    end: float = 0.0
+    ttft: float | None = None  # s
+    itl: list[float] = field(default_factory=list)  # s, one per token after the first event's
+    tokens: int = 0
+    accepted: int = 0  # draft tokens accepted, over the request's speculative steps
+    speculative_steps: int = 0
+    error: str = ""
+
+
+def trace_for(spec: str, mode: str, folder: Path) -> Replay:
+    """FILE (engine.trace format) or MEAN:K (a synthetic trace written into `folder`)."""
+    if Path(spec).is_file():
+        trace, path = AcceptanceTrace.load(Path(spec)), Path(spec).resolve()
+        return Replay(path, path.name, TraceReplayer(trace).label)
+    try:
+        mean, k = spec.split(":")
+        trace = AcceptanceTrace.synthetic(float(mean), int(k))
+    except ValueError as err:  # TraceError is one too: an impossible mean for K
+        detail = str(err) if isinstance(err, TraceError) else "neither a trace file nor MEAN:K"
+        raise SystemExit(f"--{mode}-trace {spec}: {detail}") from None
+    trace = replace(trace, mode=mode)  # synthetic() says judge; the label should say which rows it stands for
+    path = folder / f"{mode}-synthetic-{mean}-k{k}.json"
+    trace.save(path)
+    return Replay(path, f"synthetic {mean}:{k}", TraceReplayer(trace).label)
+
+
+def one_stream(address: str, text: str, mode: Mode, k: int | None, args: argparse.Namespace,
+               go: threading.Barrier, log: StreamLog) -> None:
+    """Runs one request and fills `log`; failures land in log.error (with the gRPC status), it never raises."""
+    try:
+        with JudgeserveClient(address) as client:
+            client.health(timeout=60)  # opens the channel before the clock starts
+            go.wait()
+            log.start = last = time.perf_counter()
+            events = client.stream(messages=[{"role": "user", "content": text}], max_tokens=args.max_tokens,
+                                   mode=mode.value, draft_tokens=k, ignore_eos=True, timeout=args.timeout)
+            for event in events:
+                now = time.perf_counter()
+                if isinstance(event, Final):
+                    log.end = now
+                    if event.result["finish_reason"] == "error":
+                        log.error = f"finish_reason error: {event.error}"
+                    msg = event.message
+                    log.speculative_steps = msg.speculative_steps
+                    log.accepted = round(msg.mean_accepted_per_step * msg.speculative_steps)
+                elif event.token_ids:
+                    n = len(event.token_ids)
+                    if log.ttft is None:
+                        log.ttft = now - log.start
+                    else:
+                        log.itl.extend([(now - last) / n] * n)
+                    log.tokens += n
+                    last = now
+            if not log.end:
+                log.error = "the server ended the stream without a final message"
+    except grpc.RpcError as err:
+        log.error = f"gRPC {err.code().name}: {err.details()}"
+        go.abort()  # a stream that could not connect releases the others rather than leaving them waiting
+    except threading.BrokenBarrierError:
+        log.error = "not sent: another stream of the round failed to connect"
+
+
+def run_round(address: str, prompts: list[str], series: Series, k: int | None, c: int,
+              args: argparse.Namespace) -> list[StreamLog]:
+    """c streams sent at once (a barrier releases them together); raises SystemExit if any failed."""
+    logs = [StreamLog() for _ in range(c)]
+    go = threading.Barrier(c)
+    threads = [threading.Thread(target=one_stream, args=(address, prompts[i], series.mode, k, args, go, logs[i]))
+               for i in range(c)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    failed = [(i, log.error) for i, log in enumerate(logs) if log.error]
+    if failed:
+        i, error = failed[0]
+        raise SystemExit(f"{series.label}, K={k or '-'}, {c} streams: {len(failed)} of {c} streams failed; stream {i}: {error}")
+    return logs
+
+
+def summarize(logs: list[StreamLog]) -> dict:
+    """One row's figures from a round's streams (ms for latencies)."""
+    wall = max(log.end for log in logs) - min(log.start for log in logs)
+    tokens = sum(log.tokens for log in logs)
+    ttft = [1e3 * log.ttft for log in logs if log.ttft is not None]
+    itl = [1e3 * x for log in logs for x in log.itl]
+    steps = sum(log.speculative_steps for log in logs)
+
+    def pct(xs: list[float], q: float) -> float | None:
+        return round(float(np.percentile(xs, q)), 2) if xs else None
+
+    return {
+        "tokens": tokens,
+        "wall_s": round(wall, 4),
+        "tokens_per_s": round(tokens / wall, 2),
+        "ttft_ms_p50": pct(ttft, 50), "ttft_ms_p99": pct(ttft, 99),
+        "itl_ms_p50": pct(itl, 50), "itl_ms_p99": pct(itl, 99),
+        "accepted_per_step": round(sum(log.accepted for log in logs) / steps, 3) if steps else None,
+    }
+
+
+def plan(modes: list[Mode], config: Config, standard: Replay | None, judge: Replay | None) -> dict[Path | None, list[Series]]:
+    """Series grouped by the trace their backend replays (each group is one backend start)."""
+    groups: dict[Path | None, list[Series]] = {}
+    for mode in modes:
+        if mode is Mode.STANDARD:
+            s = Series(mode, f"standard (replayed {standard.short})" if standard else "standard", mode, standard)
+        elif mode is Mode.JUDGE and judge is not None:
+            s = Series(mode, f"judge (replayed {judge.short})", Mode.STANDARD, judge)
+        elif mode is Mode.JUDGE:
+            if config.judge.path is None:
+                raise SystemExit("judge mode needs --judge-trace or a config with judge.path (dummy weights have no judge)")
+            s = Series(mode, "judge", mode, None)
+        else:
+            continue  # ar: placed below, on a backend started anyway
+        groups.setdefault(s.replay.path if s.replay else None, []).append(s)
+    if Mode.AR in modes:  # replay does not touch ar steps, so any backend serves them: the first one
+        groups.setdefault(next(iter(groups), None), []).insert(0, Series(Mode.AR, "ar", Mode.AR, None))
+    return groups
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--config", default="config/tiny.yaml")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="config override, e.g. runtime.device=cuda or target.model=dummy:llama-3.1-8b (YAML values)")
+    ap.add_argument("--modes", default="ar,standard,judge")
+    ap.add_argument("--streams", default="1,4,16,64", help="concurrent streams per round")
+    ap.add_argument("--draft-tokens", help="K values to sweep, e.g. 4,8,16 (default: the config's)")
+    ap.add_argument("--max-tokens", type=int, default=64)
+    ap.add_argument("--standard-trace", metavar="FILE|MEAN:K", help="acceptance replayed in the standard rows")
+    ap.add_argument("--judge-trace", metavar="FILE|MEAN:K", help="acceptance replayed in the judge rows (run as standard)")
+    ap.add_argument("--warmup", type=int, default=1,
+                    help="streams of an untimed round before each mode and K (first passes allocate caches, capture graphs)")
+    ap.add_argument("--timeout", type=float, default=900.0, help="deadline of each request, s")
+    ap.add_argument("--out", type=Path, default=Path("bench/results/concurrency.json"))
+    args = ap.parse_args()
+
+    streams = sorted({int(c) for c in args.streams.split(",")})
+    modes = [Mode(m) for m in args.modes.split(",")]
+    most = max(streams + [args.warmup])
+    overrides: dict = {"serve.max_active_requests": most}  # every stream of a round runs; --set may say otherwise
+    for item in args.set:
+        key, _, value = item.partition("=")
+        overrides[key] = yaml.safe_load(value)
+    config = load_config(args.config, overrides)
+    if "serve.max_queued_requests" not in overrides and config.serve.max_queued_requests < most:
+        # room for a round's streams while the last round's handlers still finish (the server counts them)
+        config = config.model_copy(update={"serve": config.serve.model_copy(update={"max_queued_requests": most})})
+    ks = [int(k) for k in args.draft_tokens.split(",")] if args.draft_tokens else [config.decoding.draft_tokens]
+    prompts = [text for _, text in synthetic_prompts(most)]  # a different prompt per stream
+
+    tmp = tempfile.TemporaryDirectory(prefix="judgeserve-traces-")
+    standard = trace_for(args.standard_trace, "standard", Path(tmp.name)) if args.standard_trace else None
+    judge = trace_for(args.judge_trace, "judge", Path(tmp.name)) if args.judge_trace else None
+    groups = plan(modes, config, standard, judge)
+    for s in (s for g in groups.values() for s in g if s.replay):
+        over = [k for k in ks if k > AcceptanceTrace.load(s.replay.path).draft_tokens]
+        if over:
+            print(f"note: {s.label} at K={over}: the trace accepts at most its own K per step", file=sys.stderr)
+
+    rounds = sum(len(streams) * (1 if s.mode is Mode.AR else len(ks)) for g in groups.values() for s in g)
+    bar = tqdm(total=rounds, desc="rounds")
+    loop, rows = _Loop(), []
+    for path, group in groups.items():
+        decoding = config.decoding.model_copy(update={"replay_trace": path})
+        backend, server, address = served(config.model_copy(update={"decoding": decoding}), loop,
+                                          config.serve.compiled_graph)
+        try:
+            for s in group:
+                for k in [None] if s.mode is Mode.AR else ks:
+                    if args.warmup:
+                        run_round(address, prompts, s, k, args.warmup, args)
+                    for c in streams:
+                        bar.set_description(f"{s.label} K={k} streams={c}")
+                        row = {"mode": s.label, "kind": s.kind.value, "request_mode": s.mode.value, "k": k, "streams": c,
+                               "replayed": s.replay.label if s.replay else None}
+                        rows.append(row | summarize(run_round(address, prompts, s, k, c, args)))
+                        bar.update()
+        finally:
+            loop.run(server.stop(0))
+            backend.close()
+    bar.close()
+    tmp.cleanup()
+
+    by_key = {(r["mode"], r["k"], r["streams"]): r for r in rows}
+    for r in rows:
+        one = by_key.get((r["mode"], r["k"], 1))
+        ar = by_key.get(("ar", None, r["streams"]))
+        r["speedup_over_1_stream"] = round(r["tokens_per_s"] / one["tokens_per_s"], 3) if one else None
+        r["ratio_to_ar"] = round(r["tokens_per_s"] / ar["tokens_per_s"], 3) if ar else None
+    rows.sort(key=lambda r: (modes.index(Mode(r["kind"])), r["k"] or 0, r["streams"]))  # as --modes lists them
+
+    def f(x: float | None, spec: str) -> str:
+        return "-" if x is None else format(x, spec)
+
+    width = max(len(r["mode"]) for r in rows)
+    print(f"\n{'mode':{width}} {'K':>3} {'streams':>7} {'tok/s':>8} {'x 1 stream':>10} {'x ar':>6} "
+          f"{'TTFT p50':>9} {'p99 ms':>7} {'ITL p50':>8} {'p99 ms':>7} {'acc/step':>8}")
+    for r in rows:
+        print(f"{r['mode']:{width}} {f(r['k'], 'd'):>3} {r['streams']:7d} {r['tokens_per_s']:8.1f} "
+              f"{f(r['speedup_over_1_stream'], '.2f'):>10} {f(r['ratio_to_ar'], '.2f'):>6} "
+              f"{f(r['ttft_ms_p50'], '.1f'):>9} {f(r['ttft_ms_p99'], '.1f'):>7} {f(r['itl_ms_p50'], '.2f'):>8} "
+              f"{f(r['itl_ms_p99'], '.2f'):>7} {f(r['accepted_per_step'], '.2f'):>8}")
+    for replay in {s.replay for g in groups.values() for s in g if s.replay}:
+        print(f"{replay.short}: {replay.label}; the text of those rows is meaningless")
+
+    cuda = config.runtime.device.startswith("cuda")
+    result = {
+        "benchmark": "bench.concurrency",
+        "card": torch.cuda.get_device_name() if cuda else (platform.processor() or "cpu"),
+        "date": datetime.date.today().isoformat(),
+        "command": shlex.join(["python3", "-m", "bench.concurrency", *sys.argv[1:]]),
+        "config": args.config,
+        "overrides": args.set,
+        "shapes": {"target": config.target.model, "draft": config.draft.model, "dtype": config.target.dtype.value},
+        "max_tokens": args.max_tokens,
+        "rows": rows,
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()

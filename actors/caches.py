@@ -13,6 +13,9 @@ from actors.step_graph import MAX_INFLIGHT
 from engine.config import Config
 from engine.model import KVCache, Transformer
 
+# Request caches are allocated this many at a time, as slots of one engine.model.CacheBlock: memory grows
+# with the load, and a batch's caches are mostly in one block (on a GPU with CUDA graphs, all of them are).
+BLOCK_SLOTS = 8
 RECENT_RELEASED = 1024  # released request ids whose pass counts a RequestCaches remembers (the oldest go)
 
 
@@ -26,7 +29,8 @@ class RequestCaches:
     def __init__(self, model: Transformer, max_len: int, limit: int):
         self.model, self.max_len, self.limit = model, max_len, limit
         self._caches: dict[str, KVCache] = {}
-        self._free: list[KVCache] = []  # released caches, for the next requests
+        self._free: list[KVCache] = []  # released (or not yet used) caches, for the next requests
+        self._allocated = 0
         self._passes: dict[str, int] = {}  # passes run for each active request
         # request id -> passes it ran, for the last RECENT_RELEASED released: shows how much work a
         # cancelled request still cost after its stop (docs/reliability.md)
@@ -41,8 +45,14 @@ class RequestCaches:
                     f"{len(self._caches)} request caches are held already (serve.max_active_requests is "
                     f"{self.limit}): {sorted(self._caches)}"
                 )
+            if not self._free:  # caches come in blocks, so a batched pass reads many with one op (engine.model)
+                # with CUDA graphs one block for all: a captured batched pass covers the caches of one block
+                size = self.limit if self.model.graphs is not None else BLOCK_SLOTS
+                block = self.model.new_block(self.max_len, min(size, self.limit - self._allocated))
+                self._allocated += len(block.caches)
+                self._free.extend(reversed(block.caches))
             # a released cache is reused: a CUDA graph captured over it stays valid (engine.cuda_graphs)
-            cache = self._caches[request_id] = self._free.pop() if self._free else self.model.new_cache(self.max_len)
+            cache = self._caches[request_id] = self._free.pop()
             cache.truncate(0)
         if keep > cache.length:
             raise CacheError(f"request {request_id}: asked to keep {keep} positions, the cache holds {cache.length}")

@@ -8,9 +8,8 @@ through `actors.target_group.call_all`. The LM head and final norm are replicate
 pass with the full logits and hidden states; rank 0 alone turns them into the compact result
 (the other ranks return None), so nothing vocab-sized leaves the shard.
 
-The pure parts, `target_token` and engine.decode.target_passes + `verdicts`, make the same forward calls
-as the in-process engine (engine.decode.Engine._target_step and ._verify), so TP=1 results are bitwise the
-engine's (a batch's too, where the model's batch invariance holds: bfloat16 on the CPU), and
+The pure parts, engine.decode.target_passes + `verdicts`, make the same forward calls as the in-process
+engine (engine.decode.Engine._target_step and ._verify), so TP=1 results are bitwise the engine's (a batch's too, where the model's batch invariance holds: bfloat16 on the CPU), and
 verification uses engine.verify unchanged.
 
 Not for: choosing K, accepting tokens, or the judge (actors.scheduler, actors.judge_scorer).
@@ -41,7 +40,6 @@ from actors.messages import (
 from engine.config import Config
 from engine.cuda_graphs import graphs_for
 from engine.decode import target_passes
-from engine.model import KVCache, Transformer
 from engine.sampling import SamplingParams, next_token
 from engine.verify import DraftBlock, final_token, standard_accept
 from engine.weights import load_model
@@ -51,15 +49,6 @@ Verified = tuple[bytes | None, torch.Tensor | None]  # rank 0's (TargetOutput or
 
 # A rank whose peer died waits this long in a collective before failing (torch's default is 30 minutes).
 COLLECTIVE_TIMEOUT = timedelta(minutes=5)
-
-
-@torch.inference_mode()
-def target_token(
-    model: Transformer, cache: KVCache, feed: list[int], params: SamplingParams, gen: torch.Generator | None
-) -> int:
-    """One target pass over `feed` (the prompt, or the last emitted token) -> the next token."""
-    logits, _ = model(torch.tensor([feed], device=cache.k.device), cache, last_only=True)
-    return next_token(logits[0, -1], params, gen)
 
 
 def verdicts(
@@ -138,8 +127,8 @@ class TargetShard:
         """Step-graph node (actors.step_graph): StepBatch -> per plan (TargetOutput or VerifyOutput, hidden) on
         rank 0, (None, None) on the others and for releases.
 
-        The releases go first, then each prefill alone, then every other plan's pass (autoregressive
-        tokens and verifications) in one batched pass. A verification takes its block from `drafted` (the
+        The releases go first, then the prefills in one batched pass, then every other plan's pass
+        (autoregressive tokens and verifications) in another. A verification takes its block from `drafted` (the
         draft worker's outputs in this step; rank 0 also its q) or from the plan (a block drafted ahead;
         rank 0 gets its q in `qs`). The hidden states of d_1..d_K are the judge's input (StepPlan.judge):
         not vocab-sized, they go as a CPU tensor.
@@ -150,9 +139,10 @@ class TargetShard:
             if plan.release:
                 self.caches.release(plan.request_id)
         rows: list[tuple[int, TargetInput | VerifyInput, torch.Tensor | None]] = []
+        prefills: list[tuple[int, TargetInput, None]] = []
         for i, plan in enumerate(plans):
             if plan.target is not None and plan.target.keep == 0:
-                results[i] = (self._prefill(plan.target), None)
+                prefills.append((i, plan.target, None))
             elif plan.target is not None:
                 rows.append((i, plan.target, None))
             elif plan.verify is not None:
@@ -161,17 +151,19 @@ class TargetShard:
                     inp = dataclasses.replace(inp, draft=DraftOutput.from_bytes(drafted[i][0], self.max_bytes).tokens)
                     q = drafted[i][1]
                 rows.append((i, inp, q))
-        if rows:
-            for (i, *_), out in zip(rows, self._pass(rows)):
-                results[i] = out
+        # prompts apart: a prompt's length would pad every one-token row; and only their last logits are needed
+        for batch, last_only in ((prefills, True), (rows, False)):
+            if batch:
+                for (i, *_), out in zip(batch, self._pass(batch, last_only)):
+                    results[i] = out
         return results
 
-    def _pass(self, rows: list[tuple[int, TargetInput | VerifyInput, torch.Tensor | None]]) -> list[Verified]:
-        """One batched target pass over every row: an autoregressive token or a verification each."""
+    def _pass(self, rows: list[tuple[int, TargetInput | VerifyInput, torch.Tensor | None]], last_only: bool) -> list[Verified]:
+        """One batched target pass over every row: a prefill, an autoregressive token or a verification each."""
         t0 = time.perf_counter()
         caches = [self.caches.at(inp.request_id, inp.keep) for _, inp, _ in rows]
         feeds = [inp.feed + (inp.draft if isinstance(inp, VerifyInput) else []) for _, inp, _ in rows]
-        passes = target_passes(self.model, caches, feeds)
+        passes = target_passes(self.model, caches, feeds, last_only=last_only)
         if self.rank != 0:
             return [(None, None)] * len(rows)
         compute_s = time.perf_counter() - t0  # the batch's pass: every request in it waited for all of it
@@ -196,14 +188,3 @@ class TargetShard:
     def released(self) -> dict[str, int]:
         """Passes each recently released request ran on this rank."""
         return dict(self.caches.released)
-
-    def _prefill(self, inp: TargetInput) -> bytes | None:
-        """The prompt's pass, alone, and the first token."""
-        t0 = time.perf_counter()
-        params = inp.sampling.params()
-        gen = None if params.greedy else step_generator(inp.sampling.seed, Role.TARGET, inp.step)
-        cache = self.caches.at(inp.request_id, inp.keep)
-        token = target_token(self.model, cache, inp.feed, params, gen)
-        if self.rank != 0:
-            return None
-        return TargetOutput(token, cache.length, time.perf_counter() - t0).to_bytes()

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import torch
 
 from engine.config import RuntimeConfig
-from engine.model import KVCache, Transformer
+from engine.model import CacheBlock, KVCache, Transformer
 
 WARMUP_PASSES = 2  # before capture, on a side stream: lets cuBLAS and the allocator settle (torch's advice)
 
@@ -35,6 +35,26 @@ class _Graph:
     start: torch.Tensor  # 0-d, the position of tokens[:, 0]
     logits: torch.Tensor  # [batch, T, vocab] float32 output
     hidden: torch.Tensor  # [batch, T, hidden] output
+
+
+@dataclass
+class _RowsGraph:
+    """A captured batched pass over one CacheBlock (Transformer.forward_gathered): inputs copied in before
+    each replay, rows past the batch's pointing at the block's scratch slot."""
+
+    replay: Callable[[], None]
+    block: CacheBlock
+    tokens: torch.Tensor  # [rows, T]
+    slots: torch.Tensor  # [rows]
+    starts: torch.Tensor  # [rows]
+    ends: torch.Tensor  # [rows]
+    logits: torch.Tensor  # [rows, T, vocab] float32
+    hidden: torch.Tensor  # [rows, T, hidden]
+
+
+def _bucket(n: int, floor: int = 1) -> int:
+    """The power of two >= max(n, floor): batch sizes and key lengths share a few captured graphs."""
+    return 1 << (max(n, floor) - 1).bit_length()
 
 
 class CudaGraphs:
@@ -71,40 +91,98 @@ class CudaGraphs:
             return g.logits[:, -1:].clone(), g.hidden[:, -1:].clone()
         return g.logits.clone(), g.hidden.clone()
 
+    def run_rows(
+        self, model: Transformer, feeds: list[torch.Tensor], caches: list[KVCache], lengths: list[int]
+    ) -> list[tuple[torch.Tensor, torch.Tensor]] | None:
+        """Transformer.forward_batch's results for requests whose caches are slots of one CacheBlock, all
+        past their prefill, from a graph captured per (block, rows, T, keys) with rows and keys rounded up
+        to powers of two; None when it must run eagerly. Advances the caches' lengths."""
+        block = caches[0].block
+        t = max(lengths)
+        if t > self.max_rows or any(c.block is not block or c.length == 0 for c in caches):
+            return None
+        rows = _bucket(len(caches))
+        keys = min(_bucket(max(c.length + n for c, n in zip(caches, lengths)), 64), block.max_len)
+        key = ("rows", id(block), rows, t, keys)
+        g = self._graphs.get(key)
+        if g is None:
+            g = self._graphs[key] = self._capture_rows(model, block, rows, t, keys)
+        b, device = len(caches), g.tokens.device
+        g.tokens[:b].copy_(torch.stack([torch.cat((f, f[-1:].expand(t - n))) for f, n in zip(feeds, lengths)]))
+        host = torch.tensor([[c.slot, c.length, c.length + n] for c, n in zip(caches, lengths)])
+        g.slots[:b].copy_(host[:, 0].to(device, non_blocking=True))
+        g.starts[:b].copy_(host[:, 1].to(device, non_blocking=True))
+        g.ends[:b].copy_(host[:, 2].to(device, non_blocking=True))
+        g.replay()
+        out = []
+        for i, (cache, n) in enumerate(zip(caches, lengths)):
+            cache.length += n
+            out.append((g.logits[i, :n].clone(), g.hidden[i, :n].clone()))
+        return out
+
+    def _capture_rows(self, model: Transformer, block: CacheBlock, rows: int, t: int, keys: int) -> _RowsGraph:
+        device = block.k.device
+        # Until a replay copies a batch in, every row is padding: the scratch slot, position 0.
+        tokens = torch.zeros(rows, t, dtype=torch.long, device=device)
+        slots = torch.full((rows,), block.scratch, dtype=torch.long, device=device)
+        starts = torch.zeros(rows, dtype=torch.long, device=device)
+        ends = torch.ones(rows, dtype=torch.long, device=device)
+
+        def forward() -> tuple[torch.Tensor, torch.Tensor]:
+            return model.forward_gathered(tokens, block, slots, starts, ends, keys)
+
+        def reset() -> None:  # after a batch of fewer rows, the rest must point at the scratch slot again
+            slots.fill_(block.scratch)
+            starts.zero_()
+            ends.fill_(1)
+
+        replay, logits, hidden = self._record(forward, device)
+
+        def replay_rows() -> None:
+            replay()
+            reset()
+
+        return _RowsGraph(replay_rows, block, tokens, slots, starts, ends, logits, hidden)
+
+    def _record(self, forward: Callable[[], tuple[torch.Tensor, torch.Tensor]], device: torch.device):
+        """(replay, logits, hidden) of `forward` captured as a CUDA graph (or, without capture, run as is)."""
+        if not self.capture:
+            logits, hidden = forward()
+
+            def again() -> None:
+                out = forward()
+                logits.copy_(out[0])
+                hidden.copy_(out[1])
+
+            return again, logits, hidden
+        side = torch.cuda.Stream(device)
+        side.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(side):
+            for _ in range(WARMUP_PASSES):
+                forward()
+        torch.cuda.current_stream(device).wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self._pool):
+            logits, hidden = forward()
+        self._pool = graph.pool()
+        return graph.replay, logits, hidden
+
     def _capture(self, model: Transformer, cache: KVCache, batch: int, t: int) -> _Graph:
         device = cache.k.device
         tokens = torch.zeros(batch, t, dtype=torch.long, device=device)
         # Warm-up and capture write their keys at the cache's last t positions: at or past cache.length
         # (forward checked that the pass fits), where nothing is valid.
         start = torch.full((), cache.max_len - t, dtype=torch.long, device=device)
-        if not self.capture:
-            logits, hidden = model.forward_slots(tokens, cache, start)
-
-            def replay() -> None:
-                out = model.forward_slots(tokens, cache, start)
-                logits.copy_(out[0])
-                hidden.copy_(out[1])
-
-            return _Graph(replay, cache, tokens, start, logits, hidden)
         forward = model.forward_slots
-        if self.compile:  # one compiled function per model; each new shape compiles during the warm-up
+        if self.compile and self.capture:  # one compiled function per model; each new shape compiles in the warm-up
             if self._compiled is None:
                 # every (cache size, batch, T) is its own specialisation, compiled once: more than dynamo's
                 # default limit of 8 in a serving process (decode, draft passes, each K+1)
                 torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 256)
                 self._compiled = torch.compile(model.forward_slots, fullgraph=True, dynamic=False)
             forward = self._compiled
-        side = torch.cuda.Stream(device)
-        side.wait_stream(torch.cuda.current_stream(device))
-        with torch.cuda.stream(side):
-            for _ in range(WARMUP_PASSES):
-                forward(tokens, cache, start)
-        torch.cuda.current_stream(device).wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self._pool):
-            logits, hidden = forward(tokens, cache, start)
-        self._pool = graph.pool()
-        return _Graph(graph.replay, cache, tokens, start, logits, hidden)
+        replay, logits, hidden = self._record(lambda: forward(tokens, cache, start), device)
+        return _Graph(replay, cache, tokens, start, logits, hidden)
 
 
 def graphs_for(runtime: RuntimeConfig) -> CudaGraphs | None:

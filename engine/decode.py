@@ -177,13 +177,14 @@ def draft_blocks(model: Transformer, asks: Sequence[DraftAsk]) -> list[tuple[lis
 
 @torch.inference_mode()
 def target_passes(
-    model: Transformer, caches: Sequence[KVCache], feeds: Sequence[list[int]]
+    model: Transformer, caches: Sequence[KVCache], feeds: Sequence[list[int]], *, last_only: bool = False
 ) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """One target pass for several requests (Transformer.forward_batch): feed b into caches[b] ->
-    (logits [T_b, vocab], hidden [T_b, hidden]) each, on the model's device. For a verification the feed
-    is [t_last, d_1..d_K]: its last K+1 logits and last K hidden states are the block's."""
+    (logits [T_b or 1, vocab], hidden) each, on the model's device. For a verification the feed is
+    [t_last, d_1..d_K]: its last K+1 logits and last K hidden states are the block's; a prefill (or an
+    autoregressive step) needs only the last position's (`last_only`)."""
     device = caches[0].k.device
-    return model.forward_batch([torch.tensor(f, device=device) for f in feeds], list(caches))
+    return model.forward_batch([torch.tensor(f, device=device) for f in feeds], list(caches), last_only=last_only)
 
 
 def draft_block(
@@ -339,9 +340,9 @@ class Engine:
     def _target_step(self, seq: _Sequence, params: SamplingParams, gen: torch.Generator, timings: Timings) -> Accepted:
         """One target pass over what its cache lacks (the prompt, or the last token): autoregressive."""
         t = time.perf_counter()
-        pending = torch.tensor([seq.ids[seq.target_cache.length :]], device=self.device)
-        logits, _ = self.target.model(pending, seq.target_cache, last_only=True)
-        token = next_token(logits[0, -1], params, gen)
+        pending = seq.ids[seq.target_cache.length :]
+        ((logits, _),) = target_passes(self.target.model, [seq.target_cache], [pending], last_only=True)
+        token = next_token(logits[-1], params, gen)
         timings.verify_s += time.perf_counter() - t
         self._advance(seq, [token])
         return Accepted([token], [Provenance.TARGET])

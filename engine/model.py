@@ -121,11 +121,35 @@ class KVCache:
         self.v = torch.zeros(shape, dtype=dtype, device=device)
         self.max_len = max_len
         self.length = 0
+        self.block: CacheBlock | None = None  # set for a slot of a CacheBlock
+        self.slot = 0
 
     def truncate(self, length: int) -> None:
         if not 0 <= length <= self.length:
             raise ValueError(f"cannot roll back a cache of length {self.length} to {length}")
         self.length = length
+
+
+class CacheBlock:
+    """`slots` one-request caches in one pair of tensors [layers, slots, kv_heads, max_len, head_dim].
+
+    Each slot is a KVCache of batch 1 (`caches[s]`, views into the block), used like any other; a batched
+    pass over caches of one block reads and writes all of them with one indexed operation per layer
+    instead of one per request (Transformer.forward_batch), which is what makes batching pay on a GPU.
+    """
+
+    def __init__(self, args: ModelArgs, max_len: int, slots: int, *, dtype: torch.dtype, device: torch.device):
+        # one more slot than it hands out: where a captured batched pass's padding rows write (engine.cuda_graphs)
+        whole = KVCache(args, max_len, batch=slots + 1, dtype=dtype, device=device)
+        self.k, self.v = whole.k, whole.v
+        self.max_len = max_len
+        self.scratch = slots
+        self.caches: list[KVCache] = []
+        for s in range(slots):
+            cache = KVCache.__new__(KVCache)
+            cache.k, cache.v = self.k[:, s : s + 1], self.v[:, s : s + 1]
+            cache.max_len, cache.length, cache.block, cache.slot = max_len, 0, self, s
+            self.caches.append(cache)
 
 
 class RMSNorm(nn.Module):
@@ -171,10 +195,17 @@ class Slots:
 @dataclass(frozen=True)
 class Rows:
     """Where a batched eager pass writes and reads: row b of the batch is one request's pass, over
-    `caches[b]` at `spans[b]` (each request keeps its own cache; the matrix products see the whole batch)."""
+    `caches[b]` at `spans[b]` (each request keeps its own cache; the matrix products see the whole batch).
+
+    `gathered`, when every cache is a slot of a CacheBlock and no span is exact: the rows in runs of one
+    block each, (block, first row, slots [n]), with positions [B, T] and the mask [B, 1, T, L] over the
+    first L = the longest row's end positions, so each layer attends with one call for the whole batch."""
 
     caches: tuple[KVCache, ...]
     spans: tuple[Span, ...]
+    gathered: tuple[tuple[CacheBlock, int, torch.Tensor], ...] | None = None
+    positions: torch.Tensor | None = None
+    mask: torch.Tensor | None = None
 
 
 class Attention(nn.Module):
@@ -199,6 +230,8 @@ class Attention(nn.Module):
         k = self.k_proj(x).view(b, t, self.n_kv, self.head_dim).transpose(1, 2)
         v = self.v_proj(x).view(b, t, self.n_kv, self.head_dim).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if isinstance(where, Rows) and where.gathered is not None:
+            return self.o_proj(self._attend_gathered(q, k, v, where).transpose(1, 2).reshape(b, t, -1))
         if isinstance(where, Rows):
             out = torch.cat(
                 [
@@ -216,6 +249,22 @@ class Attention(nn.Module):
         else:
             out = self._attend(q, k, v, keys, values, where)
         return self.o_proj(out.transpose(1, 2).reshape(b, t, -1))
+
+    def _attend_gathered(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, where: Rows) -> torch.Tensor:
+        """Rows of CacheBlocks: per block one indexed write of every row's new keys and values and one gather
+        of the rows' first L positions; then one masked attention call for the batch."""
+        length = where.mask.shape[-1]
+        keys, values = [], []
+        for block, first, slots in where.gathered:
+            rows = slice(first, first + slots.shape[0])
+            at = (slots[:, None], slice(None), where.positions[rows])  # -> [n, T, kv_heads, head_dim]
+            block.k[self.layer][at] = k[rows].transpose(1, 2)
+            block.v[self.layer][at] = v[rows].transpose(1, 2)
+            keys.append(block.k[self.layer][:, :, :length].index_select(0, slots))
+            values.append(block.v[self.layer][:, :, :length].index_select(0, slots))
+        keys, values = (torch.cat(x) if len(x) > 1 else x[0] for x in (keys, values))
+        gqa = self.n_kv != self.n_heads
+        return F.scaled_dot_product_attention(q, keys, values, attn_mask=where.mask, enable_gqa=gqa)
 
     def _attend(
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, where: Span
@@ -312,6 +361,10 @@ class Transformer(nn.Module):
         w = self.model.embed_tokens.weight
         return KVCache(self.args, max_len, batch=batch, dtype=w.dtype, device=w.device)
 
+    def new_block(self, max_len: int, slots: int) -> CacheBlock:
+        w = self.model.embed_tokens.weight
+        return CacheBlock(self.args, max_len, slots, dtype=w.dtype, device=w.device)
+
     def forward(
         self, tokens: torch.Tensor, cache: KVCache, *, last_only: bool = False
     ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -366,29 +419,67 @@ class Transformer(nn.Module):
             if n < 1 or cache.length + n > cache.max_len:
                 raise ValueError(f"KV cache overflow or empty feed: {cache.length} + {n} tokens, max_seq_len {cache.max_len}")
         b = len(feeds)
-        t = max(max(lengths), -(-self.MIN_ROWS // b))
-        tokens = torch.stack([torch.cat((f, f[-1:].expand(t - n))) for f, n in zip(feeds, lengths)])  # [B, T]
-        steps = torch.arange(t, device=tokens.device)
-        positions = torch.stack([(c.length + steps).clamp_max(c.length + n - 1) for c, n in zip(caches, lengths)])
-        x, cos, sin = self._embed(tokens, positions)
         spans = tuple(
             Span(c.length, n, self.exact_rows and c.length > 0 and n <= self.EXACT_MAX_ROWS) for c, n in zip(caches, lengths)
         )
-        where = Rows(tuple(caches), spans)
+        gather = all(c.block is not None for c in caches) and not any(s.exact for s in spans)
+        if gather and self.graphs is not None:  # one CacheBlock, no prefill: a captured pass may serve
+            replayed = self.graphs.run_rows(self, feeds, caches, lengths)
+            if replayed is not None:
+                return [(logits[-1:], hidden[-1:]) if last_only else (logits, hidden) for logits, hidden in replayed]
+        # rows of one CacheBlock next to each other (the gathered path reads each block once); undone below
+        order = sorted(range(b), key=lambda i: id(caches[i].block)) if gather else list(range(b))
+        feeds, caches, lengths, spans = ([xs[i] for i in order] for xs in (feeds, caches, lengths, spans))
+        t = max(max(lengths), -(-self.MIN_ROWS // b))
+        device = feeds[0].device
+        tokens = torch.stack([torch.cat((f, f[-1:].expand(t - n))) for f, n in zip(feeds, lengths)])  # [B, T]
+        starts = torch.tensor([c.length for c in caches], device=device)
+        ends = starts + torch.tensor(lengths, device=device)
+        positions = torch.minimum(starts[:, None] + torch.arange(t, device=device), ends[:, None] - 1)  # [B, T]
+        x, cos, sin = self._embed(tokens, positions)
+        where = Rows(tuple(caches), tuple(spans))
+        if gather:
+            runs, first = [], 0
+            for i in range(1, b + 1):
+                if i == b or caches[i].block is not caches[first].block:
+                    slots = torch.tensor([c.slot for c in caches[first:i]], device=device)
+                    runs.append((caches[first].block, first, slots))
+                    first = i
+            longest = max(s.start + s.rows for s in spans)
+            mask = torch.arange(longest, device=device)[None, None, :] <= positions[:, :, None]  # [B, T, L]
+            where = Rows(tuple(caches), tuple(spans), tuple(runs), positions, mask[:, None])
         for layer in self.model.layers:
             x = layer(x, cos, sin, None, where)
         for cache, n in zip(caches, lengths):
             cache.length += n
+        back = sorted(range(b), key=order.__getitem__)  # result i is request order[i]'s
         if last_only:  # the real last row of each request; the LM head sees at least MIN_ROWS rows
-            x = torch.stack([x[i, n - 1] for i, n in enumerate(lengths)])  # [B, hidden]
+            x = x[torch.arange(b, device=device), torch.tensor(lengths, device=device) - 1]  # [B, hidden]
             if b < self.MIN_ROWS:
                 x = torch.cat((x, x[-1:].expand(self.MIN_ROWS - b, -1)))
             hidden = self.model.norm(x)
             logits = self.lm_head(hidden).float()
-            return [(logits[i : i + 1], hidden[i : i + 1]) for i in range(b)]
+            return [(logits[i : i + 1], hidden[i : i + 1]) for i in back]
         hidden = self.model.norm(x)
         logits = self.lm_head(hidden).float()
-        return [(logits[i, :n], hidden[i, :n]) for i, n in enumerate(lengths)]
+        return [(logits[i, : lengths[i]], hidden[i, : lengths[i]]) for i in back]
+
+    def forward_gathered(
+        self, tokens: torch.Tensor, block: CacheBlock, slots: torch.Tensor, starts: torch.Tensor, ends: torch.Tensor, length: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The graph-safe batched pass over one CacheBlock: row b's tokens [T] go to slot slots[b] at
+        positions starts[b] .. (a row shorter than T repeats its last token at ends[b] - 1), attending over
+        the block's first `length` positions; every position-dependent number is a tensor on the device.
+        Returns logits [B, T, vocab] float32 and hidden [B, T, hidden]; leaves cache lengths to the caller."""
+        t = tokens.shape[1]
+        positions = torch.minimum(starts[:, None] + torch.arange(t, device=tokens.device), ends[:, None] - 1)
+        mask = torch.arange(length, device=tokens.device)[None, None, :] <= positions[:, :, None]  # [B, T, L]
+        x, cos, sin = self._embed(tokens, positions)
+        where = Rows((), (), ((block, 0, slots),), positions, mask[:, None])
+        for layer in self.model.layers:
+            x = layer(x, cos, sin, None, where)
+        hidden = self.model.norm(x)
+        return self.lm_head(hidden).float(), hidden
 
     def forward_slots(
         self, tokens: torch.Tensor, cache: KVCache, start: torch.Tensor

@@ -1,12 +1,13 @@
-"""actors.target_shard's pure passes (no Ray, TP=1): the engine's target token and verification verdicts."""
+"""The target shard's pure parts (no Ray, TP=1): engine.decode.target_passes and actors.target_shard.verdicts
+give the engine's target token and verification verdicts."""
 
 from __future__ import annotations
 
 import torch
 
-from actors.target_shard import target_token, verdicts
+from actors.target_shard import verdicts
 from engine.decode import Timings, _Sequence, target_passes
-from engine.sampling import SamplingParams
+from engine.sampling import SamplingParams, next_token
 from engine.verify import DraftBlock, final_token, standard_accept
 
 PROMPT = list(b"The quick brown")
@@ -19,10 +20,15 @@ def _prefilled(engine):
     return seq, first.tokens[0]
 
 
+def target_token(model, cache, feed) -> int:
+    ((logits, _),) = target_passes(model, [cache], [feed], last_only=True)
+    return next_token(logits[-1], SamplingParams(), None)
+
+
 def test_target_token_equals_the_engines_step(tiny_engine):
     _, want = _prefilled(tiny_engine)
     cache = tiny_engine.target.model.new_cache(64)
-    assert target_token(tiny_engine.target.model, cache, PROMPT, SamplingParams(), None) == want
+    assert target_token(tiny_engine.target.model, cache, PROMPT) == want
     assert cache.length == len(PROMPT)
 
 
@@ -33,7 +39,7 @@ def test_greedy_verdicts_equal_the_engines(tiny_engine):
     matched_want, _ = standard_accept(block, logits_want, SamplingParams(), None)
 
     cache = tiny_engine.target.model.new_cache(64)
-    target_token(tiny_engine.target.model, cache, PROMPT, SamplingParams(), None)
+    target_token(tiny_engine.target.model, cache, PROMPT)
     ((logits, hidden),) = target_passes(tiny_engine.target.model, [cache], [[first] + DRAFT])
     logits, hidden = logits[-(len(DRAFT) + 1) :].cpu(), hidden[-len(DRAFT) :]
     assert torch.equal(logits, logits_want) and torch.equal(hidden, hidden_want)

@@ -83,3 +83,44 @@ def test_cuda_graphs_on_a_cpu_is_refused_in_the_config():
         load_config(TINY_YAML, {"runtime.cuda_graphs": True})
     assert not load_config(TINY_YAML).runtime.graphed
     assert load_config(TINY_YAML, {"runtime.device": "cuda"}).runtime.graphed
+
+
+@torch.inference_mode()
+def test_batched_passes_over_a_cache_block_replay_shared_graphs(tiny_args):
+    """forward_batch over slots of one CacheBlock goes through CudaGraphs.run_rows (no capture on a CPU):
+    each request gets its own eager pass's results, batches of 3 and 4 rows share one graph (rows rounded
+    up to a power of two, the padding row in the scratch slot), the other slots stay untouched, and
+    prefills run eagerly."""
+    model = dummy_model(tiny_args, 0, 0.0, torch.float32, CPU).eval()
+    model.exact_rows = False
+    graphs = model.graphs = CudaGraphs(max_rows=8, capture=False)
+    block = model.new_block(64, 6)
+    plain = [model.new_cache(64) for _ in range(4)]
+    slots = [block.caches[s] for s in (4, 1, 2, 0)]
+    for i, (a, b) in enumerate(zip(plain, slots)):
+        prefix = torch.randint(0, tiny_args.vocab_size, (1, 5 + 3 * i), generator=torch.Generator().manual_seed(i))
+        model.graphs = None
+        model(prefix, a)
+        model.graphs = graphs
+        model(prefix, b)  # a prefill: eager
+    assert len(graphs) == 0
+    untouched = block.k[:, [3, 5]].clone()
+
+    def step(rows: int, feeds: list[int], seed: int) -> None:
+        news = [torch.randint(0, 200, (n,), generator=torch.Generator().manual_seed(seed + i)) for i, n in enumerate(feeds)]
+        got = model.forward_batch(news, slots[:rows])
+        model.graphs = None
+        want = model.forward_batch(news, plain[:rows])
+        model.graphs = graphs
+        for (logits, hidden), (want_logits, want_hidden) in zip(got, want):
+            torch.testing.assert_close(logits, want_logits, rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(hidden, want_hidden, rtol=1e-5, atol=1e-5)
+
+    step(3, [1, 1, 1], 10)
+    step(4, [2, 1, 3, 1], 20)
+    step(4, [3, 3, 1, 2], 30)
+    assert len(graphs) == 2  # (4 rows, T 1) and (4 rows, T 3): the 3-row batch took the 4-row graph
+    for a, b in zip(plain, slots):
+        assert a.length == b.length
+        torch.testing.assert_close(b.k[:, :, :, : b.length], a.k[:, :, :, : a.length], rtol=1e-5, atol=1e-5)
+    assert torch.equal(block.k[:, [3, 5]], untouched)  # nobody's slots (padding rows write the scratch slot)

@@ -289,3 +289,41 @@ def test_batched_pass_refuses_an_overflow_before_writing(tiny_f32):
     with pytest.raises(ValueError, match="overflow"):
         tiny_f32.forward_batch([_tokens(4, 1)[0], _tokens(9, 2)[0]], [roomy, small])
     assert roomy.length == small.length == 0
+
+
+@pytest.mark.parametrize("layout", ["one block", "two blocks, interleaved"])
+@torch.no_grad()
+def test_batched_pass_over_cache_blocks_equals_each_request_alone(tiny_f32, layout):
+    """The gathered path (caches that are slots of CacheBlocks, rows not exact: how a GPU runs a batch, one
+    indexed write, one gather and one attention call per layer) gives each request its own pass's results,
+    whatever order its rows and blocks come in; the block's other slots are untouched."""
+    model = tiny_f32
+    feeds = (1, 9, 3, 5, 1)
+    blocks = [model.new_block(64, 4), model.new_block(64, 4)]
+    if layout == "one block":
+        slots = [blocks[0].caches[s] for s in (2, 0, 3, 1)] + [blocks[1].caches[0]]
+    else:
+        slots = [blocks[1].caches[1], blocks[0].caches[3], blocks[1].caches[0], blocks[0].caches[0], blocks[1].caches[3]]
+    prefixes = [_tokens(7 + 5 * i, seed=60 + i)[0] for i in range(len(feeds))]
+    news = [_tokens(n, seed=80 + i)[0] for i, n in enumerate(feeds)]
+    model.exact_rows = False
+    try:
+        alone = []
+        for prefix, cache in zip(prefixes, slots):
+            alone.append(model.new_cache(64))
+            model(prefix[None], alone[-1])
+            model(prefix[None], cache)
+        expected = [model(new[None], cache) for new, cache in zip(news, alone)]
+        untouched = [c.k.clone() for b in blocks for c in b.caches if c not in slots]
+        got = model.forward_batch(news, slots)
+    finally:
+        model.exact_rows = True
+    for i, ((logits, hidden), (want_logits, want_hidden)) in enumerate(zip(got, expected)):
+        torch.testing.assert_close(logits, want_logits[0], atol=1e-5, rtol=0)
+        torch.testing.assert_close(hidden, want_hidden[0], atol=1e-5, rtol=0)
+        n = alone[i].length
+        assert slots[i].length == n
+        torch.testing.assert_close(slots[i].k[:, :, :, :n], alone[i].k[:, :, :, :n], atol=1e-5, rtol=0)
+        torch.testing.assert_close(slots[i].v[:, :, :, :n], alone[i].v[:, :, :, :n], atol=1e-5, rtol=0)
+    others = [c.k for b in blocks for c in b.caches if c not in slots]
+    assert all(torch.equal(a, b) for a, b in zip(others, untouched))

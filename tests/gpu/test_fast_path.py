@@ -47,3 +47,28 @@ def test_greedy_speculative_output_through_graphs_equals_autoregressive(engines)
     for prompt in PROMPTS:
         assert _tokens(graphed, prompt, Mode.STANDARD) == _tokens(graphed, prompt, Mode.AR), prompt
     assert len(graphed.draft.model.graphs) >= 1
+
+
+@torch.inference_mode()
+def test_captured_batched_passes_equal_eager_batched_passes(engines):
+    """Requests in slots of one CacheBlock: a batch through a captured graph (CudaGraphs.run_rows) gives the
+    logits of the same batch run eagerly, over several steps of ragged feeds and batch sizes."""
+    graphed, eager, _ = engines
+    model, graphs = graphed.target.model, graphed.target.model.graphs
+    block = model.new_block(128, 8)
+    caches = {"graphs": block.caches[:5], "eager": [model.new_cache(128) for _ in range(5)]}
+    for i in range(5):
+        prompt = torch.arange(3 + 4 * i, device="cuda")[None] + 7 * i
+        for c in (caches["graphs"][i], caches["eager"][i]):
+            model(prompt, c)
+    for step, feeds in enumerate([[1, 1, 1, 1, 1], [5, 1, 3, 2, 1], [1, 1, 1], [4, 4, 4, 4, 4]]):
+        news = [torch.randint(0, 200, (n,), device="cuda", generator=None) for n in feeds]
+        got = model.forward_batch(news, caches["graphs"][: len(feeds)])
+        model.graphs = None
+        try:
+            want = model.forward_batch(news, caches["eager"][: len(feeds)])
+        finally:
+            model.graphs = graphs
+        for (logits, _), (want_logits, _) in zip(got, want):
+            torch.testing.assert_close(logits, want_logits, rtol=1e-4, atol=1e-4)
+    assert any(key[0] == "rows" for key in graphs._graphs), "no batched pass was captured"

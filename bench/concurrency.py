@@ -9,7 +9,8 @@ request of --max-tokens tokens at once (EOS ignored, so every stream does the sa
   - TTFT  from sending to the first streamed event carrying tokens
   - ITL   each later event's gap since the previous one, divided among its tokens (one sample per token)
   - tok/s all tokens of the round / the round's wall time (first send to last final message)
-Prints one table (p50 and p99 of TTFT and ITL, speed-up over the same mode and K at 1 stream, ratio to ar
+Each timed round follows an untimed one of the same mode, K and streams (--no-warmup skips it): the first
+passes of a batch shape allocate caches and, on a GPU, capture CUDA graphs. Prints one table (p50 and p99 of TTFT and ITL, speed-up over the same mode and K at 1 stream, ratio to ar
 at the same streams, draft tokens accepted per speculative step) and writes the rows as JSON.
 
 Dummy weights accept almost nothing and have no judge, so acceptance can be replayed (decoding.replay_trace,
@@ -209,15 +210,16 @@ def main() -> None:
     ap.add_argument("--max-tokens", type=int, default=64)
     ap.add_argument("--standard-trace", metavar="FILE|MEAN:K", help="acceptance replayed in the standard rows")
     ap.add_argument("--judge-trace", metavar="FILE|MEAN:K", help="acceptance replayed in the judge rows (run as standard)")
-    ap.add_argument("--warmup", type=int, default=1,
-                    help="streams of an untimed round before each mode and K (first passes allocate caches, capture graphs)")
+    ap.add_argument("--no-warmup", action="store_true",
+                    help="skip the untimed round at the same mode, K and streams before each timed one (the first "
+                         "passes of a batch shape allocate caches and capture CUDA graphs)")
     ap.add_argument("--timeout", type=float, default=900.0, help="deadline of each request, s")
     ap.add_argument("--out", type=Path, default=Path("bench/results/concurrency.json"))
     args = ap.parse_args()
 
     streams = sorted({int(c) for c in args.streams.split(",")})
     modes = [Mode(m) for m in args.modes.split(",")]
-    most = max(streams + [args.warmup])
+    most = max(streams)
     overrides: dict = {"serve.max_active_requests": most}  # every stream of a round runs; --set may say otherwise
     for item in args.set:
         key, _, value = item.partition("=")
@@ -248,9 +250,9 @@ def main() -> None:
         try:
             for s in group:
                 for k in [None] if s.mode is Mode.AR else ks:
-                    if args.warmup:
-                        run_round(address, prompts, s, k, args.warmup, args)
                     for c in streams:
+                        if not args.no_warmup:
+                            run_round(address, prompts, s, k, c, args)
                         bar.set_description(f"{s.label} K={k} streams={c}")
                         row = {"mode": s.label, "kind": s.kind.value, "request_mode": s.mode.value, "k": k, "streams": c,
                                "replayed": s.replay.label if s.replay else None}

@@ -25,6 +25,8 @@ import datetime
 import json
 import os
 import platform
+import shlex
+import sys
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -190,7 +192,10 @@ def main() -> None:
     result = {
         "benchmark": "bench.serve_cpu",
         "date": datetime.date.today().isoformat(),
-        "machine": (
+        "command": shlex.join(["python3", "-m", "bench.serve_cpu", *sys.argv[1:]]),
+        # served tokens/s over in-process tokens/s per mode and served path (the GPU issue's key)
+        "e2e_over_inprocess": {f"{r['mode']} {r['path']}": r["ratio_to_in_process"] for r in rows if r["path"] in PATHS},
+        "card": (
             torch.cuda.get_device_name()
             if config.runtime.device.startswith("cuda")
             else f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} torch threads, CPU only"

@@ -195,10 +195,12 @@ class ServeConfig(_Section):
         ),
     )
     draft_tokens_by_load: dict[int, int] = Field(
-        default_factory=dict,
+        default_factory=lambda: {32: 8},
         description=(
             "K under load: {running requests: largest K}, the entry of the largest count <= the running requests "
-            "applies (e.g. {16: 4}: K at most 4 from 16 running requests on); empty: a request's own K always"
+            "applies; empty: a request's own K always. Default: K at most 8 from 32 running requests on (measured "
+            "on an H100, 1B/8B, mean acceptance 19.7: at 64 streams K=8 gave 864 tokens/s, K=16 745, K=32 602; "
+            "up to 16 streams K=16 was best: docs/performance.md)"
         ),
     )
     max_queued_requests: int = Field(

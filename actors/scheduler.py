@@ -626,6 +626,8 @@ class Scheduler:
             matched, judged_t = self.replay(matched, judged_t)
         n = accepted_length(matched, judged_t)
         last = verdict.final_candidates[n]
+        if result.speculated is not None and n == len(block) and self.replay is not None and self.replay.guess_is_right():
+            last = result.speculated.guess  # replayed agreement on the bonus (decoding.replay_guesses)
         if result.speculated is not None and n == len(block):
             # used at the next step if the draft guessed this bonus; otherwise dropped (the draft rolls back)
             k_next = len(result.speculated.tokens)

@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import platform
 import shlex
 import sys
@@ -48,6 +47,7 @@ import torch
 import yaml
 from tqdm import tqdm
 
+from bench import write_results
 from bench.serve_cpu import _Loop, served, synthetic_prompts
 from cluster.client import Final, JudgeserveClient
 from engine.config import Config, Mode, load_config
@@ -245,8 +245,7 @@ def main() -> None:
     loop, rows = _Loop(), []
     for path, group in groups.items():
         decoding = config.decoding.model_copy(update={"replay_trace": path})
-        backend, server, address = served(config.model_copy(update={"decoding": decoding}), loop,
-                                          config.serve.compiled_graph)
+        backend, server, address = served(config.model_copy(update={"decoding": decoding}), loop, {})
         try:
             for s in group:
                 for k in [None] if s.mode is Mode.AR else ks:
@@ -298,9 +297,7 @@ def main() -> None:
         "max_tokens": args.max_tokens,
         "rows": rows,
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"wrote {args.out}")
+    write_results(args.out, result)
 
 
 if __name__ == "__main__":

@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from bench import write_results
 from engine.config import Mode, load_config
 from engine.decode import Engine
 from engine.sampling import SamplingParams
@@ -193,9 +194,7 @@ def main() -> None:
         record["hf_tokens_per_s"] = round(hf_tally.tokens_per_s, 3)
         record["standard_over_hf"] = round(std.tokens_per_s / hf_tally.tokens_per_s, 3)
         record["hf_equals_ar"] = agreement(ar.outputs, hf_tally.outputs)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(record, indent=2) + "\n")
-    print(f"wrote {args.out}")
+    write_results(args.out, record)
 
 
 if __name__ == "__main__":

@@ -13,13 +13,13 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import statistics
 import time
 from pathlib import Path
 
 import torch
 
+from bench import write_results
 from engine.config import Mode, parse_config
 from engine.decode import Engine
 from engine.model import Transformer
@@ -228,8 +228,7 @@ def main() -> None:
         **{f"{m}_tokens_per_s": next(r["tokens_per_s"] for r in speculative if r["mode"] == m)
            for m in ("standard", "judge") if any(r["mode"] == m for r in speculative)},
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(record, indent=2) + "\n")
+    write_results(args.out, record)
 
 
 if __name__ == "__main__":

@@ -11,13 +11,13 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import statistics
 import time
 from pathlib import Path
 
 import torch
 
+from bench import write_results
 from engine.config import load_config
 from engine.weights import TORCH_DTYPES, load_checkpoint, resolve_checkpoint
 
@@ -61,9 +61,7 @@ def main() -> None:
         "command": f"python3 -m bench.pass_latency --config {args.config}",
         "median_ms_per_pass": table,
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(record, indent=2) + "\n")
-    print(f"wrote {args.out}")
+    write_results(args.out, record)
 
 
 if __name__ == "__main__":

@@ -9,6 +9,9 @@ each ratio share the machine's drift:
                   (serve.cpus_per_actor torch threads each; set equal to runtime.threads so each pass has
                   the same cores), pipelined or not as serve.pipeline (or --pipeline) says
   - served_calls  the same with plain actor calls for the step graph (serve.compiled_graph false)
+  - served_pipelined, served_sequential   the config's step graph with serve.pipeline on and off: with
+                  both, the JSON's pipelined_over_sequential compares them (on dummy weights replay the
+                  guesses too: decoding.replay_guesses)
 Greedy outputs must be equal (checked and reported). Prints one table: tokens/s, ratio to in-process, and
 the per-step split the scheduler's own timers report (draft, verify and judge compute on the critical
 path; transport: the wait on the actors beyond that compute; scheduling: the rest; draft compute
@@ -22,7 +25,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import datetime
-import json
 import os
 import platform
 import shlex
@@ -36,6 +38,7 @@ import torch
 import yaml
 from tqdm import tqdm
 
+from bench import write_results
 from bench.engine_cpu import add_prompt_arguments, prompts
 from cluster.client import Final, JudgeserveClient
 from cluster.ray_backend import RayBackend
@@ -45,7 +48,13 @@ from engine.decode import Engine
 from engine.sampling import SamplingParams
 
 PHASES = ("draft", "verify", "judge", "overhead")
-PATHS = {"served": True, "served_calls": False}  # name -> serve.compiled_graph
+# name -> what the served path changes in the config's serve section
+PATHS = {
+    "served": {"compiled_graph": True},
+    "served_calls": {"compiled_graph": False},
+    "served_pipelined": {"pipeline": True},  # pipelined against sequential: the same actors otherwise
+    "served_sequential": {"pipeline": False},
+}
 
 
 @dataclass
@@ -93,8 +102,8 @@ class _Loop:
         return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
 
 
-def served(config: Config, loop: _Loop, compiled: bool) -> tuple[RayBackend, object, str]:
-    serve = config.serve.model_copy(update={"compiled_graph": compiled})
+def served(config: Config, loop: _Loop, update: dict) -> tuple[RayBackend, object, str]:
+    serve = config.serve.model_copy(update=update)
     backend = RayBackend(config.model_copy(update={"serve": serve}))
 
     async def start():
@@ -130,7 +139,7 @@ def main() -> None:
         "--set", action="append", default=[], metavar="KEY=VALUE",
         help="config override, e.g. runtime.device=cuda or target.model=dummy:llama-3.1-8b (YAML values)",
     )
-    ap.add_argument("--paths", default=",".join(PATHS), help=f"served paths to measure (of {', '.join(PATHS)})")
+    ap.add_argument("--paths", default="served,served_calls", help=f"served paths to measure (of {', '.join(PATHS)})")
     ap.add_argument("--out", type=Path, default=Path("bench/results/serve_cpu.json"))
     args = ap.parse_args()
 
@@ -195,6 +204,12 @@ def main() -> None:
         "command": shlex.join(["python3", "-m", "bench.serve_cpu", *sys.argv[1:]]),
         # served tokens/s over in-process tokens/s per mode and served path (the GPU issue's key)
         "e2e_over_inprocess": {f"{r['mode']} {r['path']}": r["ratio_to_in_process"] for r in rows if r["path"] in PATHS},
+        # the same prompts through the same actors, pipelined and not (each against its own in-process run)
+        "pipelined_over_sequential": {
+            m.value: round(tallies[m, "served_pipelined", "served"].tokens_per_s / tallies[m, "served_sequential", "served"].tokens_per_s, 3)
+            for m in modes
+            if {"served_pipelined", "served_sequential"} <= set(paths)
+        },
         "card": (
             torch.cuda.get_device_name()
             if config.runtime.device.startswith("cuda")
@@ -213,9 +228,7 @@ def main() -> None:
         "prompts": {"synthetic": args.synthetic} if args.synthetic else {"humaneval": args.humaneval, "gsm8k": args.gsm8k},
         "rows": rows,
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"wrote {args.out}")
+    write_results(args.out, result)
 
 
 if __name__ == "__main__":

@@ -91,11 +91,21 @@ class DecodingConfig(_Section):
             "step did (engine.trace); the output text is meaningless and labelled replayed"
         ),
     )
+    replay_guesses: bool = Field(
+        False,
+        description=(
+            "with replay_trace and serve.pipeline: a block drafted ahead after a fully accepted block counts as "
+            "guessed right at the trace's per-token acceptance rate (dummy models never agree on the bonus), so "
+            "pipelining's reuse can be measured on dummy weights"
+        ),
+    )
 
     @model_validator(mode="after")
     def _fits(self) -> "DecodingConfig":
         if self.draft_tokens + 2 > self.max_seq_len:
             raise ValueError("draft_tokens + 2 must fit in max_seq_len")
+        if self.replay_guesses and self.replay_trace is None:
+            raise ValueError("replay_guesses needs replay_trace")
         return self
 
 

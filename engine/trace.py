@@ -74,16 +74,41 @@ class AcceptanceTrace:
         return trace
 
     @classmethod
-    def synthetic(cls, mean_tokens_per_step: float, draft_tokens: int, steps: int = 4096, seed: int = 0) -> "AcceptanceTrace":
+    def synthetic(
+        cls, mean_tokens_per_step: float, draft_tokens: int, steps: int = 4096, seed: int = 0, runs: bool = False
+    ) -> "AcceptanceTrace":
         """A judge trace whose steps emit `mean_tokens_per_step` on average: n ~ Binomial(K, p), p chosen for
-        the mean (the paper's 8B/70B judge: about 19.7 tokens per step)."""
-        p = (mean_tokens_per_step - 1) / draft_tokens
-        if not 0 <= p <= 1:
-            raise TraceError(f"a mean of {mean_tokens_per_step} tokens per step needs 0 <= mean - 1 <= K ({draft_tokens})")
+        the mean (the paper's 8B/70B judge: about 19.7 tokens per step). With `runs`, n is the first
+        rejection of independent draft tokens each accepted with probability a (a truncated geometric, a
+        chosen for the mean): acceptance as a prefix, so whole blocks are accepted as often as a^K, which is
+        what pipelining's reuse depends on."""
+        k, want = draft_tokens, mean_tokens_per_step - 1
+        if not 0 <= want <= k:
+            raise TraceError(f"a mean of {mean_tokens_per_step} tokens per step needs 0 <= mean - 1 <= K ({k})")
         rng = random.Random(seed)
-        accepted = [sum(rng.random() < p for _ in range(draft_tokens)) for _ in range(steps)]
-        return cls(f"synthetic: mean {mean_tokens_per_step} tokens per step", "judge", draft_tokens, accepted,
-                   [0] * steps)
+        if not runs:
+            accepted = [sum(rng.random() < want / k for _ in range(k)) for _ in range(steps)]
+        else:
+            low, high = 0.0, 1.0  # E[n] = a (1 - a^K) / (1 - a) grows with a: bisect for the mean
+            for _ in range(60):
+                a = (low + high) / 2
+                low, high = (a, high) if sum(a**i for i in range(1, k + 1)) < want else (low, a)
+            accepted = []
+            for _ in range(steps):
+                n = 0
+                while n < k and rng.random() < a:
+                    n += 1
+                accepted.append(n)
+        shape = "prefix runs" if runs else "binomial"
+        return cls(f"synthetic ({shape}): mean {mean_tokens_per_step} tokens per step", "judge", k, accepted, [0] * steps)
+
+    @property
+    def token_acceptance(self) -> float:
+        """The per-token acceptance rate a prefix model fits to the trace: accepted tokens / (accepted tokens +
+        steps that stopped at a rejection)."""
+        accepted = sum(self.accepted)
+        stopped = sum(n < self.draft_tokens for n in self.accepted)
+        return accepted / (accepted + stopped) if accepted + stopped else 0.0
 
 
 class TraceRecorder:
@@ -103,12 +128,20 @@ class TraceReplayer:
     """Engine hook that replaces each speculative step's verdicts by the trace's next step (cycling): the
     first n - j draft tokens matched, the next j judged, the rest rejected (n clipped to this step's K)."""
 
-    def __init__(self, trace: AcceptanceTrace):
+    def __init__(self, trace: AcceptanceTrace, guesses: bool = False):
         self.trace, self.position = trace, 0
+        self.guesses = guesses
+        self._rng = random.Random(0)
+
+    def guess_is_right(self) -> bool:
+        """With `guesses` (decoding.replay_guesses): whether a pipelined guess of the bonus counts as right,
+        drawn at the trace's per-token acceptance rate (on dummy weights the two models never agree)."""
+        return self.guesses and self._rng.random() < self.trace.token_acceptance
 
     @property
     def label(self) -> str:
-        return f"replayed acceptance ({self.trace.mode} trace: {self.trace.source})"
+        guesses = f"; pipelined guesses right at {self.trace.token_acceptance:.3f}" if self.guesses else ""
+        return f"replayed acceptance ({self.trace.mode} trace: {self.trace.source}{guesses})"
 
     def __call__(self, matched: torch.Tensor, judged: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
         i = self.position % len(self.trace.accepted)
@@ -123,5 +156,5 @@ class TraceReplayer:
 def replayer_for(decoding: DecodingConfig) -> TraceReplayer | None:
     """The replayer decoding.replay_trace asks for (the engine's and the scheduler's), or None."""
     path = decoding.replay_trace
-    return TraceReplayer(AcceptanceTrace.load(path)) if path is not None else None
+    return TraceReplayer(AcceptanceTrace.load(path), decoding.replay_guesses) if path is not None else None
 

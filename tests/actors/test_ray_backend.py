@@ -307,3 +307,20 @@ def test_a_replayed_trace_accepts_alike_in_process_and_served(backends, loop, co
     finally:
         backend.close()
     _assert_same(got, want, events)
+
+
+def test_replayed_guesses_let_pipelining_reuse_its_blocks(loop, config, tmp_path, backends):
+    """decoding.replay_guesses (pipelining measured on dummy weights): with a trace that accepts every block
+    in full, each block drafted ahead counts as guessed right and is used by the next step."""
+    from engine.trace import AcceptanceTrace
+
+    path = tmp_path / "full.json"
+    AcceptanceTrace("test", "standard", 4, accepted=[4] * 8, judged=[0] * 8).save(path)
+    decoding = config.decoding.model_copy(update={"replay_trace": path, "replay_guesses": True})
+    backend = RayBackend(config.model_copy(update={"decoding": decoding}))
+    try:
+        assert loop.run(backend.ready(), timeout=90)
+        _, done = loop.run(_collect(backend, "guesses", max_tokens=LONG, mode=Mode.STANDARD, ignore_eos=True))
+    finally:
+        backend.close()
+    assert done.pipelined_blocks > 2 and done.pipelined_blocks_used == done.pipelined_blocks

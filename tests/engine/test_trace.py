@@ -103,3 +103,26 @@ def test_the_cli_records_over_several_runs_and_replays_with_a_label(tmp_path, ca
     (tmp_path / "bad.json").write_text("[]")
     assert main([*base, "--prompt", "x", "--replay-trace", str(tmp_path / "bad.json")]) == 1
     assert "bad.json" in capsys.readouterr().err
+
+
+def test_prefix_run_traces_hit_their_mean_and_accept_whole_blocks_as_often_as_a_to_the_k():
+    trace = AcceptanceTrace.synthetic(11.0, 16, runs=True)
+    a = trace.token_acceptance
+    assert abs(sum(trace.accepted) / len(trace.accepted) + 1 - 11.0) < 0.2
+    assert abs(sum(n == 16 for n in trace.accepted) / len(trace.accepted) - a**16) < 0.03
+    assert AcceptanceTrace("t", "standard", 4, [4, 2, 0, 4], [0, 0, 0, 0]).token_acceptance == 10 / 12
+
+
+def test_replayed_guesses_are_right_at_the_traces_token_acceptance_and_only_when_asked():
+    trace = AcceptanceTrace("t", "standard", 4, [4, 3, 4, 1], [0, 0, 0, 0])  # a = 12 / 14
+    assert not any(TraceReplayer(trace).guess_is_right() for _ in range(100))
+    replayer = TraceReplayer(trace, guesses=True)
+    rate = sum(replayer.guess_is_right() for _ in range(4000)) / 4000
+    assert abs(rate - 12 / 14) < 0.03 and "guesses right at 0.857" in replayer.label
+
+
+def test_replay_guesses_need_a_trace():
+    from engine.config import DecodingConfig
+
+    with pytest.raises(ValueError, match="replay_guesses needs replay_trace"):
+        DecodingConfig(replay_guesses=True)

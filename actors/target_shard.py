@@ -166,17 +166,30 @@ class TargetShard:
         passes = target_passes(self.model, caches, feeds, last_only=last_only)
         if self.rank != 0:
             return [(None, None)] * len(rows)
+        # The positions each row decides on: its last (a token) or its last K+1 (a verification).
+        decided = [logits[-(len(inp.draft) + 1) :] if isinstance(inp, VerifyInput) else logits[-1:]
+                   for (_, inp, _), (logits, _) in zip(rows, passes)]
+        params = [inp.sampling.params() for _, inp, _ in rows]
+        # Greedy rows need only the argmax of each position: taken on the device for the whole batch and
+        # read back in one copy, instead of copying every row's logits to the CPU.
+        greedy = [i for i, p in enumerate(params) if p.greedy]
+        argmax = torch.cat([decided[i] for i in greedy]).argmax(-1).tolist() if greedy else []
+        tops, at = {}, 0
+        for i in greedy:
+            tops[i], at = argmax[at : at + decided[i].shape[0]], at + decided[i].shape[0]
         compute_s = time.perf_counter() - t0  # the batch's pass: every request in it waited for all of it
         results: list[Verified] = []
-        for (_, inp, q), cache, (logits, hidden) in zip(rows, caches, passes):
-            params = inp.sampling.params()
-            gen = None if params.greedy else step_generator(inp.sampling.seed, Role.TARGET, inp.step)
+        for i, ((_, inp, q), cache, (_, hidden)) in enumerate(zip(rows, caches, passes)):
+            gen = None if params[i].greedy else step_generator(inp.sampling.seed, Role.TARGET, inp.step)
             if isinstance(inp, TargetInput):
-                token = next_token(logits[-1], params, gen)
+                token = tops[i][0] if params[i].greedy else next_token(decided[i][-1], params[i], gen)
                 results.append((TargetOutput(token, cache.length, compute_s).to_bytes(), None))
                 continue
             k = len(inp.draft)
-            matched, candidates = verdicts(inp.draft, q, logits[-(k + 1) :].cpu(), params, gen)
+            if params[i].greedy:  # engine.verify's greedy rule: d_j matched iff it is the argmax; n -> argmax at n
+                matched, candidates = [d == t for d, t in zip(inp.draft, tops[i])], tops[i]
+            else:
+                matched, candidates = verdicts(inp.draft, q, decided[i].cpu(), params[i], gen)
             out = VerifyOutput(matched, candidates, cache.length, compute_s)
             results.append((out.to_bytes(), hidden[-k:].cpu() if inp.want_hidden else None))
         return results

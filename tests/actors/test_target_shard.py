@@ -62,3 +62,14 @@ def test_sampled_verdicts_draw_the_uniforms_first(tiny_engine):
     matched, candidates = verdicts(DRAFT, q, logits, params, torch.Generator().manual_seed(5))
     assert matched == matched_want.tolist() and candidates[0] == first_candidate
     assert len(candidates) == len(DRAFT) + 1
+
+
+def test_greedy_verdicts_from_the_argmax_equal_engine_verify(tiny_engine):
+    """The shard's greedy shortcut (argmax of each position, read back once per batch) is engine.verify's
+    greedy rule: matched iff d_j is the argmax at j, candidate n the argmax at n."""
+    seq, first = _prefilled(tiny_engine)
+    block = DraftBlock(torch.tensor(DRAFT), None)
+    logits, _ = tiny_engine._verify(seq, block)
+    matched, candidates = verdicts(DRAFT, None, logits, SamplingParams(), None)
+    top = logits.argmax(-1).tolist()
+    assert [d == t for d, t in zip(DRAFT, top)] == matched and top == candidates

@@ -255,3 +255,38 @@ def test_an_aborted_request_frees_its_slot_for_the_next(ray_local, config, alone
     assert x.finish_reason is FinishReason.ABORT and y.finish_reason is FinishReason.ABORT
     assert third.token_ids == alone["standard-k2"].token_ids and third.finish_reason is FinishReason.LENGTH
     assert not any(held), stats
+
+
+def test_a_seeded_sampled_request_draws_the_same_tokens_batched_as_alone(ray_local, config):
+    """Per-request sampling in a batch: a seeded request with its own temperature and top-k, run alone and
+    then beside greedy requests of other modes, emits the same tokens (every random draw comes from the
+    request's own seed and step, and its rows compute the same bits in a batch)."""
+    from tests.conftest import EventLoopThread
+
+    loop = EventLoopThread()
+    backend = _backend(config, loop, running=4)
+    params = SamplingParams(max_tokens=24, temperature=0.8, top_k=40, seed=11, ignore_eos=True)
+
+    async def sampled(request_id: str) -> Completion:
+        request = backend.make_request(prompt="Dear Sir,", params=params, mode=Mode.STANDARD, draft_tokens=4, threshold=None)
+        async with contextlib.aclosing(backend.stream(request_id, request)) as items:
+            async for item in items:
+                if isinstance(item, Completion):
+                    return item
+        raise AssertionError("no completion")
+
+    try:
+        alone = loop.run(sampled("sampled-alone"), timeout=120)
+
+        async def together():
+            others = [asyncio.ensure_future(_drain(backend, name)) for name in ("ar-long", "judge-lenient", "standard-k4")]
+            got = await sampled("sampled-batched")
+            await asyncio.gather(*others)
+            return got
+
+        batched = loop.run(together(), timeout=120)
+    finally:
+        backend.close()
+        loop.close()
+    assert alone.finish_reason is FinishReason.LENGTH and len(alone.token_ids) == 24
+    assert batched.token_ids == alone.token_ids

@@ -45,9 +45,7 @@ class _RowsGraph:
     replay: Callable[[], None]
     block: CacheBlock
     tokens: torch.Tensor  # [rows, T]
-    slots: torch.Tensor  # [rows]
-    starts: torch.Tensor  # [rows]
-    ends: torch.Tensor  # [rows]
+    rows: torch.Tensor  # [3, rows]: each row's slot, start and end
     logits: torch.Tensor  # [rows, T, vocab] float32
     hidden: torch.Tensor  # [rows, T, hidden]
 
@@ -107,12 +105,11 @@ class CudaGraphs:
         g = self._graphs.get(key)
         if g is None:
             g = self._graphs[key] = self._capture_rows(model, block, rows, t, keys)
-        b, device = len(caches), g.tokens.device
+        b = len(caches)
         g.tokens[:b].copy_(torch.stack([torch.cat((f, f[-1:].expand(t - n))) for f, n in zip(feeds, lengths)]))
-        host = torch.tensor([[c.slot, c.length, c.length + n] for c, n in zip(caches, lengths)])
-        g.slots[:b].copy_(host[:, 0].to(device, non_blocking=True))
-        g.starts[:b].copy_(host[:, 1].to(device, non_blocking=True))
-        g.ends[:b].copy_(host[:, 2].to(device, non_blocking=True))
+        # slots, starts and ends are rows of one tensor: one copy to the device per replay
+        g.rows[:, :b].copy_(torch.tensor([[c.slot for c in caches], [c.length for c in caches],
+                                          [c.length + n for c, n in zip(caches, lengths)]]))
         g.replay()
         out = []
         for i, (cache, n) in enumerate(zip(caches, lengths)):
@@ -124,25 +121,20 @@ class CudaGraphs:
         device = block.k.device
         # Until a replay copies a batch in, every row is padding: the scratch slot, position 0.
         tokens = torch.zeros(rows, t, dtype=torch.long, device=device)
-        slots = torch.full((rows,), block.scratch, dtype=torch.long, device=device)
-        starts = torch.zeros(rows, dtype=torch.long, device=device)
-        ends = torch.ones(rows, dtype=torch.long, device=device)
+        padding = torch.tensor([[block.scratch], [0], [1]], device=device)  # slot, start, end of a padding row
+        meta = padding.expand(3, rows).clone()
+        slots, starts, ends = meta
 
         def forward() -> tuple[torch.Tensor, torch.Tensor]:
             return model.forward_gathered(tokens, block, slots, starts, ends, keys)
-
-        def reset() -> None:  # after a batch of fewer rows, the rest must point at the scratch slot again
-            slots.fill_(block.scratch)
-            starts.zero_()
-            ends.fill_(1)
 
         replay, logits, hidden = self._record(forward, device)
 
         def replay_rows() -> None:
             replay()
-            reset()
+            meta.copy_(padding.expand(3, rows))  # a smaller batch next: its unused rows are padding again
 
-        return _RowsGraph(replay_rows, block, tokens, slots, starts, ends, logits, hidden)
+        return _RowsGraph(replay_rows, block, tokens, meta, logits, hidden)
 
     def _record(self, forward: Callable[[], tuple[torch.Tensor, torch.Tensor]], device: torch.device):
         """(replay, logits, hidden) of `forward` captured as a CUDA graph (or, without capture, run as is)."""

@@ -208,6 +208,15 @@ class Rows:
     mask: torch.Tensor | None = None
 
 
+def row_positions(starts: torch.Tensor, ends: torch.Tensor, t: int, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """A batch of requests' pass of T tokens each: row b at positions starts[b] .. (padding repeats the last
+    real position, ends[b] - 1) -> positions [B, T] and the mask [B, 1, T, length] of the keys each query
+    sees (the 1 broadcasts over heads). Tensors only, so a captured graph can replay it."""
+    positions = torch.minimum(starts[:, None] + torch.arange(t, device=starts.device), ends[:, None] - 1)
+    mask = torch.arange(length, device=starts.device)[None, None, :] <= positions[:, :, None]
+    return positions, mask[:, None]
+
+
 class Attention(nn.Module):
     def __init__(self, args: ModelArgs, layer: int):
         super().__init__()
@@ -435,7 +444,8 @@ class Transformer(nn.Module):
         tokens = torch.stack([torch.cat((f, f[-1:].expand(t - n))) for f, n in zip(feeds, lengths)])  # [B, T]
         starts = torch.tensor([c.length for c in caches], device=device)
         ends = starts + torch.tensor(lengths, device=device)
-        positions = torch.minimum(starts[:, None] + torch.arange(t, device=device), ends[:, None] - 1)  # [B, T]
+        longest = max(s.start + s.rows for s in spans)
+        positions, mask = row_positions(starts, ends, t, longest)
         x, cos, sin = self._embed(tokens, positions)
         where = Rows(tuple(caches), tuple(spans))
         if gather:
@@ -445,9 +455,7 @@ class Transformer(nn.Module):
                     slots = torch.tensor([c.slot for c in caches[first:i]], device=device)
                     runs.append((caches[first].block, first, slots))
                     first = i
-            longest = max(s.start + s.rows for s in spans)
-            mask = torch.arange(longest, device=device)[None, None, :] <= positions[:, :, None]  # [B, T, L]
-            where = Rows(tuple(caches), tuple(spans), tuple(runs), positions, mask[:, None])
+            where = Rows(tuple(caches), tuple(spans), tuple(runs), positions, mask)
         for layer in self.model.layers:
             x = layer(x, cos, sin, None, where)
         for cache, n in zip(caches, lengths):
@@ -471,11 +479,9 @@ class Transformer(nn.Module):
         positions starts[b] .. (a row shorter than T repeats its last token at ends[b] - 1), attending over
         the block's first `length` positions; every position-dependent number is a tensor on the device.
         Returns logits [B, T, vocab] float32 and hidden [B, T, hidden]; leaves cache lengths to the caller."""
-        t = tokens.shape[1]
-        positions = torch.minimum(starts[:, None] + torch.arange(t, device=tokens.device), ends[:, None] - 1)
-        mask = torch.arange(length, device=tokens.device)[None, None, :] <= positions[:, :, None]  # [B, T, L]
+        positions, mask = row_positions(starts, ends, tokens.shape[1], length)
         x, cos, sin = self._embed(tokens, positions)
-        where = Rows((), (), ((block, 0, slots),), positions, mask[:, None])
+        where = Rows((), (), ((block, 0, slots),), positions, mask)
         for layer in self.model.layers:
             x = layer(x, cos, sin, None, where)
         hidden = self.model.norm(x)

@@ -88,8 +88,9 @@ class TargetShard:
             max_seq_len=config.decoding.max_seq_len,
             rank=rank,
             world=world,
-            # A captured pass would hold NCCL collectives; not yet run on GPUs, so TP shards stay eager.
-            graphs=graphs_for(config.runtime) if world == 1 else None,
+            # With TP the captured passes hold the NCCL all-reduces (tests/gpu/test_tp_graphs.py): every rank
+            # captures and replays the same passes in the same order, as it runs them eagerly.
+            graphs=graphs_for(config.runtime),
         )
         # loaded.args is the whole model's (ModelInfo describes the whole model), and the fingerprint is the
         # unsharded model's, which the judge checks.

@@ -11,7 +11,8 @@ request of --max-tokens tokens at once (EOS ignored, so every stream does the sa
   - tok/s all tokens of the round / the round's wall time (first send to last final message)
 Each timed round follows an untimed one of the same mode, K and streams (--no-warmup skips it): the first
 passes of a batch shape allocate caches and, on a GPU, capture CUDA graphs. Prints one table (p50 and p99 of TTFT and ITL, speed-up over the same mode and K at 1 stream, ratio to ar
-at the same streams, draft tokens accepted per speculative step) and writes the rows as JSON.
+at the same streams, draft tokens accepted per speculative step, and the scheduler's own split of a step:
+draft, verify and other ms) and writes the rows as JSON.
 
 Dummy weights accept almost nothing and have no judge, so acceptance can be replayed (decoding.replay_trace,
 engine.trace): --standard-trace for the standard rows, --judge-trace for the judge rows, which then run in
@@ -48,7 +49,7 @@ import yaml
 from tqdm import tqdm
 
 from bench import write_results
-from bench.serve_cpu import _Loop, served, synthetic_prompts
+from bench.serve_cpu import Tally, _Loop, served, synthetic_prompts
 from cluster.client import Final, JudgeserveClient
 from engine.config import Config, Mode, load_config
 from engine.trace import AcceptanceTrace, TraceError, TraceReplayer
@@ -84,6 +85,7 @@ class StreamLog:
     tokens: int = 0
     accepted: int = 0  # draft tokens accepted, over the request's speculative steps
     speculative_steps: int = 0
+    final: tuple | None = None  # (token ids, steps, pb.Timings) of the final message: the per-step split
     error: str = ""
 
 
@@ -123,6 +125,7 @@ def one_stream(address: str, text: str, mode: Mode, k: int | None, args: argpars
                     msg = event.message
                     log.speculative_steps = msg.speculative_steps
                     log.accepted = round(msg.mean_accepted_per_step * msg.speculative_steps)
+                    log.final = (event.result["token_ids"], event.result["steps"], msg.timings)
                 elif event.token_ids:
                     n = len(event.token_ids)
                     if log.ttft is None:
@@ -165,6 +168,9 @@ def summarize(logs: list[StreamLog]) -> dict:
     ttft = [1e3 * log.ttft for log in logs if log.ttft is not None]
     itl = [1e3 * x for log in logs for x in log.itl]
     steps = sum(log.speculative_steps for log in logs)
+    split = Tally()  # the scheduler's own per-step timers: where a step's time went
+    for log in logs:
+        split.add(*log.final)
 
     def pct(xs: list[float], q: float) -> float | None:
         return round(float(np.percentile(xs, q)), 2) if xs else None
@@ -176,6 +182,7 @@ def summarize(logs: list[StreamLog]) -> dict:
         "ttft_ms_p50": pct(ttft, 50), "ttft_ms_p99": pct(ttft, 99),
         "itl_ms_p50": pct(itl, 50), "itl_ms_p99": pct(itl, 99),
         "accepted_per_step": round(sum(log.accepted for log in logs) / steps, 3) if steps else None,
+        **{name: round(ms, 2) for name, ms in split.per_step_ms().items()},
     }
 
 
@@ -276,12 +283,14 @@ def main() -> None:
 
     width = max(len(r["mode"]) for r in rows)
     print(f"\n{'mode':{width}} {'K':>3} {'streams':>7} {'tok/s':>8} {'x 1 stream':>10} {'x ar':>6} "
-          f"{'TTFT p50':>9} {'p99 ms':>7} {'ITL p50':>8} {'p99 ms':>7} {'acc/step':>8}")
+          f"{'TTFT p50':>9} {'p99 ms':>7} {'ITL p50':>8} {'p99 ms':>7} {'acc/step':>8} {'draft':>6} {'verify':>6} "
+          f"{'other ms/step':>13}")
     for r in rows:
         print(f"{r['mode']:{width}} {f(r['k'], 'd'):>3} {r['streams']:7d} {r['tokens_per_s']:8.1f} "
               f"{f(r['speedup_over_1_stream'], '.2f'):>10} {f(r['ratio_to_ar'], '.2f'):>6} "
               f"{f(r['ttft_ms_p50'], '.1f'):>9} {f(r['ttft_ms_p99'], '.1f'):>7} {f(r['itl_ms_p50'], '.2f'):>8} "
-              f"{f(r['itl_ms_p99'], '.2f'):>7} {f(r['accepted_per_step'], '.2f'):>8}")
+              f"{f(r['itl_ms_p99'], '.2f'):>7} {f(r['accepted_per_step'], '.2f'):>8} {r['draft_ms']:6.1f} "
+              f"{r['verify_ms']:6.1f} {r['judge_ms'] + r['overhead_ms']:13.1f}")
     for replay in {s.replay for g in groups.values() for s in g if s.replay}:
         print(f"{replay.short}: {replay.label}; the text of those rows is meaningless")
 

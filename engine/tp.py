@@ -12,11 +12,11 @@ own KV cache, and the SiLU-gated MLP is elementwise on the rank's own intermedia
 the final norm and the LM head stay replicated (the simplest layout; a vocabulary-parallel LM head is a
 later optimisation), so every rank ends a forward pass with the same full logits and hidden states.
 
-`shard_dim` is the one definition of that split, per state-dict key; two things apply it. `apply_tp` slices
-a full model that is already in memory (dummy models, whose random weights are drawn whole on every rank so
-that all ranks agree, and tests); engine.weights.load_checkpoint reads only the rank's slices from the
-safetensors files, so a rank of 70B or 405B never holds the full model. Both go through `shard_modules`
-and `check_tp`, so both give the same model and refuse the same splits. The parameters stay at the same
+`shard_dim` is the one definition of that split, per state-dict key; three things apply it. `apply_tp`
+slices a full model that is already in memory (the tests' reference); engine.weights.load_checkpoint reads
+only the rank's slices from the safetensors files and engine.weights.dummy_model keeps only the rank's
+slices of each tensor it draws, so a rank of 70B or 405B never holds the full model. All go through
+`shard_modules` and `check_tp`, so all give the same model and refuse the same splits. The parameters stay at the same
 attribute paths, so `state_dict()` keys stay Hugging Face's (`model.layers.0.self_attn.o_proj.weight`),
 with per-rank shapes.
 

@@ -3,9 +3,11 @@ registered name fetched into the cache, or dummy random weights at a named shape
 tensor-parallel rank's shard of it.
 
 A rank of a real checkpoint reads only its own slices from the safetensors files (`load_checkpoint`), so
-70B and 405B load with each GPU holding its shard and no more. Dummy weights are drawn whole and then
-sliced by engine.tp.apply_tp, because every rank must draw the same random numbers. Either way the result
-is the model apply_tp gives: engine.tp.shard_dim says which tensor is split along which dim.
+70B and 405B load with each GPU holding its shard and no more. Dummy weights are drawn one whole tensor
+at a time, in the same order on every rank (every rank must draw the same random numbers), and each rank
+keeps its slice, so a rank of a dummy 70B also holds its shard plus one tensor, never the 141 GB model.
+Either way the result is the model engine.tp.apply_tp gives of the whole one: engine.tp.shard_dim says which
+tensor is split along which dim.
 
 Not for: downloading (engine.fetch), deciding dtypes (the config does) or the tensor-parallel layout
 itself (engine.tp).
@@ -27,7 +29,7 @@ from engine.cuda_graphs import CudaGraphs
 from engine.model import ModelArgs, Transformer, rope_inv_freq
 from engine.shapes import SHAPES
 from engine.tokenizer import ByteTokenizer, HFTokenizer, Tokenizer
-from engine.tp import apply_tp, check_tp, shard_dim, shard_modules, shard_span
+from engine.tp import check_tp, shard_dim, shard_modules, shard_span
 
 TORCH_DTYPES = {DType.FLOAT32: torch.float32, DType.BFLOAT16: torch.bfloat16, DType.FLOAT16: torch.float16}
 
@@ -183,15 +185,34 @@ def load_checkpoint(
     return model
 
 
-def dummy_model(args: ModelArgs, seed: int, noise: float, dtype: torch.dtype, device: torch.device) -> Transformer:
+def dummy_model(
+    args: ModelArgs,
+    seed: int,
+    noise: float,
+    dtype: torch.dtype,
+    device: torch.device,
+    rank: int = 0,
+    world: int = 1,
+    group: dist.ProcessGroup | None = None,
+) -> Transformer:
     """Random weights in the usual initialisation (normal, std 0.02; norms 1). With `noise`, every weight
     gets a further Gaussian kick of `noise` times its own scale from a second stream, so a draft built
-    from the target's seed agrees with it often but not always."""
-    model = _build(args, device, dtype)
+    from the target's seed agrees with it often but not always.
+
+    With world > 1, rank `rank`'s tensor-parallel shard of that same model (apply_tp of the whole one, which
+    the tests check): every tensor is drawn whole in the whole model's order, so the random streams stay in
+    step on every rank, and only the rank's slice is kept. Peak memory is the shard plus the largest tensor.
+    """
+    model = _build(args, device, dtype, world, group)
+    local = dict(model.named_parameters())
+    with torch.device("meta"):
+        whole = Transformer(args)  # the names and whole shapes, in drawing order; no memory
     gen = torch.Generator(device=device).manual_seed(seed)
     kick = torch.Generator(device=device).manual_seed(seed + 1_000_003)
     with torch.no_grad():
-        for name, p in model.named_parameters():
+        for name, spec in whole.named_parameters():
+            dim = shard_dim(name) if world > 1 else None
+            p = local[name] if dim is None else torch.empty(spec.shape, dtype=dtype, device=device)
             if name.endswith("norm.weight"):
                 p.fill_(1.0)
             else:
@@ -199,6 +220,9 @@ def dummy_model(args: ModelArgs, seed: int, noise: float, dtype: torch.dtype, de
             if noise > 0:
                 scale = 0.02 if not name.endswith("norm.weight") else 0.1
                 p.add_(torch.randn(p.shape, generator=kick, device=device, dtype=p.dtype) * noise * scale)
+            if dim is not None:
+                span = shard_span(p.shape[dim], rank, world)
+                local[name].copy_(p.narrow(dim, span.start, span.stop - span.start))
     return model
 
 
@@ -215,7 +239,7 @@ def load_model(
     """The model `spec` names, ready for inference; with world > 1, rank `rank`'s tensor-parallel shard
     (engine.tp), whose forward passes run collectives on `group` (None: the default group, which may be
     formed after loading). A real checkpoint is read shard-only (`load_checkpoint`); a dummy model is drawn
-    whole, identically on every rank, and sliced. `args` and `fingerprint` describe the whole model either
+    a tensor at a time, identically on every rank, each keeping its slices (`dummy_model`). `args` and `fingerprint` describe the whole model either
     way. A split that does not divide raises engine.tp.check_tp's ValueError before any weight is read.
     With `graphs` (engine.cuda_graphs.graphs_for), the passes after a prefill replay CUDA graphs."""
     device = torch.device(device)
@@ -224,7 +248,7 @@ def load_model(
         args = ModelArgs.from_hf(_shape_config(spec.model[len("dummy:") :]))
         _check_fits(args, max_seq_len, spec.model)
         check_tp(args, rank, world, group)
-        model = apply_tp(dummy_model(args, spec.seed, spec.noise, dtype, device), rank, world, group)
+        model = dummy_model(args, spec.seed, spec.noise, dtype, device, rank, world, group)
         tokenizer: Tokenizer = ByteTokenizer(args.vocab_size)
     else:
         folder = resolve_checkpoint(spec.model)

@@ -147,6 +147,18 @@ def test_shards_keep_names_and_tile_the_full_weights():
         assert torch.equal(torch.cat([s[name] for s in shards], dim=dim), tensor), name
 
 
+@pytest.mark.parametrize("noise", [0.0, 0.1])
+def test_dummy_shards_are_apply_tp_of_the_whole_dummy(noise):
+    # A rank of a dummy 70B must not draw the whole model: dummy_model keeps only its slices, and must still
+    # give exactly the shard apply_tp takes of the whole model (the random streams stay in step).
+    args = ModelArgs.from_hf(SHAPES["tiny"])
+    for rank in range(WORLD):
+        want = apply_tp(dummy_model(args, 5, noise, torch.float32, CPU), rank, WORLD).state_dict()
+        got = dummy_model(args, 5, noise, torch.float32, CPU, rank=rank, world=WORLD).state_dict()
+        assert list(got) == list(want)
+        assert all(torch.equal(got[name], want[name]) for name in want)
+
+
 def test_shard_dim_follows_megatrons_split():
     layer = "model.layers.7"
     attn = [shard_dim(f"{layer}.self_attn.{p}.weight") for p in ("q_proj", "k_proj", "v_proj", "o_proj")]

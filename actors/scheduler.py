@@ -68,7 +68,7 @@ from engine.model import ModelArgs
 from engine.output import FinishReason, Output
 from engine.sampling import SamplingParams
 from engine.tokenizer import ByteTokenizer, HFTokenizer, Tokenizer
-from engine.trace import replayer_for
+from engine.trace import TraceReplayer, replayer_for
 from engine.verify import Accepted, DraftBlock, Provenance, accept, accepted_length
 from engine.weights import resolve_checkpoint
 
@@ -243,6 +243,7 @@ class RequestState:
         self.target_len = 0
         self.draft_len = 0
         self.speculation: Speculation | None = None
+        self.replay: TraceReplayer | None = None  # decoding.replay_trace: this request's replayer
         self.aborted = asyncio.Event()
         self.started = time.perf_counter()
         prompt_tokens = len(request.prompt_ids)
@@ -450,6 +451,8 @@ class Scheduler:
         request = request_from_input(inp)
         seed = request.params.seed if request.params.seed is not None else secrets.randbits(63)
         state = self._requests[inp.request_id] = RequestState(inp.request_id, request, seed, self.tokenizer)
+        if self.replay is not None:  # each request replays from its prompt's place in the trace
+            state.replay = self.replay.for_request(request.prompt_ids)
         try:
             yield Admitted(inp.request_id).to_bytes()
             if not await self._wait_turn(state):
@@ -622,11 +625,11 @@ class Scheduler:
         """n leading draft tokens that pass (matched or judged), then the candidate for that n."""
         matched = torch.tensor(verdict.matched, dtype=torch.bool)  # [K]
         judged_t = torch.tensor(judged, dtype=torch.bool) if judged is not None else None  # [K]
-        if self.replay is not None:
-            matched, judged_t = self.replay(matched, judged_t)
+        if state.replay is not None:
+            matched, judged_t = state.replay(matched, judged_t)
         n = accepted_length(matched, judged_t)
         last = verdict.final_candidates[n]
-        if result.speculated is not None and n == len(block) and self.replay is not None and self.replay.guess_is_right():
+        if result.speculated is not None and n == len(block) and state.replay is not None and state.replay.guess_is_right():
             last = result.speculated.guess  # replayed agreement on the bonus (decoding.replay_guesses)
         if result.speculated is not None and n == len(block):
             # used at the next step if the draft guessed this bonus; otherwise dropped (the draft rolls back)

@@ -113,12 +113,12 @@ def replayed_run(engine: Engine, prompt: list[int], args: argparse.Namespace, tr
     k = trace.draft_tokens
     replayer = engine.acceptance_hook = TraceReplayer(trace)
     try:
-        # warm-up: the same run (the trace from its start), so that every pass shape it meets, the shorter
-        # blocks near max_tokens included, is captured (and compiled) before the timed run
+        # warm-up: the same run (a prompt replays the same steps), so that every pass shape it meets, the
+        # shorter blocks near max_tokens included, is captured (and compiled) before the timed run
         timed_generate(engine, prompt, args.new_tokens, Mode.STANDARD, k)
-        replayer.position = 0
+        before = replayer.steps
         seconds = timed_generate(engine, prompt, args.new_tokens, Mode.STANDARD, k)
-        steps = replayer.position
+        steps = replayer.steps - before
     finally:
         engine.acceptance_hook = None
     t_draft = pass_latency_ms(engine.draft.model, engine.max_seq_len, args.prompt_len, (1,))[1] / 1e3

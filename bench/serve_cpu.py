@@ -46,7 +46,6 @@ from cluster.server import build_server, final_message
 from engine.config import Config, Mode, load_config
 from engine.decode import Engine
 from engine.sampling import SamplingParams
-from engine.trace import replayer_for
 
 PHASES = ("draft", "verify", "judge", "overhead")
 # name -> what the served path changes in the config's serve section
@@ -164,8 +163,6 @@ def main() -> None:
     tallies = {(m, p, side): Tally() for m in modes for p in paths for side in ("in_process", "served")}
     for name in paths:
         backend, server, address = served(config, loop, PATHS[name])
-        # a replayed trace starts over with each actor set: so does the in-process engine's
-        engine.acceptance_hook = replayer_for(config.decoding)
         with JudgeserveClient(address) as client:
             for mode in modes:
                 # untimed: the first passes of each shape allocate and, on a GPU, capture CUDA graphs

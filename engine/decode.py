@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Iterator, Sequence
+from typing import Iterator, Sequence
 
 import torch
 
@@ -23,7 +23,7 @@ from engine.model import KVCache, Transformer
 from engine.output import FinishReason, Output
 from engine.sampling import SamplingParams, next_token, probabilities, sample
 from engine.tokenizer import ChatMessage
-from engine.trace import replayer_for
+from engine.trace import AcceptanceHook, replayer_for
 from engine.verify import (
     Accepted,
     DraftBlock,
@@ -216,7 +216,7 @@ class Engine:
         self.device = self._target_cache.k.device
         # engine.trace.TraceRecorder or TraceReplayer: sees (and a replayer replaces) each speculative step's
         # verdicts (matched, judged) before acceptance; None in normal serving
-        self.acceptance_hook: Callable[[torch.Tensor, torch.Tensor | None], tuple[torch.Tensor, torch.Tensor | None]] | None = None
+        self.acceptance_hook: AcceptanceHook | None = None
 
     @classmethod
     def from_config(cls, config: Config) -> "Engine":
@@ -303,6 +303,8 @@ class Engine:
         generator (a cancelled request) stops the work after the current step."""
         t0 = time.perf_counter()
         seq = _Sequence(request.prompt_ids, self._target_cache, self._draft_cache)
+        if self.acceptance_hook is not None:
+            self.acceptance_hook.start(request.prompt_ids)
         out = Output(self.tokenizer, request.params)
         gen = request.params.generator()
         stats = Completion("", [], [], FinishReason.STOP, len(request.prompt_ids), request.mode, 0, 0, 0, 0, 0)

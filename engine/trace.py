@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import random
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -117,6 +118,9 @@ class TraceRecorder:
     def __init__(self, source: str, mode: str, draft_tokens: int):
         self.trace = AcceptanceTrace(source, mode, draft_tokens)
 
+    def start(self, prompt_ids: Sequence[int]) -> None:
+        """A request begins (nothing to do: steps are appended in the order they run)."""
+
     def __call__(self, matched: torch.Tensor, judged: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
         n = accepted_length(matched, judged)
         self.trace.accepted.append(n)
@@ -126,12 +130,31 @@ class TraceRecorder:
 
 class TraceReplayer:
     """Engine hook that replaces each speculative step's verdicts by the trace's next step (cycling): the
-    first n - j draft tokens matched, the next j judged, the rest rejected (n clipped to this step's K)."""
+    first n - j draft tokens matched, the next j judged, the rest rejected (n clipped to this step's K).
+
+    Each request replays the trace from its start (`start`; `for_request` for one of many concurrent
+    requests), so a request replays the same steps whenever and beside whatever it runs: a benchmark's
+    untimed round meets every pass shape of its timed round (the short blocks near max_tokens too), the
+    served and in-process paths give the same output, and a recorded run replays step for step. Concurrent
+    replayed requests therefore accept alike, step by step."""
 
     def __init__(self, trace: AcceptanceTrace, guesses: bool = False):
         self.trace, self.position = trace, 0
         self.guesses = guesses
+        self.steps = 0  # replayed so far, all requests
         self._rng = random.Random(0)
+
+    def start(self, prompt_ids: Sequence[int]) -> None:
+        """A request begins: its steps replay from the trace's first, its pipelined guesses from a fresh
+        stream (the prompt does not matter: every request replays alike)."""
+        self.position = 0
+        self._rng = random.Random(0)
+
+    def for_request(self, prompt_ids: Sequence[int]) -> TraceReplayer:
+        """A replayer of the same trace for one of many concurrent requests, started for it."""
+        replayer = TraceReplayer(self.trace, self.guesses)
+        replayer.start(prompt_ids)
+        return replayer
 
     def guess_is_right(self) -> bool:
         """With `guesses` (decoding.replay_guesses): whether a pipelined guess of the bonus counts as right,
@@ -146,11 +169,15 @@ class TraceReplayer:
     def __call__(self, matched: torch.Tensor, judged: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
         i = self.position % len(self.trace.accepted)
         self.position += 1
+        self.steps += 1
         k = matched.shape[0]
         n = min(self.trace.accepted[i], k)
         j = min(self.trace.judged[i], n)
         index = torch.arange(k)
         return index < n - j, (index >= n - j) & (index < n)
+
+
+AcceptanceHook = TraceRecorder | TraceReplayer
 
 
 def replayer_for(decoding: DecodingConfig) -> TraceReplayer | None:

@@ -50,6 +50,18 @@ def test_a_replayed_step_emits_the_recorded_count_whatever_the_models_say(tiny_e
     assert judged[:5] == [0, 1, 0, 2, 0]
 
 
+def test_every_request_replays_the_trace_from_its_start(tiny_engine):
+    # A benchmark's untimed round must meet the shapes of its timed round: the same request replays alike.
+    trace = AcceptanceTrace("test", "standard", 4, accepted=[4, 0, 2, 3, 1], judged=[0] * 5)
+    replayer = TraceReplayer(trace)
+    runs = [_run(tiny_engine, prompt, Mode.STANDARD, replayer, max_tokens=12) for prompt in ("Hello", "Hello", "Bye")]
+    counts = [[len(s.tokens) for s in steps[:-1]] for steps in runs]
+    assert counts[0] == counts[1] == counts[2] == [1, 5, 1, 3, 2]
+    assert replayer.steps == 3 * 4
+    other = replayer.for_request([1, 2, 3])
+    assert other.position == 0 and other.trace is trace
+
+
 def test_a_synthetic_trace_has_the_asked_mean():
     trace = AcceptanceTrace.synthetic(19.7, 32, steps=8000)
     assert abs(trace.mean_tokens_per_step - 19.7) < 0.2

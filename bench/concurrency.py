@@ -295,9 +295,11 @@ def main() -> None:
         print(f"{replay.short}: {replay.label}; the text of those rows is meaningless")
 
     cuda = config.runtime.device.startswith("cuda")
+    gpus = torch.cuda.device_count() if cuda else 0
+    card = torch.cuda.get_device_name() if cuda else (platform.processor() or "cpu")
     result = {
         "benchmark": "bench.concurrency",
-        "card": torch.cuda.get_device_name() if cuda else (platform.processor() or "cpu"),
+        "card": f"{gpus} x {card}" if gpus > 1 else card,
         "date": datetime.date.today().isoformat(),
         "command": shlex.join(["python3", "-m", "bench.concurrency", *sys.argv[1:]]),
         "config": args.config,
@@ -305,8 +307,19 @@ def main() -> None:
         "shapes": {"target": config.target.model, "draft": config.draft.model, "dtype": config.target.dtype.value},
         "max_tokens": args.max_tokens,
         "rows": rows,
+        **single_stream_figures(rows),
     }
     write_results(args.out, result)
+
+
+def single_stream_figures(rows: list[dict]) -> dict:
+    """The GPU issue's names for the one-stream figures: {mode}_tokens_per_s, the best K's for each mode."""
+    best: dict[str, float] = {}
+    for r in rows:
+        if r["streams"] == 1:
+            key = f"{r['kind']}_tokens_per_s"
+            best[key] = max(best.get(key, 0.0), r["tokens_per_s"])
+    return best
 
 
 if __name__ == "__main__":

@@ -63,4 +63,6 @@ SHAPES: dict[str, dict] = {
     # Tests: a byte vocabulary (256 bytes + eos + spares) so the byte tokenizer drives them with text.
     "tiny": {**_qwen2(64, 128, 4, 4, 2, 272, tie=False), "eos_token_id": 256},
     "tiny-llama": {**_llama(64, 160, 3, 4, 1, vocab=272), "eos_token_id": 256},
+    # TP=8 on CPUs (the 405B layout, tests and bench runs over gloo): 8 heads and 8 kv heads split 8 ways.
+    "tiny-tp8": {**_llama(64, 128, 2, 8, 8, vocab=272), "eos_token_id": 256},
 }

@@ -52,17 +52,17 @@ def _passes(model: Transformer) -> tuple[list[torch.Tensor], list[int]]:
     return logits, greedy
 
 
-def _worker(rank: int, init_file: str, out_dir: str, checkpoint: str | None) -> None:
+def _worker(rank: int, init_file: str, out_dir: str, checkpoint: str | None, world: int = WORLD, shape: str = "tiny") -> None:
     """One rank: apply_tp of the tiny model, or with `checkpoint` a shard-only load of that folder."""
-    torch.set_num_threads(1)  # two ranks on a small CPU machine
+    torch.set_num_threads(1)  # several ranks on a small CPU machine
     dist.init_process_group(
-        "gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD, timeout=timedelta(seconds=60)
+        "gloo", init_method=f"file://{init_file}", rank=rank, world_size=world, timeout=timedelta(seconds=120)
     )
     try:
         if checkpoint is None:
-            model = apply_tp(_tiny(), rank, WORLD)
+            model = apply_tp(_tiny(shape), rank, world)
         else:
-            model = load_checkpoint(Path(checkpoint), torch.float32, CPU, rank=rank, world=WORLD).eval()
+            model = load_checkpoint(Path(checkpoint), torch.float32, CPU, rank=rank, world=world).eval()
         logits, greedy = _passes(model)
         kv_heads = model.new_cache(MAX_LEN).k.shape[2]
         torch.save({"logits": logits, "greedy": greedy, "kv_heads": kv_heads}, Path(out_dir) / f"rank{rank}.pt")
@@ -71,10 +71,10 @@ def _worker(rank: int, init_file: str, out_dir: str, checkpoint: str | None) -> 
         dist.destroy_process_group()
 
 
-def _spawn(tmp: Path, checkpoint: Path | None) -> list[dict]:
+def _spawn(tmp: Path, checkpoint: Path | None, world: int = WORLD, shape: str = "tiny") -> list[dict]:
     folder = None if checkpoint is None else str(checkpoint)
-    mp.spawn(_worker, args=(str(tmp / "init"), str(tmp), folder), nprocs=WORLD, join=True)
-    return [torch.load(tmp / f"rank{r}.pt") for r in range(WORLD)]
+    mp.spawn(_worker, args=(str(tmp / "init"), str(tmp), folder, world, shape), nprocs=world, join=True)
+    return [torch.load(tmp / f"rank{r}.pt") for r in range(world)]
 
 
 @pytest.fixture(scope="module")
@@ -124,6 +124,17 @@ def test_tp2_shard_loaded_ranks_match_unsharded_and_apply_tp(shard_loaded_runs, 
         assert all(torch.equal(g, t) for g, t in zip(run["logits"], tp_runs[0]["logits"]))
         assert run["greedy"] == want_greedy
         assert run["kv_heads"] == SHAPES["tiny"]["num_key_value_heads"] // WORLD
+
+
+def test_tp8_logits_match_unsharded(tmp_path):
+    # The 405B layout (config/llama-8b-405b.yaml: TP=8) over gloo, on a shape whose heads split 8 ways.
+    runs = _spawn(tmp_path, None, world=8, shape="tiny-tp8")
+    want, want_greedy = _passes(_tiny("tiny-tp8"))
+    for run in runs:
+        for got, ref in zip(run["logits"], want):
+            torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-5)
+        assert run["greedy"] == want_greedy
+        assert run["kv_heads"] == 1
 
 
 def test_tp2_cache_holds_local_kv_heads(tp_runs):

@@ -451,8 +451,8 @@ class Scheduler:
         request = request_from_input(inp)
         seed = request.params.seed if request.params.seed is not None else secrets.randbits(63)
         state = self._requests[inp.request_id] = RequestState(inp.request_id, request, seed, self.tokenizer)
-        if self.replay is not None:  # each request replays from its prompt's place in the trace
-            state.replay = self.replay.for_request(request.prompt_ids)
+        if self.replay is not None:  # each request replays the trace from its start
+            state.replay = self.replay.for_request()
         try:
             yield Admitted(inp.request_id).to_bytes()
             if not await self._wait_turn(state):

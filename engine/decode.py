@@ -304,7 +304,7 @@ class Engine:
         t0 = time.perf_counter()
         seq = _Sequence(request.prompt_ids, self._target_cache, self._draft_cache)
         if self.acceptance_hook is not None:
-            self.acceptance_hook.start(request.prompt_ids)
+            self.acceptance_hook.start()
         out = Output(self.tokenizer, request.params)
         gen = request.params.generator()
         stats = Completion("", [], [], FinishReason.STOP, len(request.prompt_ids), request.mode, 0, 0, 0, 0, 0)

@@ -16,9 +16,9 @@ later optimisation), so every rank ends a forward pass with the same full logits
 slices a full model that is already in memory (the tests' reference); engine.weights.load_checkpoint reads
 only the rank's slices from the safetensors files and engine.weights.dummy_model keeps only the rank's
 slices of each tensor it draws, so a rank of 70B or 405B never holds the full model. All go through
-`shard_modules` and `check_tp`, so all give the same model and refuse the same splits. The parameters stay at the same
-attribute paths, so `state_dict()` keys stay Hugging Face's (`model.layers.0.self_attn.o_proj.weight`),
-with per-rank shapes.
+`shard_modules` and `check_tp`, so all give the same model and refuse the same splits. The parameters stay
+at the same attribute paths, so `state_dict()` keys stay Hugging Face's
+(`model.layers.0.self_attn.o_proj.weight`), with per-rank shapes.
 
 Numerics: TP=N output is close to TP=1 output, not bitwise equal (the all-reduce adds partial sums in
 another order). The bfloat16 batch-invariance trick of engine.model survives TP=2: each output element is

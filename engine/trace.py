@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import json
 import random
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -118,7 +117,7 @@ class TraceRecorder:
     def __init__(self, source: str, mode: str, draft_tokens: int):
         self.trace = AcceptanceTrace(source, mode, draft_tokens)
 
-    def start(self, prompt_ids: Sequence[int]) -> None:
+    def start(self) -> None:
         """A request begins (nothing to do: steps are appended in the order they run)."""
 
     def __call__(self, matched: torch.Tensor, judged: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -144,17 +143,15 @@ class TraceReplayer:
         self.steps = 0  # replayed so far, all requests
         self._rng = random.Random(0)
 
-    def start(self, prompt_ids: Sequence[int]) -> None:
+    def start(self) -> None:
         """A request begins: its steps replay from the trace's first, its pipelined guesses from a fresh
-        stream (the prompt does not matter: every request replays alike)."""
+        stream."""
         self.position = 0
         self._rng = random.Random(0)
 
-    def for_request(self, prompt_ids: Sequence[int]) -> TraceReplayer:
-        """A replayer of the same trace for one of many concurrent requests, started for it."""
-        replayer = TraceReplayer(self.trace, self.guesses)
-        replayer.start(prompt_ids)
-        return replayer
+    def for_request(self) -> TraceReplayer:
+        """A replayer of the same trace for one of many concurrent requests (each keeps its own place)."""
+        return TraceReplayer(self.trace, self.guesses)
 
     def guess_is_right(self) -> bool:
         """With `guesses` (decoding.replay_guesses): whether a pipelined guess of the bonus counts as right,

@@ -58,7 +58,7 @@ def test_every_request_replays_the_trace_from_its_start(tiny_engine):
     counts = [[len(s.tokens) for s in steps[:-1]] for steps in runs]
     assert counts[0] == counts[1] == counts[2] == [1, 5, 1, 3, 2]
     assert replayer.steps == 3 * 4
-    other = replayer.for_request([1, 2, 3])
+    other = replayer.for_request()
     assert other.position == 0 and other.trace is trace
 
 

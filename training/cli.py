@@ -55,7 +55,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
     target = load_model(config.target, device=config.runtime.device, max_seq_len=config.decoding.max_seq_len)
     data = load_data([Path(d) for d in args.data], target)
     report = train_judge(
-        data, target, far=args.far, holdout=args.holdout, seed=args.seed, l2=args.l2, sources=", ".join(args.data)
+        data, target, far=args.far, folds=args.folds, seed=args.seed, l2=args.l2, sources=", ".join(args.data)
     )
     report.head.save(args.out)
     print(json.dumps({"out": args.out, **report.as_dict()}))
@@ -133,9 +133,9 @@ def add_judge_parser(subparsers) -> None:
         "--data", action="append", required=True, help="a mined folder or a hand-label .jsonl file (repeatable)"
     )
     train.add_argument("--out", required=True, help="the judge file to write (.safetensors)")
-    train.add_argument("--far", type=float, default=0.05, help="false-accept rate on held-out bad tokens (threshold)")
-    train.add_argument("--holdout", type=float, default=0.2, help="share of tasks held out")
-    train.add_argument("--seed", type=int, default=0, help="held-out split seed")
+    train.add_argument("--far", type=float, default=0.05, help="false-accept rate on out-of-fold bad tokens (threshold)")
+    train.add_argument("--folds", type=int, default=5, help="cross-validation folds (by task)")
+    train.add_argument("--seed", type=int, default=0, help="seed of the tasks' fold assignment")
     train.add_argument("--l2", type=float, default=1e-3, help="L2 penalty on the standardized weights")
     train.set_defaults(func=_cmd_train)
 

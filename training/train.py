@@ -1,12 +1,18 @@
 """Trains the judge head: class-weighted logistic regression on the target's frozen last-layer hidden states
 (Bachmann et al. 2025 train the same linear head with class-weighted binary cross-entropy, in minutes).
 
-Label convention: GOOD (1) = the token may be accepted; the head scores high for good. A held-out split by
-task (seeded) measures ROC AUC and picks the threshold: the lowest one whose false-accept rate on held-out
-BAD tokens is at most `far`; recall is the share of held-out GOOD tokens it accepts. Both are measured with
-engine.verify.judge_accept on JudgeHead.scores, the rule and arithmetic the engine uses when it serves. The
-saved head is the one fitted on the training split (refitting on everything would move the scores the
-threshold was chosen for).
+Label convention: GOOD (1) = the token may be accepted; the head scores high for good. Cross-validation by
+task (seeded folds; a task's tokens stay in one fold) gives every token an out-of-fold score, from a head
+fitted on the other folds' tasks. On those scores: ROC AUC, and the threshold, the lowest one whose
+false-accept rate on BAD tokens is at most `far`; recall is the share of GOOD tokens it accepts. Both are
+measured with engine.verify.judge_accept on JudgeHead.scores, the rule and arithmetic the engine uses when
+it serves. The saved head is then fitted on every token.
+
+Why folds rather than one held-out split: mined data is small (a 2-core CPU labels a few hundred tokens an
+hour) and bad tokens are rare, so a held-out fifth holds a handful of them, and the AUC and the threshold
+chosen on them swing from split to split; out-of-fold scores use every bad token for both. The threshold
+is chosen on heads fitted on (folds - 1) / folds of the data and applied to the head fitted on all of it,
+whose scores are alike but not the same: docs/judge.md's evaluation is the check.
 
 Not for: producing labels (training.mine, training.data) or decoding with the head (engine.decode).
 """
@@ -29,11 +35,11 @@ from training.data import BAD, GOOD, LabelledSet
 @dataclass(frozen=True)
 class TrainReport:
     head: JudgeHead
-    auc: float  # held-out ROC AUC of the score, GOOD as the positive class
-    recall: float  # held-out GOOD tokens accepted at the threshold
-    far: float  # held-out BAD tokens accepted at the threshold (<= the target FAR)
-    train_counts: tuple[int, int]  # (good, bad)
-    heldout_counts: tuple[int, int]
+    auc: float  # out-of-fold ROC AUC of the score, GOOD as the positive class
+    recall: float  # GOOD tokens accepted at the threshold, out of fold
+    far: float  # BAD tokens accepted at the threshold, out of fold (<= the target FAR)
+    counts: tuple[int, int]  # (good, bad)
+    folds: int
 
     def as_dict(self) -> dict:
         return {
@@ -41,20 +47,21 @@ class TrainReport:
             "auc": round(self.auc, 4),
             "recall": round(self.recall, 4),
             "far": round(self.far, 4),
-            "train": {"good": self.train_counts[0], "bad": self.train_counts[1]},
-            "heldout": {"good": self.heldout_counts[0], "bad": self.heldout_counts[1]},
+            "folds": self.folds,
+            "good": self.counts[0],
+            "bad": self.counts[1],
         }
 
 
-def heldout_mask(groups: list[str], fraction: float, seed: int) -> torch.Tensor:
-    """[N] bool: the examples whose group (task) falls in the held-out share; a task is never split."""
+def task_folds(groups: list[str], folds: int, seed: int) -> torch.Tensor:
+    """[N] long: each example's fold in 0 .. folds - 1. A task's examples share one fold; the tasks are dealt
+    to the folds in a seeded order, so folds differ by at most one task."""
     unique = sorted(set(groups))
-    if len(unique) < 2:
-        raise TrainingError(f"the data has {len(unique)} task(s); a held-out split needs at least 2")
+    if folds < 2 or len(unique) < folds:
+        raise TrainingError(f"cross-validation over {folds} folds needs 2 <= folds <= tasks ({len(unique)} tasks)")
     order = torch.randperm(len(unique), generator=torch.Generator().manual_seed(seed)).tolist()
-    n_held = min(len(unique) - 1, max(1, round(fraction * len(unique))))
-    held = {unique[i] for i in order[:n_held]}
-    return torch.tensor([g in held for g in groups], dtype=torch.bool)
+    fold = {unique[i]: k % folds for k, i in enumerate(order)}
+    return torch.tensor([fold[g] for g in groups])
 
 
 def fit_logistic(
@@ -123,50 +130,48 @@ def train_judge(
     target: LoadedModel,
     *,
     far: float = 0.05,
-    holdout: float = 0.2,
+    folds: int = 5,
     seed: int = 0,
     l2: float = 1e-3,
     sources: str = "",
 ) -> TrainReport:
     if not 0.0 <= far < 1.0:
         raise TrainingError("--far must be in [0, 1)")
-    if not 0.0 < holdout < 1.0:
-        raise TrainingError("--holdout must be in (0, 1)")
     if data.features.shape[1:] != (target.args.hidden_size,):
         raise TrainingError(
             f"features of width {tuple(data.features.shape[1:])}, the target's hidden size is {target.args.hidden_size}"
         )
     labels = torch.tensor([e.label for e in data.examples])
-    held = heldout_mask([e.group for e in data.examples], holdout, seed)
-    counts = {
-        name: (int((labels[m] == GOOD).sum()), int((labels[m] == BAD).sum()))
-        for name, m in (("train", ~held), ("heldout", held))
-    }
-    if min(counts["heldout"]) == 0:
-        good, bad = counts["heldout"]
-        raise TrainingError(
-            f"the held-out tasks have {good} good and {bad} bad examples: mine more tasks, or change --seed / --holdout"
-        )
-    weight, bias = fit_logistic(data.features[~held], labels[~held], l2=l2)
-    probe = JudgeHead(weight, bias, 1.0, target.name, target.fingerprint)
-    scores = probe.scores(data.features[held])
-    good, bad = scores[labels[held] == GOOD], scores[labels[held] == BAD]
+    n_good, n_bad = int((labels == GOOD).sum()), int((labels == BAD).sum())
+    if min(n_good, n_bad) == 0:
+        raise TrainingError(f"training needs both good and bad examples (good {n_good}, bad {n_bad})")
+    fold = task_folds([e.group for e in data.examples], folds, seed)
+    scores = torch.empty(len(labels))
+    for k in range(folds):
+        out = fold == k
+        try:
+            weight, bias = fit_logistic(data.features[~out], labels[~out], l2=l2)
+        except TrainingError as err:
+            raise TrainingError(f"fold {k + 1} of {folds}: {err}; mine more tasks, or change --seed / --folds") from None
+        scores[out] = JudgeHead(weight, bias, 1.0, target.name, target.fingerprint).scores(data.features[out])
+    good, bad = scores[labels == GOOD], scores[labels == BAD]
     threshold = threshold_at_far(bad, far)
     recall = float(judge_accept(good, threshold).float().mean())
     far_seen = float(judge_accept(bad, threshold).float().mean())
-    auc = roc_auc(scores, labels[held])
-    (train_good, train_bad), (held_good, held_bad) = counts["train"], counts["heldout"]
+    auc = roc_auc(scores, labels)
+    weight, bias = fit_logistic(data.features, labels, l2=l2)
     notes = {
         "trained": (
-            f"{time.strftime('%Y-%m-%d')}: {len(data.examples)} labelled tokens ({sources}); train good/bad "
-            f"{train_good}/{train_bad}, held-out good/bad {held_good}/{held_bad}; held-out AUC {auc:.4f}, "
-            f"recall {recall:.4f} at FAR {far_seen:.4f} (target FAR {far})"
+            f"{time.strftime('%Y-%m-%d')}: {len(data.examples)} labelled tokens ({sources}), good/bad "
+            f"{n_good}/{n_bad}; {folds}-fold cross-validation by task: AUC {auc:.4f}, recall {recall:.4f} at "
+            f"FAR {far_seen:.4f} (target FAR {far}); head fitted on all tokens"
         ),
         "auc": f"{auc:.6f}",
         "recall": f"{recall:.6f}",
         "far": f"{far_seen:.6f}",
         "far_target": repr(far),
         "examples": str(len(data.examples)),
+        "folds": str(folds),
     }
     head = JudgeHead(weight, bias, threshold, target.name, target.fingerprint, notes)
-    return TrainReport(head, auc, recall, far_seen, counts["train"], counts["heldout"])
+    return TrainReport(head, auc, recall, far_seen, (n_good, n_bad), folds)

@@ -102,7 +102,7 @@ def judge_file(tiny_yaml, hand_labels, engine1, tmp_path, capsys):
     ]
     assert main(argv) == 0
     report = _json_out(capsys)
-    assert {"threshold", "auc", "recall", "far", "train", "heldout"} <= report.keys()
+    assert {"threshold", "auc", "recall", "far", "folds", "good", "bad"} <= report.keys()
     assert report["far"] <= 0.1 and out.is_file()
     return out
 

@@ -12,7 +12,7 @@ from engine.judge import JudgeError, load_judge
 from engine.verify import judge_accept
 from training import TrainingError
 from training.data import BAD, GOOD, LabelledSet, LabelledToken
-from training.train import fit_logistic, heldout_mask, roc_auc, threshold_at_far, train_judge
+from training.train import fit_logistic, roc_auc, task_folds, threshold_at_far, train_judge
 
 
 def _toy_set(hidden: int, n_tasks: int = 40, per_task: int = 10, seed: int = 0) -> LabelledSet:
@@ -49,15 +49,15 @@ def test_threshold_accepts_at_most_the_allowed_share_of_bad_tokens(far):
     assert accepted >= math.floor(far * 200) - 1  # and not needlessly strict (no ties in these scores)
 
 
-def test_heldout_split_keeps_tasks_whole_and_is_seeded():
-    groups = [f"t{i // 3}" for i in range(60)]
-    mask = heldout_mask(groups, 0.25, seed=3)
-    assert torch.equal(mask, heldout_mask(groups, 0.25, seed=3))
-    assert not torch.equal(mask, heldout_mask(groups, 0.25, seed=4))
-    held = {g for g, m in zip(groups, mask) if m}
-    assert len(held) == 5 and all(bool(m) == (g in held) for g, m in zip(groups, mask))
-    with pytest.raises(TrainingError, match="at least 2"):
-        heldout_mask(["one"] * 5, 0.2, seed=0)
+def test_folds_keep_tasks_whole_are_balanced_and_seeded():
+    groups = [f"t{i // 3}" for i in range(60)]  # 20 tasks of 3 tokens
+    fold = task_folds(groups, 5, seed=3)
+    assert torch.equal(fold, task_folds(groups, 5, seed=3))
+    assert not torch.equal(fold, task_folds(groups, 5, seed=4))
+    assert all(len({int(f) for g2, f in zip(groups, fold) if g2 == g}) == 1 for g in set(groups))
+    assert torch.bincount(fold).tolist() == [12] * 5  # 4 tasks per fold
+    with pytest.raises(TrainingError, match="folds <= tasks"):
+        task_folds(["one"] * 5 + ["two"] * 5, 3, seed=0)
 
 
 def test_logistic_regression_separates_a_separable_set():
@@ -75,6 +75,7 @@ def test_train_judge_reports_auc_and_recall_and_saves_a_head_for_its_target(engi
     assert report.auc > 0.99 and report.recall > 0.9 and report.far <= 0.05
     assert 0.0 < report.head.threshold < 1.0
     assert "AUC" in report.head.notes["trained"] and report.head.notes["far_target"] == "0.05"
+    assert report.folds == 5 and sum(report.counts) == 400
     path = tmp_path / "judge.safetensors"
     report.head.save(path)
     head = load_judge(
@@ -92,5 +93,5 @@ def test_train_judge_refuses_data_without_both_labels(engine1):
     only_good = LabelledSet(
         [e for e in data.examples if e.label == GOOD], data.features[[e.label == GOOD for e in data.examples]]
     )
-    with pytest.raises(TrainingError, match="good and 0 bad"):
+    with pytest.raises(TrainingError, match="bad 0"):
         train_judge(only_good, engine1.target)

@@ -36,6 +36,7 @@ def _cmd_mine(args: argparse.Namespace) -> int:
         source=args.tasks,
         max_new_tokens=max_new,
         batch_size=args.batch_size,
+        group=args.group,
         keep_unfinished=args.keep_unfinished,
     )
     print(json.dumps(counts))
@@ -119,7 +120,8 @@ def add_judge_parser(subparsers) -> None:
     mine.add_argument("--config", default=DEFAULT_CONFIG)
     _task_range(mine)
     mine.add_argument("--out", required=True, help="output folder; an interrupted run resumes from it")
-    mine.add_argument("--batch-size", type=int, default=16, help="target continuations run together")
+    mine.add_argument("--batch-size", type=int, default=32, help="target sequences per pass (answers, continuations)")
+    mine.add_argument("--group", type=int, default=8, help="tasks labelled together (stored when all are done)")
     mine.add_argument(
         "--keep-unfinished",
         action="store_true",

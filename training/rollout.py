@@ -1,5 +1,6 @@
 """Model passes that mining and feature extraction need beyond the engine's one-request loop: a teacher-forced
-pass over prompt + answer, and many greedy continuations of one prompt run together as a batch.
+pass over prompt + answer, and many greedy sequences run together as one batch (answers to several prompts,
+continuations from many positions of several answers), each over its own cache.
 
 Both compute every row the way engine.decode does, so that labels and features match what the engine sees
 when it serves: the prompt as one prefill, everything after it in passes of at most
@@ -12,13 +13,13 @@ Hidden states are the model's last-layer output after the final norm (what Trans
 what the LM head reads and what Engine._verify hands the judge), taken at the input position of the token
 they describe: the feature of token x_j is hidden[j] of a pass that feeds x_j.
 
-Not for: sampling (greedy only), serving, or sequences of different prompts in one batch (every row shares
-its positions, so a batch is many continuations of one shared prefix).
+Not for: sampling (greedy only) or serving.
 """
 
 from __future__ import annotations
 
-from collections.abc import Collection, Sequence
+from collections import deque
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -31,12 +32,6 @@ class TeacherForced:
     predictions: list[int]  # [n] argmax for answer token j given prompt + answer[:j]
     hidden: torch.Tensor  # [n, hidden] the hidden state of answer token j at its own input position
     cache: KVCache  # batch 1, holding prompt + answer
-
-
-@dataclass
-class Continuation:
-    tokens: list[int]  # generated after the forced tokens, ending with EOS or at the length limit
-    hidden: torch.Tensor  # [hidden] the hidden state of the last forced token (at its input position)
 
 
 @torch.inference_mode()
@@ -59,68 +54,89 @@ def teacher_forced(model: Transformer, prompt_ids: Sequence[int], answer_ids: Se
     return TeacherForced(predictions[: len(answer_ids)], hidden_all, cache)
 
 
-def _take_rows(model: Transformer, cache: KVCache, rows: list[int]) -> KVCache:
-    """A new cache holding only `rows` of `cache` (finished continuations stop costing compute)."""
-    out = model.new_cache(cache.max_len, batch=len(rows))
-    index = torch.tensor(rows, device=cache.k.device)
-    n = cache.length
-    out.k[:, :, :, :n] = cache.k[:, index, :, :n]
-    out.v[:, :, :, :n] = cache.v[:, index, :, :n]
-    out.length = n
-    return out
+@dataclass
+class Row:
+    """One greedy sequence of a batch: it starts from the first `start` positions of `prefix` (None: an empty
+    cache), feeds `feed` in one pass, then its own argmax one token per pass, until it emits an EOS or holds
+    `end` tokens."""
+
+    prefix: KVCache | None
+    start: int
+    feed: list[int]
+    end: int
+
+
+@dataclass
+class Continuation:
+    tokens: list[int]  # generated after the fed tokens, ending with EOS or at the length limit
+    hidden: torch.Tensor  # [hidden] the hidden state of the last fed token (at its input position)
+    cache: KVCache | None  # with keep_caches: prefix, fed tokens and every generated token but the last
 
 
 @torch.inference_mode()
-def continue_greedy(
+def greedy_rows(
     model: Transformer,
-    prefix_cache: KVCache,
-    start: int,
-    forced: Sequence[Sequence[int]],
+    rows: Sequence[Row],
     *,
-    end: int,
     eos_ids: Collection[int],
+    width: int,
+    keep_caches: bool = False,
+    done: Callable[[int], None] | None = None,
 ) -> list[Continuation]:
-    """Greedy continuations of one shared prefix, all rows in one batch.
+    """Greedy continuations of many rows, each over its own cache (rows of different prompts and positions),
+    at most `width` of them per pass: continuous batching, a finished row's place goes to the next waiting one.
 
-    prefix_cache: batch 1; its first `start` positions hold the shared prefix.
-    forced[r]: the tokens row r takes at positions start, start + 1, ... (non-empty); then it continues
-        greedily until it emits an EOS or its sequence reaches `end` tokens.
-    Rows advance in lock step, one position per pass, so they share positions and need no padding or mask:
-    a row still in its forced tokens just feeds the next one. All rows stop by `end`, so a batch costs
-    about as many passes as its longest continuation from `start`.
+    A row's cache is made when it starts (a copy of its prefix's first `start` positions). A one-token feed
+    joins the batch at once; a longer one (a prompt) is a prefill pass of its own, as the engine's is. Every
+    later pass is one Transformer.forward_batch over the active rows, one token each. `done(i)` hears when
+    row i finishes. Results in the rows' order.
     """
-    if not forced or any(not f for f in forced) or start + max(map(len, forced)) > end:
-        raise ValueError("every row needs 1 .. end - start forced tokens")
-    device = prefix_cache.k.device
-    cache = model.new_cache(end, batch=len(forced))
-    cache.k[:, :, :, :start] = prefix_cache.k[:, :1, :, :start]  # broadcast the shared prefix to every row
-    cache.v[:, :, :, :start] = prefix_cache.v[:, :1, :, :start]
-    cache.length = start
-    generated: list[list[int]] = [[] for _ in forced]
-    features: list[torch.Tensor | None] = [None] * len(forced)
-    feed = [f[0] for f in forced]  # the token each active row feeds next
-    active = list(range(len(forced)))  # cache row j belongs to continuation active[j]
-    while active:
-        pos = cache.length  # the position every active row feeds now
-        logits, hidden = model(torch.tensor([[feed[r]] for r in active], device=device), cache)
-        best = logits[:, -1].argmax(-1).tolist()  # [rows]
-        keep = []
-        for j, r in enumerate(active):
-            fed = pos - start  # index of the fed token within row r's tokens from `start`
-            if fed < len(forced[r]) - 1:
-                feed[r] = forced[r][fed + 1]
-                keep.append(j)
-                continue
-            if fed == len(forced[r]) - 1:
-                features[r] = hidden[j, -1].clone()
-            if feed[r] in eos_ids or pos + 1 >= end:
-                continue  # the sequence ended with the token just fed
-            generated[r].append(best[j])
-            if best[j] in eos_ids or pos + 2 >= end:
-                continue  # the new token ends it: no need to feed it
-            feed[r] = best[j]
-            keep.append(j)
-        if len(keep) < len(active) and keep:
-            cache = _take_rows(model, cache, keep)
-        active = [active[j] for j in keep]
-    return [Continuation(g, h) for g, h in zip(generated, features)]
+    device = model.model.embed_tokens.weight.device
+    out: list[Continuation | None] = [None] * len(rows)
+    caches: dict[int, KVCache] = {}
+    generated: dict[int, list[int]] = {}
+    features: dict[int, torch.Tensor] = {}
+    waiting, active, feed = deque(range(len(rows))), [], {}
+
+    def advance(i: int, fed: int, best: int, hidden: torch.Tensor) -> None:
+        """Row i fed `fed` (the last of its feed, or its own last token) and its argmax is `best`."""
+        if i not in features:
+            features[i] = hidden.clone()
+        cache, end = caches[i], rows[i].end
+        if fed not in eos_ids and cache.length < end:  # else the sequence ended with the token just fed
+            generated[i].append(best)
+            if best not in eos_ids and cache.length + 1 < end:
+                feed[i] = best
+                active.append(i)
+                return
+        out[i] = Continuation(generated.pop(i), features.pop(i), caches.pop(i) if keep_caches else None)
+        caches.pop(i, None)
+        if done is not None:
+            done(i)
+
+    while waiting or active:
+        while waiting and len(active) < width:
+            i = waiting.popleft()
+            row = rows[i]
+            if not row.feed or row.start + len(row.feed) > row.end:
+                raise ValueError(f"row {i}: needs 1 .. end - start tokens to feed")
+            cache = caches[i] = model.new_cache(row.end)
+            if row.prefix is not None:
+                cache.k[:, :, :, : row.start] = row.prefix.k[:, :1, :, : row.start]
+                cache.v[:, :, :, : row.start] = row.prefix.v[:, :1, :, : row.start]
+                cache.length = row.start
+            generated[i] = []
+            if len(row.feed) == 1:
+                feed[i] = row.feed[0]
+                active.append(i)
+            else:  # a prompt: its prefill alone, only the last position's logits
+                logits, hidden = model(torch.tensor([row.feed], device=device), cache, last_only=True)
+                advance(i, row.feed[-1], int(logits[0, -1].argmax()), hidden[0, -1])
+        if not active:
+            continue
+        batch, active[:] = list(active), []
+        passes = model.forward_batch([torch.tensor([feed[i]], device=device) for i in batch], [caches[i] for i in batch])
+        best = torch.stack([logits[-1] for logits, _ in passes]).argmax(-1).tolist()
+        for i, b, (_, hidden) in zip(batch, best, passes):
+            advance(i, feed[i], b, hidden[-1])
+    return out  # type: ignore[return-value]

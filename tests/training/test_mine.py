@@ -98,6 +98,21 @@ def test_resumed_run_equals_uninterrupted_run(ids_engine, tmp_path):
     assert feats_a.keys() == feats_b.keys() and all(torch.equal(feats_a[k], feats_b[k]) for k in feats_a)
 
 
+def test_a_group_mined_together_equals_its_tasks_mined_one_by_one(ids_engine, tmp_path):
+    """Grouping batches the answers and continuations of several tasks (fewer places than sequences here):
+    the same labels as one task and one sequence at a time; features equal up to float32's last bits."""
+    tasks = _tasks(4)
+    kw = dict(source=SOURCE, max_new_tokens=MAX_NEW, progress=False)
+    together = mine(ids_engine, tasks, tmp_path / "together", group=4, batch_size=3, **kw)
+    alone = mine(ids_engine, tasks, tmp_path / "alone", group=1, batch_size=1, **kw)
+    assert together == alone and alone["mismatches"] > 0
+    labels_a, feats_a = _folder_contents(tmp_path / "together")
+    labels_b, feats_b = _folder_contents(tmp_path / "alone")
+    assert labels_a == labels_b
+    for k in feats_a:
+        torch.testing.assert_close(feats_a[k], feats_b[k], atol=1e-5, rtol=1e-5)
+
+
 def test_torn_last_line_is_cut_and_its_task_redone(ids_engine, tmp_path):
     tasks = _tasks(2)
     mine(ids_engine, tasks[:1], tmp_path, source=SOURCE, max_new_tokens=MAX_NEW, progress=False)

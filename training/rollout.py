@@ -135,7 +135,8 @@ def greedy_rows(
         if not active:
             continue
         batch, active[:] = list(active), []
-        passes = model.forward_batch([torch.tensor([feed[i]], device=device) for i in batch], [caches[i] for i in batch])
+        tokens = [torch.tensor([feed[i]], device=device) for i in batch]
+        passes = model.forward_batch(tokens, [caches[i] for i in batch])
         best = torch.stack([logits[-1] for logits, _ in passes]).argmax(-1).tolist()
         for i, b, (_, hidden) in zip(batch, best, passes):
             advance(i, feed[i], b, hidden[-1])

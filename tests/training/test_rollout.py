@@ -78,7 +78,8 @@ def test_batched_rows_equal_rows_alone_and_the_engines_greedy_decoding(engine1):
 def test_prompt_rows_give_the_engines_answers_and_keep_their_caches(engine1):
     """Answers to several prompts in one batch: each the engine's greedy answer; the kept cache holds the
     prompt and the answer but its last token, the shared prefix of that answer's continuations."""
-    prompts = [list(engine1.make_request(prompt=t, params=SamplingParams(max_tokens=MAX_NEW)).prompt_ids) for t in PROMPTS]
+    params = SamplingParams(max_tokens=MAX_NEW)
+    prompts = [list(engine1.make_request(prompt=t, params=params).prompt_ids) for t in PROMPTS]
     rows = [Row(None, 0, p, len(p) + MAX_NEW) for p in prompts]
     eos = set(engine1.tokenizer.eos_ids)
     answers = greedy_rows(engine1.target.model, rows, eos_ids=eos, width=2, keep_caches=True)

@@ -113,8 +113,8 @@ def replayed_run(engine: Engine, prompt: list[int], args: argparse.Namespace, tr
     k = trace.draft_tokens
     replayer = engine.acceptance_hook = TraceReplayer(trace)
     try:
-        # warm-up: the same run (a prompt replays the same steps), so that every pass shape it meets, the
-        # shorter blocks near max_tokens included, is captured (and compiled) before the timed run
+        # warm-up: the same run (every request replays the trace from its start), so that every pass shape
+        # it meets, the shorter blocks near max_tokens included, is captured (and compiled) before the timed run
         timed_generate(engine, prompt, args.new_tokens, Mode.STANDARD, k)
         before = replayer.steps
         seconds = timed_generate(engine, prompt, args.new_tokens, Mode.STANDARD, k)

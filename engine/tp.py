@@ -166,11 +166,10 @@ def shard_modules(
     model.args = local_args(model.args, world)
 
 
-def _slice(t: torch.Tensor, dim: int, rank: int, world: int) -> torch.Tensor:
-    """Rank's contiguous 1/world of `t` along `dim`, as a fresh compact tensor (a view would keep the full
-    tensor alive, which is the memory the shard is meant to free)."""
+def local_part(t: torch.Tensor, dim: int, rank: int, world: int) -> torch.Tensor:
+    """Rank's contiguous 1/world of `t` along `dim`, as a view (copy it out to free the rest of `t`)."""
     span = shard_span(t.shape[dim], rank, world)
-    return t.narrow(dim, span.start, span.stop - span.start).clone(memory_format=torch.contiguous_format)
+    return t.narrow(dim, span.start, span.stop - span.start)
 
 
 def apply_tp(model: Transformer, rank: int, world: int, group: dist.ProcessGroup | None = None) -> Transformer:
@@ -196,7 +195,11 @@ def apply_tp(model: Transformer, rank: int, world: int, group: dist.ProcessGroup
     def fill(name: str, full: nn.Linear, local: nn.Linear) -> None:
         for leaf, p in full.named_parameters(recurse=False):
             dim = shard_dim(f"{name}.{leaf}")
-            kept = p if dim is None else nn.Parameter(_slice(p.data, dim, rank, world), requires_grad=p.requires_grad)
+            kept = p if dim is None else nn.Parameter(
+                # a fresh compact tensor: a view would keep the full tensor alive, the memory the shard frees
+                local_part(p.data, dim, rank, world).clone(memory_format=torch.contiguous_format),
+                requires_grad=p.requires_grad,
+            )
             setattr(local, leaf, kept)
 
     shard_modules(model, world, group, fill)

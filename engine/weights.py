@@ -29,7 +29,7 @@ from engine.cuda_graphs import CudaGraphs
 from engine.model import ModelArgs, Transformer, rope_inv_freq
 from engine.shapes import SHAPES
 from engine.tokenizer import ByteTokenizer, HFTokenizer, Tokenizer
-from engine.tp import check_tp, shard_dim, shard_modules, shard_span
+from engine.tp import check_tp, local_part, shard_dim, shard_modules, shard_span
 
 TORCH_DTYPES = {DType.FLOAT32: torch.float32, DType.BFLOAT16: torch.bfloat16, DType.FLOAT16: torch.float16}
 
@@ -221,8 +221,7 @@ def dummy_model(
                 scale = 0.02 if not name.endswith("norm.weight") else 0.1
                 p.add_(torch.randn(p.shape, generator=kick, device=device, dtype=p.dtype) * noise * scale)
             if dim is not None:
-                span = shard_span(p.shape[dim], rank, world)
-                local[name].copy_(p.narrow(dim, span.start, span.stop - span.start))
+                local[name].copy_(local_part(p, dim, rank, world))
     return model
 
 

@@ -109,8 +109,8 @@ def greedy_rows(
                 feed[i] = best
                 active.append(i)
                 return
-        out[i] = Continuation(generated.pop(i), features.pop(i), caches.pop(i) if keep_caches else None)
-        caches.pop(i, None)
+        kept = caches.pop(i)
+        out[i] = Continuation(generated.pop(i), features.pop(i), kept if keep_caches else None)
         if done is not None:
             done(i)
 

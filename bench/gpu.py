@@ -44,12 +44,14 @@ def copy_bandwidth(gib: float = 2.0) -> float:
     return 2 * x.numel() * n / (time.perf_counter() - t)
 
 
-def engine_for(target: str, draft: str, max_seq_len: int, runtime: dict) -> Engine:
+def engine_for(
+    target: str, draft: str, max_seq_len: int, runtime: dict, quantize: tuple[str, str] = ("none", "none")
+) -> Engine:
     cfg = parse_config(
         {
             "name": "gpu-bench",
-            "target": {"model": f"dummy:{target}", "dtype": "bfloat16"},
-            "draft": {"model": f"dummy:{draft}", "dtype": "bfloat16"},
+            "target": {"model": f"dummy:{target}", "dtype": "bfloat16", "quantize": quantize[0]},
+            "draft": {"model": f"dummy:{draft}", "dtype": "bfloat16", "quantize": quantize[1]},
             "decoding": {"mode": "ar", "max_seq_len": max_seq_len},
             "runtime": {"device": "cuda", **runtime},
         },
@@ -149,7 +151,11 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=Path("gpu.json"))
     ap.add_argument(
         "--paths", default="eager,graphs",
-        help="of eager, graphs, compiled (runtime.compile: torch.compile before capture); the last runs the speculative rows",
+        help=(
+            "of eager, graphs, compiled (runtime.compile: torch.compile before capture), compiled-int8 (and both "
+            "models' weights int8: engine.quant, lossy), compiled-int8-draft (the draft's only); the last runs "
+            "the speculative rows"
+        ),
     )
     ap.add_argument("--rows", default=",".join(map(str, VERIFY_ROWS)), help="tokens per pass for the latency table")
     ap.add_argument("--trace", type=Path, action="append", default=[], help="an acceptance trace to replay (engine.trace)")
@@ -157,6 +163,11 @@ def main() -> None:
         "--synthetic", action="append", default=[], metavar="MEAN:K",
         help="a synthetic trace of MEAN tokens per step at draft length K (default: 19.7:32, the paper's 8B/70B)",
     )
+    ap.add_argument(
+        "--speculative", action=argparse.BooleanOptionalAction, default=True,
+        help="the replayed speculative rows (each new pass shape compiles anew on the compiled paths)",
+    )
+    ap.add_argument("--hf", action=argparse.BooleanOptionalAction, default=True, help="HF generate's row (slow to set up)")
     args = ap.parse_args()
     traces = [AcceptanceTrace.load(p) for p in args.trace]
     traces += [AcceptanceTrace.synthetic(float(m), int(k)) for m, k in (x.split(":") for x in args.synthetic or ["19.7:32"])]
@@ -164,14 +175,22 @@ def main() -> None:
     card = torch.cuda.get_device_name()
     bw = copy_bandwidth()
     prompt = torch.randint(0, 1000, (args.prompt_len,), generator=torch.Generator().manual_seed(0)).tolist()
-    every = {"eager": {"cuda_graphs": False}, "graphs": {"cuda_graphs": True}, "compiled": {"compile": True}}
+    every = {
+        "eager": ({"cuda_graphs": False}, ("none", "none")),
+        "graphs": ({"cuda_graphs": True}, ("none", "none")),
+        "compiled": ({"compile": True}, ("none", "none")),
+        "compiled-int8": ({"compile": True}, ("int8", "int8")),
+        "compiled-int8-draft": ({"compile": True}, ("none", "int8")),
+    }
     variants = {name: every[name] for name in args.paths.split(",")}
     fast = list(variants)[-1]  # the speculative runs use the last path measured (the fastest, in the default order)
     rows = tuple(int(r) for r in args.rows.split(","))
-    ar, ar_decode, latency, setup_s = {}, {}, {}, {}
-    for name, runtime in variants.items():
-        engine = engine_for(args.target, args.draft, args.prompt_len + args.new_tokens + 128, runtime)
-        weight_bytes = sum(p.numel() * p.element_size() for p in engine.target.model.parameters())
+    ar, ar_decode, latency, setup_s, weight_bytes, speculative = {}, {}, {}, {}, {}, []
+    for name, (runtime, quantize) in variants.items():
+        engine = engine_for(args.target, args.draft, args.prompt_len + args.new_tokens + 128, runtime, quantize)
+        model, target_args = engine.target.model, engine.target.args  # int8 weights are buffers; a tied LM head counts once
+        held = {t.data_ptr(): t for t in (*model.parameters(), *model.buffers())}.values()
+        weight_bytes[name] = sum(t.numel() * t.element_size() for t in held)
         t = time.perf_counter()
         timed_generate(engine, prompt, 16)  # warm-up (and the graphs' capture, and compilation)
         setup_s[name] = time.perf_counter() - t
@@ -181,22 +200,26 @@ def main() -> None:
         print(f"{name}: ar {ar[name]:.1f} tokens/s (decode only {ar_decode[name]:.1f}), first 16 tokens "
               f"{setup_s[name]:.1f} s", flush=True)
         latency[name] = pass_latency_ms(engine.target.model, engine.max_seq_len, args.prompt_len, rows)
-        if name == fast:
+        if name == fast and args.speculative:
             speculative = [replayed_run(engine, prompt, args, trace, ar_decode[name]) for trace in traces]
         del engine
         torch.cuda.empty_cache()
-    hf = hf_tokens_per_s(args.target, prompt, args.new_tokens)
+    hf = hf_tokens_per_s(args.target, prompt, args.new_tokens) if args.hf else None
 
-    ceiling = bw / weight_bytes
+    with torch.device("meta"):  # the bf16 model's bytes, whatever the paths held
+        bf16_bytes = 2 * sum(p.numel() for p in Transformer(target_args).parameters())
+    ceiling = bw / bf16_bytes
     print(f"{card}; {args.target} target, bf16, dummy weights, batch 1, {args.prompt_len}-token prompt, "
           f"{args.new_tokens} new tokens")
-    print(f"copy bandwidth {bw / 1e12:.2f} TB/s; weights {weight_bytes / 1e9:.2f} GB; ceiling {ceiling:.1f} tokens/s")
-    print("| method | tokens/s | of ceiling |")
+    print(f"copy bandwidth {bw / 1e12:.2f} TB/s; weights {bf16_bytes / 1e9:.2f} GB; ceiling {ceiling:.1f} tokens/s"
+          + "".join(f"; {n}: {b / 1e9:.2f} GB held, ceiling {bw / b:.1f}" for n, b in weight_bytes.items() if b != bf16_bytes))
+    print("| method | tokens/s | of its ceiling |")
     print("|---|---:|---:|")
-    table = [(f"judgeserve ar, {name} (decode only: {ar_decode[name]:.1f})", ar[name]) for name in variants]
-    table.append(("HF transformers generate", hf))
-    for name, v in table:
-        print(f"| {name} | {v:.1f} | {v / ceiling:.0%} |")
+    table = [(f"judgeserve ar, {name} (decode only: {ar_decode[name]:.1f})", ar[name], weight_bytes[name]) for name in variants]
+    if hf is not None:
+        table.append(("HF transformers generate", hf, bf16_bytes))
+    for name, v, held in table:
+        print(f"| {name} | {v:.1f} | {v / (bw / held):.0%} |")
     print("first 16 tokens (capture, compilation) s: " + ", ".join(f"{k} {v:.1f}" for k, v in setup_s.items()))
     print(f"speculative decoding {args.draft}/{args.target} ({fast}), acceptance REPLAYED from traces "
           "(dummy weights: the text is meaningless, the work per step is real):")
@@ -213,14 +236,16 @@ def main() -> None:
         "date": datetime.date.today().isoformat(),
         "command": "python3 -m bench.gpu " + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items()),
         "shapes": {"target": args.target, "draft": args.draft, "dtype": "bfloat16", "weights": "dummy"},
+        "quantize_by_path": {name: dict(zip(("target", "draft"), variants[name][1])) for name in variants},
         "copy_bandwidth_tb_per_s": round(bw / 1e12, 3),
         "ceiling_tokens_per_s": round(ceiling, 1),
+        "weight_gb_by_path": {k: round(v / 1e9, 2) for k, v in weight_bytes.items()},
         "fast_path": fast,
         "ar_tokens_per_s": round(ar[fast], 2),
         "ar_decode_tokens_per_s": round(ar_decode[fast], 2),
         "ar_tokens_per_s_by_path": {k: round(v, 2) for k, v in ar.items()},
         "first_16_tokens_s_by_path": {k: round(v, 1) for k, v in setup_s.items()},
-        "hf_tokens_per_s": round(hf, 2),
+        "hf_tokens_per_s": None if hf is None else round(hf, 2),
         "verify_latency_ms": latency[fast],
         "verify_latency_ms_by_path": latency,
         "speculative_replayed": speculative,

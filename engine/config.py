@@ -40,6 +40,11 @@ class DType(str, enum.Enum):
     FLOAT16 = "float16"
 
 
+class Quantize(str, enum.Enum):
+    NONE = "none"
+    INT8 = "int8"  # weight-only, per output feature (engine.quant); lossy
+
+
 class DraftPlacement(str, enum.Enum):
     """Where the draft worker runs relative to the target's shards (cluster.ray_backend places the actors)."""
 
@@ -63,6 +68,14 @@ class ModelSpec(_Section):
         )
     )
     dtype: DType = Field(DType.FLOAT32, description="weights and activations")
+    quantize: Quantize = Field(
+        Quantize.NONE,
+        description=(
+            "int8: the linear layers' weights held as int8 with per-feature scales (engine.quant), half the "
+            "bytes a decode pass reads. LOSSY: the model's output changes slightly (docs/performance.md "
+            "measures it). Faster only on a GPU with runtime.compile and for one-token passes (decode, drafting)"
+        ),
+    )
     seed: int = Field(0, ge=0, description="dummy weights only: the random seed")
     noise: float = Field(
         0.0,
@@ -130,7 +143,8 @@ class RuntimeConfig(_Section):
         False,
         description=(
             "torch.compile each graphed pass before its capture: fuses the small kernels between the matrix "
-            "products (measured in docs/performance.md); costs compile time at the first pass of each shape"
+            "products and tunes one-row passes' products (measured in docs/performance.md); costs compile time at "
+            "the first pass of each shape (minutes for an 8B's one-row passes)"
         ),
     )
 

@@ -173,7 +173,13 @@ class CudaGraphs:
                 torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 256)
                 self._compiled = torch.compile(model.forward_slots, fullgraph=True, dynamic=False)
             forward = self._compiled
-        replay, logits, hidden = self._record(lambda: forward(tokens, cache, start), device)
+        # Coordinate-descent tuning for one-row passes (decode, drafting) only: with it inductor turns a
+        # product with one row into a tuned reduction kernel instead of a cuBLAS GEMV, which reaches more of
+        # the copy bandwidth (8B decode on an H100: 155 tokens/s, gpt-fast sets it too) and fuses an int8
+        # weight's conversion into the product (engine.quant). Passes of more rows keep cuBLAS, and skip the
+        # tuning, which tripled an 8B shape's compile time (docs/performance.md).
+        with torch._inductor.config.patch(coordinate_descent_tuning=self.compile and batch * t == 1):
+            replay, logits, hidden = self._record(lambda: forward(tokens, cache, start), device)
         return _Graph(replay, cache, tokens, start, logits, hidden)
 
 

@@ -24,9 +24,10 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from engine.config import DType, ModelSpec
+from engine.config import DType, ModelSpec, Quantize
 from engine.cuda_graphs import CudaGraphs
 from engine.model import ModelArgs, Transformer, rope_inv_freq
+from engine.quant import quantize_int8
 from engine.shapes import SHAPES
 from engine.tokenizer import ByteTokenizer, HFTokenizer, Tokenizer
 from engine.tp import check_tp, local_part, shard_dim, shard_modules, shard_span
@@ -240,7 +241,8 @@ def load_model(
     formed after loading). A real checkpoint is read shard-only (`load_checkpoint`); a dummy model is drawn
     a tensor at a time, identically on every rank, each keeping its slices (`dummy_model`). `args` and `fingerprint` describe the whole model either
     way. A split that does not divide raises engine.tp.check_tp's ValueError before any weight is read.
-    With `graphs` (engine.cuda_graphs.graphs_for), the passes after a prefill replay CUDA graphs."""
+    With `graphs` (engine.cuda_graphs.graphs_for), the passes after a prefill replay CUDA graphs; with
+    spec.quantize int8, the linear layers hold int8 weights (engine.quant)."""
     device = torch.device(device)
     dtype = TORCH_DTYPES[spec.dtype]
     if spec.is_dummy:
@@ -256,6 +258,8 @@ def load_model(
         model = load_checkpoint(folder, dtype, device, rank=rank, world=world, group=group)
         tokenizer = HFTokenizer(folder, args.eos_token_ids)
     model.eval().requires_grad_(False)
+    if spec.quantize is Quantize.INT8:  # after sharding: each rank quantizes its own slices
+        quantize_int8(model)
     # Row-by-row attention buys bfloat16 batch invariance on the CPU (docs/engine.md); on a GPU it would
     # cost a kernel launch per row and layer, and the GPU path makes its own guarantees.
     model.exact_rows = device.type == "cpu"

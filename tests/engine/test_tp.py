@@ -13,6 +13,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from engine.model import ModelArgs, Transformer
+from engine.quant import quantize_int8
 from engine.shapes import SHAPES
 from engine.tp import RowParallelLinear, apply_tp, shard_dim
 from engine.weights import dummy_model, load_checkpoint
@@ -52,8 +53,12 @@ def _passes(model: Transformer) -> tuple[list[torch.Tensor], list[int]]:
     return logits, greedy
 
 
-def _worker(rank: int, init_file: str, out_dir: str, checkpoint: str | None, world: int = WORLD, shape: str = "tiny") -> None:
-    """One rank: apply_tp of the tiny model, or with `checkpoint` a shard-only load of that folder."""
+def _worker(
+    rank: int, init_file: str, out_dir: str, checkpoint: str | None, world: int = WORLD, shape: str = "tiny",
+    quantize: bool = False,
+) -> None:
+    """One rank: apply_tp of the tiny model, or with `checkpoint` a shard-only load of that folder; with
+    `quantize`, the shard's weights then int8 (engine.quant)."""
     torch.set_num_threads(1)  # several ranks on a small CPU machine
     dist.init_process_group(
         "gloo", init_method=f"file://{init_file}", rank=rank, world_size=world, timeout=timedelta(seconds=120)
@@ -63,6 +68,8 @@ def _worker(rank: int, init_file: str, out_dir: str, checkpoint: str | None, wor
             model = apply_tp(_tiny(shape), rank, world)
         else:
             model = load_checkpoint(Path(checkpoint), torch.float32, CPU, rank=rank, world=world).eval()
+        if quantize:
+            quantize_int8(model)
         logits, greedy = _passes(model)
         kv_heads = model.new_cache(MAX_LEN).k.shape[2]
         torch.save({"logits": logits, "greedy": greedy, "kv_heads": kv_heads}, Path(out_dir) / f"rank{rank}.pt")
@@ -71,9 +78,9 @@ def _worker(rank: int, init_file: str, out_dir: str, checkpoint: str | None, wor
         dist.destroy_process_group()
 
 
-def _spawn(tmp: Path, checkpoint: Path | None, world: int = WORLD, shape: str = "tiny") -> list[dict]:
+def _spawn(tmp: Path, checkpoint: Path | None, world: int = WORLD, shape: str = "tiny", quantize: bool = False) -> list[dict]:
     folder = None if checkpoint is None else str(checkpoint)
-    mp.spawn(_worker, args=(str(tmp / "init"), str(tmp), folder, world, shape), nprocs=world, join=True)
+    mp.spawn(_worker, args=(str(tmp / "init"), str(tmp), folder, world, shape, quantize), nprocs=world, join=True)
     return [torch.load(tmp / f"rank{r}.pt") for r in range(world)]
 
 
@@ -135,6 +142,19 @@ def test_tp8_logits_match_unsharded(tmp_path):
             torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-5)
         assert run["greedy"] == want_greedy
         assert run["kv_heads"] == 1
+
+
+def test_tp2_int8_shards_stay_close_to_the_unsharded_int8_model(tmp_path, unsharded):
+    """Each rank quantizes its own slices (engine.quant): column-parallel rows keep the unsharded scales,
+    a row-parallel half gets its own, so TP=2 int8 is close to TP=1 int8, and both to the float model."""
+    runs = _spawn(tmp_path, None, quantize=True)
+    want, _ = _passes(quantize_int8(_tiny()))
+    plain, _ = unsharded
+    for got, ref, fp in zip(runs[0]["logits"], want, plain):
+        assert not torch.equal(got, fp)
+        assert (got - ref).norm() / ref.norm() < 0.03, float((got - ref).norm() / ref.norm())  # measured 0.009
+    assert all(torch.equal(a, b) for a, b in zip(runs[0]["logits"], runs[1]["logits"]))
+    assert runs[0]["greedy"] == runs[1]["greedy"]
 
 
 def test_tp2_cache_holds_local_kv_heads(tp_runs):

@@ -72,3 +72,15 @@ def test_captured_batched_passes_equal_eager_batched_passes(engines):
         for (logits, _), (want_logits, _) in zip(got, want):
             torch.testing.assert_close(logits, want_logits, rtol=1e-4, atol=1e-4)
     assert any(key[0] == "rows" for key in graphs._graphs), "no batched pass was captured"
+
+
+def test_compiled_int8_passes_give_the_eager_int8_greedy_output():
+    """Weight-only int8 (engine.quant) through torch.compile and capture, where inductor fuses the weights'
+    conversion into the products, against the same int8 model run eagerly."""
+    int8 = {"runtime.device": "cuda", "target.quantize": "int8", "draft.quantize": "int8"}
+    eager = Engine.from_config(load_config(TINY_YAML, {**int8, "runtime.cuda_graphs": False}))
+    compiled = Engine.from_config(load_config(TINY_YAML, {**int8, "runtime.compile": True}))
+    for prompt in PROMPTS:
+        for mode in (Mode.AR, Mode.STANDARD):
+            assert _tokens(compiled, prompt, mode) == _tokens(eager, prompt, mode), (prompt, mode)
+    assert len(compiled.target.model.graphs) >= 1

@@ -1,0 +1,77 @@
+"""Weight-only int8 quantization of a model's linear layers (`ModelSpec.quantize: int8`).
+
+A one-token decode reads every weight once and does two flops per weight, so its time is the weights'
+bytes over the memory bandwidth (DESIGN.md 3). Holding the matrices as int8 with one scale per output
+feature (symmetric, round to nearest, as gpt-fast's int8 mode) halves those bytes; activations, the
+cache, norms and the embedding stay in the model's dtype. `Int8Linear.forward` is written in the one
+form inductor turns into a fused kernel: under torch.compile (runtime.compile) with coordinate-descent
+tuning, a product with a single row becomes one reduction that reads the int8 weight and scales on the
+fly (engine.cuda_graphs sets that up). Run eagerly, or with more rows (a K+1 verification pass), the
+weight is first converted to the model's dtype in memory, which costs more than the bf16 product it
+replaces: int8 pays for one-token passes under compile (decode, drafting), not for verification.
+
+Lossy: the quantized model is another model, close to the original but not equal (docs/performance.md
+measures how close on the real pair). Every exactness guarantee of the engine (greedy speculative output
+equals autoregressive output, rollback, the judge at threshold 1.0) holds relative to the quantized target.
+
+Applied after loading and after tensor-parallel sharding, so each rank quantizes its own slices (a
+row-parallel slice gets its own per-feature scales; its partial product is scaled before the all-reduce).
+
+Not for: activations or the KV cache (they stay in the model's dtype), fp8 tensor-core products.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+from engine.model import Transformer
+from engine.tp import RowParallelLinear
+
+QMAX = 127  # symmetric: -127 .. 127, so a weight and its negation round alike
+
+
+class Int8Linear(nn.Module):
+    """A linear layer holding int8 weights [out, in] and per-output scales [out]; y = (x W_q^T) * s (+ b).
+
+    Replaces an nn.Linear or a RowParallelLinear in place (same path; its output is all-reduced over the
+    same group, the bias added after the reduction as there)."""
+
+    def __init__(self, linear: nn.Linear):
+        super().__init__()
+        w = linear.weight.detach()
+        scales = w.float().abs().amax(dim=1).clamp_min(1e-12) / QMAX  # float32 for the rounding
+        self.register_buffer("weight", torch.round(w.float() / scales[:, None]).clamp(-QMAX, QMAX).to(torch.int8))
+        self.register_buffer("scales", scales.to(w.dtype))
+        self.bias = linear.bias
+        self.reduce_group = linear.group if isinstance(linear, RowParallelLinear) else None
+        self.row_parallel = isinstance(linear, RowParallelLinear)
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # The scale multiplies the product, not the weight: the pattern inductor fuses into one kernel.
+        out = F.linear(x, self.weight.to(x.dtype)) * self.scales
+        if self.row_parallel:
+            dist.all_reduce(out, op=dist.ReduceOp.SUM, group=self.reduce_group)
+        return out if self.bias is None else out + self.bias
+
+    def dequantized(self) -> torch.Tensor:
+        """The weight this layer multiplies by, in the scales' dtype [out, in] (tests and diagnostics)."""
+        return self.weight.to(self.scales.dtype) * self.scales[:, None]
+
+
+def quantize_int8(model: Transformer) -> Transformer:
+    """Replaces, in place, every linear layer of the decoder layers (q, k, v, o, gate, up, down) and the LM
+    head (unless tied to the embedding, which stays whole) by an Int8Linear; returns the model. One layer
+    at a time, so the peak is the model plus one layer's float32 copy of a weight."""
+    targets = [(layer, name) for layer in model.model.layers for name in ("self_attn", "mlp")]
+    for layer, part in targets:
+        block = getattr(layer, part)
+        for name, child in list(block.named_children()):
+            if isinstance(child, nn.Linear):
+                setattr(block, name, Int8Linear(child))
+    if not model.args.tie_word_embeddings:
+        model.lm_head = Int8Linear(model.lm_head)
+    return model

@@ -1,0 +1,121 @@
+"""engine.quant: weight-only int8. Each weight rounds to within half a step of its row's scale; the quantized
+model stays close to the original; every pass kind runs on it (eager, graph-safe, batched); the engine's
+exactness guarantees hold relative to the quantized target; the config refuses what it does not know."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from engine.config import ConfigError, Mode, load_config
+from engine.decode import Engine
+from engine.quant import QMAX, Int8Linear, quantize_int8
+from engine.sampling import SamplingParams
+from engine.weights import dummy_model
+from tests.conftest import TINY_YAML
+
+CPU = torch.device("cpu")
+
+
+def _model(args, dtype=torch.float32):
+    return dummy_model(args, 0, 0.0, dtype, CPU).eval()
+
+
+def test_int8_linear_rounds_each_weight_to_within_half_a_step():
+    torch.manual_seed(0)
+    linear = nn.Linear(96, 40, bias=True)
+    with torch.no_grad():
+        linear.weight[3] *= 50  # one row far larger: its own scale, the others keep theirs
+    q = Int8Linear(linear)
+    assert q.weight.dtype == torch.int8 and q.scales.shape == (40,)
+    assert int(q.weight.abs().amax(dim=1).min()) == QMAX  # each row uses its full range
+    err = (q.dequantized() - linear.weight).abs()
+    assert bool((err <= q.scales[:, None] / 2 + 1e-7).all())
+    x = torch.randn(5, 96)
+    torch.testing.assert_close(q(x), F.linear(x, q.dequantized(), linear.bias), rtol=1e-5, atol=1e-5)
+    assert (q(x) - linear(x)).abs().max() < 0.02 * linear(x).abs().max()
+
+
+def test_quantize_replaces_every_layer_product_and_an_untied_head(tiny_args):
+    model = quantize_int8(_model(tiny_args))
+    layers = [m for m in model.model.layers.modules() if isinstance(m, nn.Linear | Int8Linear)]
+    assert layers and all(isinstance(m, Int8Linear) for m in layers)
+    assert len(layers) == 7 * tiny_args.num_layers
+    assert isinstance(model.lm_head, Int8Linear)
+    assert model.model.embed_tokens.weight.dtype == torch.float32  # the embedding stays whole
+    tied = quantize_int8(_model(dataclasses.replace(tiny_args, tie_word_embeddings=True)))
+    assert isinstance(tied.lm_head, nn.Linear) and tied.lm_head.weight is tied.model.embed_tokens.weight
+
+
+@torch.inference_mode()
+def test_quantized_model_stays_close_to_the_original(tiny_args):
+    """Teacher-forced over 64 positions: the int8 model's next-token choice is the original's at nearly all,
+    and its logits are within a few percent (random weights; the real pair is measured in
+    docs/performance.md)."""
+    plain, quant = _model(tiny_args), quantize_int8(_model(tiny_args))
+    tokens = torch.randint(0, tiny_args.vocab_size, (1, 64), generator=torch.Generator().manual_seed(3))
+    want, _ = plain(tokens, plain.new_cache(128))
+    got, _ = quant(tokens, quant.new_cache(128))
+    assert not torch.equal(got, want)  # quantized for real
+    agree = (got.argmax(-1) == want.argmax(-1)).float().mean()
+    assert agree >= 0.9, f"top-1 agreement {agree:.2f}"
+    assert (got - want).norm() / want.norm() < 0.05
+
+
+@torch.inference_mode()
+def test_graph_safe_and_batched_passes_run_on_int8_weights(tiny_args):
+    model = quantize_int8(_model(tiny_args))
+    model.exact_rows = False
+    prompt = torch.randint(0, tiny_args.vocab_size, (1, 9), generator=torch.Generator().manual_seed(1))
+    block = torch.randint(0, tiny_args.vocab_size, (1, 4), generator=torch.Generator().manual_seed(2))
+    eager, slots = model.new_cache(64), model.new_cache(64)
+    for cache in (eager, slots):
+        model(prompt, cache)
+    want, _ = model(block, eager)
+    got, _ = model.forward_slots(block, slots, torch.tensor(slots.length))
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    other = model.new_cache(64)
+    model(prompt[:, :5], other)
+    (batched, _), _ = model.forward_batch([block[0], block[0, :2]], [model.new_cache(64), other])
+    assert batched.shape == (4, tiny_args.vocab_size)
+
+
+def test_engine_guarantees_hold_relative_to_the_int8_target():
+    """Greedy speculative output equals the int8 target's own autoregressive output (the anchor, for the
+    quantized model)."""
+    overrides = {"target.quantize": "int8", "draft.quantize": "int8"}
+    quant = Engine.from_config(load_config(TINY_YAML, overrides))
+    plain = Engine.from_config(load_config(TINY_YAML))
+    assert isinstance(quant.target.model.lm_head, Int8Linear) and isinstance(quant.draft.model.lm_head, Int8Linear)
+    for prompt in ("The quick", "def f(x):", "1 2 3 4"):
+        outs = {}
+        for mode in (Mode.AR, Mode.STANDARD):
+            req = quant.make_request(prompt=prompt, mode=mode, params=SamplingParams(max_tokens=40))
+            outs[mode] = quant.generate(req).token_ids
+        assert outs[Mode.STANDARD] == outs[Mode.AR], prompt
+    assert quant.target.fingerprint == plain.target.fingerprint  # the same checkpoint, held differently
+
+
+def test_config_refuses_an_unknown_quantization():
+    with pytest.raises(ConfigError, match="quantize"):
+        load_config(TINY_YAML, {"target.quantize": "int4"})
+
+
+def test_quality_comparison_scores_identical_models_as_identical(tiny_args):
+    """bench.quant_quality's teacher-forced comparison: a model against itself agrees everywhere with zero
+    divergence; against its int8 copy, less than everywhere, with a positive divergence."""
+    from bench.quant_quality import compare
+
+    plain, quant = _model(tiny_args), quantize_int8(_model(tiny_args))
+    gen = torch.Generator().manual_seed(5)
+    sequences = [(torch.randint(0, 256, (6,), generator=gen).tolist(), torch.randint(0, 256, (30,), generator=gen).tolist())
+                 for _ in range(3)]
+    same = compare(plain, plain, sequences)
+    assert same["tokens"] == 90 and same["top1_agreement"] == 1.0 and abs(same["mean_kl_nats"]) < 1e-6
+    assert same["perplexity"] == same["perplexity_int8"]
+    other = compare(plain, quant, sequences)
+    assert other["mean_kl_nats"] > 0 and 0.8 <= other["top1_agreement"] < 1.0

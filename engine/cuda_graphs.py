@@ -6,7 +6,9 @@ them all with one launch. `CudaGraphs.run` is what `Transformer.forward` calls w
 one (on a GPU, runtime.cuda_graphs): the first pass of each (cache, batch, T) captures a graph of
 `Transformer.forward_slots`, which attends over the whole cache through a mask, so that one graph serves
 every position; later passes of that shape copy their tokens and start position into the graph's inputs
-and replay it. The output equals the eager pass's up to the order of floating-point sums.
+and replay it. The output equals the eager pass's up to the order of floating-point sums. With
+runtime.compile, the pass's three pieces (embedding, one decoder layer, norm and LM head: engine.model's
+SLOT_STEPS) are compiled apart before the capture, the layer step once for every layer.
 
 A graph holds the addresses of its cache: caches must outlive it and be reused, not reallocated (the
 engine keeps one per model; actors.caches pools them).
@@ -22,7 +24,7 @@ from dataclasses import dataclass
 import torch
 
 from engine.config import RuntimeConfig
-from engine.model import CacheBlock, KVCache, Transformer
+from engine.model import SLOT_STEPS, CacheBlock, KVCache, SlotSteps, Transformer
 
 WARMUP_PASSES = 2  # before capture, on a side stream: lets cuBLAS and the allocator settle (torch's advice)
 
@@ -64,7 +66,7 @@ class CudaGraphs:
         self.max_rows, self.capture, self.compile = max_rows, capture, compile
         self._graphs: dict[tuple[int, int, int], _Graph] = {}
         self._pool = None  # one memory pool for all: replays never overlap
-        self._compiled: Callable | None = None  # torch.compile(model.forward_slots), made at the first capture
+        self._compiled: SlotSteps | None = None  # torch.compile of each of SLOT_STEPS, made at the first capture
 
     def __len__(self) -> int:
         return len(self._graphs)
@@ -165,21 +167,23 @@ class CudaGraphs:
         # Warm-up and capture write their keys at the cache's last t positions: at or past cache.length
         # (forward checked that the pass fits), where nothing is valid.
         start = torch.full((), cache.max_len - t, dtype=torch.long, device=device)
-        forward = model.forward_slots
-        if self.compile and self.capture:  # one compiled function per model; each new shape compiles in the warm-up
+        steps = None  # the pass's pieces run eagerly
+        if self.compile and self.capture:  # each new shape compiles in the warm-up
             if self._compiled is None:
                 # every (cache size, batch, T) is its own specialisation, compiled once: more than dynamo's
                 # default limit of 8 in a serving process (decode, draft passes, each K+1)
                 torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 256)
-                self._compiled = torch.compile(model.forward_slots, fullgraph=True, dynamic=False)
-            forward = self._compiled
+                # The pass's pieces compiled apart: one layer step serves every layer (engine.model), so a
+                # shape compiles in the time of one layer, not of the model's whole depth.
+                self._compiled = tuple(torch.compile(f, fullgraph=True, dynamic=False) for f in SLOT_STEPS)
+            steps = self._compiled
         # Coordinate-descent tuning for one-row passes (decode, drafting) only: with it inductor turns a
         # product with one row into a tuned reduction kernel instead of a cuBLAS GEMV, which reaches more of
         # the copy bandwidth (8B decode on an H100: 155 tokens/s, gpt-fast sets it too) and fuses an int8
         # weight's conversion into the product (engine.quant). Passes of more rows keep cuBLAS, and skip the
         # tuning, which tripled an 8B shape's compile time (docs/performance.md).
         with torch._inductor.config.patch(coordinate_descent_tuning=self.compile and batch * t == 1):
-            replay, logits, hidden = self._record(lambda: forward(tokens, cache, start), device)
+            replay, logits, hidden = self._record(lambda: model.forward_slots(tokens, cache, start, steps), device)
         return _Graph(replay, cache, tokens, start, logits, hidden)
 
 

@@ -12,6 +12,7 @@ transform applied to this plain model, never a second implementation of it.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -202,10 +203,13 @@ class Span:
 
 @dataclass(frozen=True)
 class Slots:
-    """Where a graph-safe pass writes and reads: positions [T] and the mask [T, max_len] of the keys each
-    row sees, both on the device. No Python number depends on the position, so a captured CUDA graph
-    replays the pass at any position (engine.cuda_graphs)."""
+    """Where one layer of a graph-safe pass writes and reads: that layer's keys and values [batch, kv_heads,
+    max_len, head_dim], positions [T] and the mask [T, max_len] of the keys each row sees, all on the
+    device. No Python number depends on the position or the layer, so a captured CUDA graph replays the
+    pass at any position, and one compiled layer step serves every layer (engine.cuda_graphs)."""
 
+    keys: torch.Tensor
+    values: torch.Tensor
     positions: torch.Tensor
     mask: torch.Tensor
 
@@ -267,13 +271,12 @@ class Attention(nn.Module):
                 ]
             )
             return self.o_proj(out.transpose(1, 2).reshape(b, t, -1))
-        keys, values = cache.k[self.layer], cache.v[self.layer]  # [batch, kv_heads, max_len, head_dim]
         if isinstance(where, Slots):  # the whole cache, masked: the same shapes at every position
-            write_kv(keys, values, where.positions, k, v)
+            write_kv(where.keys, where.values, where.positions, k, v)
             gqa = self.n_kv != self.n_heads
-            out = F.scaled_dot_product_attention(q, keys, values, attn_mask=where.mask, enable_gqa=gqa)
-        else:
-            out = self._attend(q, k, v, keys, values, where)
+            out = F.scaled_dot_product_attention(q, where.keys, where.values, attn_mask=where.mask, enable_gqa=gqa)
+        else:  # [batch, kv_heads, max_len, head_dim]
+            out = self._attend(q, k, v, cache.k[self.layer], cache.v[self.layer], where)
         return self.o_proj(out.transpose(1, 2).reshape(b, t, -1))
 
     def _attend_gathered(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, where: Rows) -> torch.Tensor:
@@ -505,19 +508,17 @@ class Transformer(nn.Module):
         return self.lm_head(hidden).float(), hidden
 
     def forward_slots(
-        self, tokens: torch.Tensor, cache: KVCache, start: torch.Tensor
+        self, tokens: torch.Tensor, cache: KVCache, start: torch.Tensor, steps: SlotSteps | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """The graph-safe pass: tokens [batch, T] at positions start .. start + T - 1, `start` a 0-d tensor on
         the device; attends over the whole cache through a mask and leaves cache.length to the caller.
-        Returns logits [batch, T, vocab] in float32 and hidden [batch, T, hidden], every row."""
-        positions = start + torch.arange(tokens.shape[1], device=tokens.device)
-        mask = torch.arange(cache.max_len, device=tokens.device)[None, :] <= positions[:, None]
-        x, cos, sin = self._embed(tokens, positions)
-        where = Slots(positions, mask)
-        for layer in self.model.layers:
-            x = layer(x, cos, sin, cache, where)
-        hidden = self.model.norm(x)
-        return self.lm_head(hidden).float(), hidden
+        Returns logits [batch, T, vocab] in float32 and hidden [batch, T, hidden], every row. `steps`: the
+        pass's three pieces (engine.cuda_graphs passes compiled ones); by default SLOT_STEPS, run eagerly."""
+        embed, layer_step, head = steps or SLOT_STEPS
+        x, cos, sin, positions, mask = embed(self, tokens, start, cache.max_len)
+        for i, layer in enumerate(self.model.layers):
+            x = layer_step(layer, x, cos, sin, Slots(cache.k[i], cache.v[i], positions, mask))
+        return head(self, x)
 
     def _embed(self, tokens: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """Token embeddings and the rotary cos, sin of `positions`: [T, head_dim] for positions [T] (shared by
@@ -528,3 +529,29 @@ class Transformer(nn.Module):
             emb = emb[:, None]
         x = self.model.embed_tokens(tokens)
         return x, emb.cos().to(x.dtype), emb.sin().to(x.dtype)
+
+
+def _slots_embed(
+    model: Transformer, tokens: torch.Tensor, start: torch.Tensor, max_len: int
+) -> tuple[torch.Tensor, ...]:
+    """The graph-safe pass's first piece: embeddings, rotary cos and sin, positions [T] and the mask [T, max_len]."""
+    positions = start + torch.arange(tokens.shape[1], device=tokens.device)
+    mask = torch.arange(max_len, device=tokens.device)[None, :] <= positions[:, None]
+    return (*model._embed(tokens, positions), positions, mask)
+
+
+def _slots_layer(layer: DecoderLayer, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, where: Slots) -> torch.Tensor:
+    """One decoder layer of the graph-safe pass. It reads no Python number that differs between layers, so
+    torch.compile of this function compiles once per pass shape and serves every layer (the layer's
+    parameters are inputs), instead of tracing the whole depth: an 80-layer model compiles like one layer."""
+    return layer(x, cos, sin, None, where)
+
+
+def _slots_head(model: Transformer, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The last piece: the final norm and the LM head -> (logits float32, hidden)."""
+    hidden = model.model.norm(x)
+    return model.lm_head(hidden).float(), hidden
+
+
+SlotSteps = tuple[Callable, Callable, Callable]
+SLOT_STEPS: SlotSteps = (_slots_embed, _slots_layer, _slots_head)

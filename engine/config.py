@@ -144,7 +144,7 @@ class RuntimeConfig(_Section):
         description=(
             "torch.compile each graphed pass before its capture: fuses the small kernels between the matrix "
             "products and tunes one-row passes' products (measured in docs/performance.md); costs compile time at "
-            "the first pass of each shape (minutes for an 8B's one-row passes)"
+            "the first pass of each shape (about 30 s for an 8B's one-row pass on an H100, seconds for others)"
         ),
     )
 

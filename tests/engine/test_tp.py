@@ -157,6 +157,38 @@ def test_tp2_int8_shards_stay_close_to_the_unsharded_int8_model(tmp_path, unshar
     assert runs[0]["greedy"] == runs[1]["greedy"]
 
 
+def _compiled_worker(rank: int, init_file: str, out_dir: str) -> None:
+    """One rank of TP=2: the graph-safe pass eagerly and through torch.compile of its pieces, the layer step
+    (with its in-place all-reduces) compiled once for every layer, as engine.cuda_graphs compiles a shard."""
+    from engine.model import SLOT_STEPS
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD,
+                            timeout=timedelta(seconds=300))
+    try:
+        model = apply_tp(_tiny(), rank, WORLD)
+        model.exact_rows = False
+        eager, compiled = model.new_cache(MAX_LEN), model.new_cache(MAX_LEN)
+        with torch.inference_mode():
+            for cache in (eager, compiled):
+                model(torch.tensor(PROMPT), cache)
+            steps = tuple(torch.compile(f, fullgraph=True, dynamic=False) for f in SLOT_STEPS)
+            want, _ = model.forward_slots(torch.tensor(VERIFY), eager, torch.tensor(eager.length))
+            got, _ = model.forward_slots(torch.tensor(VERIFY), compiled, torch.tensor(compiled.length), steps)
+        torch.save({"want": want, "got": got, "k": (eager.k, compiled.k)}, Path(out_dir) / f"rank{rank}.pt")
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
+def test_tp2_compiled_layer_steps_equal_the_eager_pass(tmp_path):
+    mp.spawn(_compiled_worker, args=(str(tmp_path / "init"), str(tmp_path)), nprocs=WORLD, join=True)
+    for rank in range(WORLD):
+        run = torch.load(tmp_path / f"rank{rank}.pt")
+        torch.testing.assert_close(run["got"], run["want"], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(*run["k"])
+
+
 def test_tp2_cache_holds_local_kv_heads(tp_runs):
     assert [run["kv_heads"] for run in tp_runs] == [SHAPES["tiny"]["num_key_value_heads"] // WORLD] * WORLD
 

@@ -119,3 +119,16 @@ def test_quality_comparison_scores_identical_models_as_identical(tiny_args):
     assert same["perplexity"] == same["perplexity_int8"]
     other = compare(plain, quant, sequences)
     assert other["mean_kl_nats"] > 0 and 0.8 <= other["top1_agreement"] < 1.0
+
+
+def test_greedy_answer_comparison_counts_identical_and_differing_answers():
+    """bench.quant_quality --answers on the tiny pair: both targets answer every question; identical answers
+    and first differing positions account for all of them."""
+    from bench.quant_quality import greedy_answers
+    from training.tasks import Gsm8kTask
+
+    tasks = [Gsm8kTask(f"q{i}", f"What is {i} + {i}?", str(2 * i), program=False) for i in range(3)]
+    report = greedy_answers(load_config(TINY_YAML), tasks, max_tokens=24)
+    assert report["questions"] == 3 and 0 <= report["accuracy_bf16"] <= 1 and 0 <= report["accuracy_int8"] <= 1
+    assert report["identical_answers"] + len(report["first_differing_token"]) == 3
+    assert all(0 <= i <= 24 for i in report["first_differing_token"])

@@ -6,9 +6,10 @@ feature (symmetric, round to nearest, as gpt-fast's int8 mode) halves those byte
 cache, norms and the embedding stay in the model's dtype. `Int8Linear.forward` is written in the one
 form inductor turns into a fused kernel: under torch.compile (runtime.compile) with coordinate-descent
 tuning, a product with a single row becomes one reduction that reads the int8 weight and scales on the
-fly (engine.cuda_graphs sets that up). Run eagerly, or with more rows (a K+1 verification pass), the
-weight is first converted to the model's dtype in memory, which costs more than the bf16 product it
-replaces: int8 pays for one-token passes under compile (decode, drafting), not for verification.
+fly (engine.cuda_graphs sets that up). On a GPU a pass of 2 to 64 rows (a K+1 verification, a draft's
+first pass after a fully accepted block) runs engine.int8_kernel's Triton kernel, which reads the int8
+weight once; a longer pass (a prefill), or any pass on a CPU, converts the weight to the model's dtype in
+memory first and multiplies as usual.
 
 Lossy: the quantized model is another model, close to the original but not equal (docs/performance.md
 measures how close on the real pair). Every exactness guarantee of the engine (greedy speculative output
@@ -31,6 +32,23 @@ from engine.model import Transformer
 from engine.tp import RowParallelLinear
 
 QMAX = 127  # symmetric: -127 .. 127, so a weight and its negation round alike
+
+
+KERNEL_MAX_ROWS = 64  # passes of 2..KERNEL_MAX_ROWS rows on a GPU run engine.int8_kernel
+
+
+@torch.library.custom_op("judgeserve::int8_matmul", mutates_args=())
+def int8_matmul(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """(x weight^T) * scales for x [rows, in] by engine.int8_kernel (Triton), as one op torch.compile and
+    CUDA graphs take whole."""
+    from engine import int8_kernel  # Triton: imported where a GPU pass first needs it
+
+    return int8_kernel.int8_matmul(x.contiguous(), weight, scales)
+
+
+@int8_matmul.register_fake
+def _int8_matmul_fake(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    return x.new_empty(x.shape[0], weight.shape[0])
 
 
 @torch.library.custom_op("judgeserve::widen", mutates_args=())
@@ -62,12 +80,15 @@ class Int8Linear(nn.Module):
         self.in_features, self.out_features = linear.in_features, linear.out_features
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # The scale multiplies the product, not the weight (both paths: the same rounding). One row: the
-        # pattern inductor fuses into one tuned reduction. Several rows: the weight converted by an op
-        # inductor cannot fuse, then the usual matrix product; fused, a 33-row 8B pass took 634 ms on an
-        # H100 (docs/performance.md).
-        if x.numel() == x.shape[-1]:
+        # The scale multiplies the product, not the weight. One row: the pattern inductor fuses into one
+        # tuned reduction. A few rows on a GPU: the Triton kernel. Otherwise the weight converted by an op
+        # inductor cannot fuse, then the usual matrix product (fused, a 33-row 8B pass took 634 ms on an
+        # H100: docs/performance.md).
+        rows = x.numel() // x.shape[-1]
+        if rows == 1:
             out = F.linear(x, self.weight.to(x.dtype)) * self.scales
+        elif x.is_cuda and rows <= KERNEL_MAX_ROWS:
+            out = int8_matmul(x.reshape(rows, x.shape[-1]), self.weight, self.scales).view(*x.shape[:-1], -1)
         else:
             out = F.linear(x, widen(self.weight, x.dtype)) * self.scales
         if self.row_parallel:

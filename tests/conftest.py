@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import threading
 from collections.abc import Callable
 from pathlib import Path
@@ -15,6 +16,11 @@ import torch
 from engine.config import Config, load_config
 from engine.model import ModelArgs, Transformer
 from engine.shapes import SHAPES
+
+if not torch.cuda.is_available():
+    # engine.int8_kernel's Triton kernel runs in Triton's interpreter on CPU tensors; Triton reads this
+    # once, so it is set before anything imports it (tests/gpu, on a GPU, compile the kernel for real)
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY_YAML = ROOT / "config" / "tiny.yaml"

@@ -132,3 +132,43 @@ def test_greedy_answer_comparison_counts_identical_and_differing_answers():
     assert report["questions"] == 3 and 0 <= report["accuracy_bf16"] <= 1 and 0 <= report["accuracy_int8"] <= 1
     assert report["identical_answers"] + len(report["first_differing_token"]) == 3
     assert all(0 <= i <= 24 for i in report["first_differing_token"])
+
+
+@pytest.fixture
+def interpreted_kernel():
+    """engine.int8_kernel, its Triton kernel run by Triton's interpreter (tests/conftest.py sets it up)."""
+    from engine import int8_kernel
+
+    assert int8_kernel.INTERPRETED
+    return int8_kernel
+
+
+@pytest.mark.parametrize("rows", [2, 5, 17, 64])
+@pytest.mark.parametrize(("n", "k"), [(200, 512), (64, 1024), (96, 300), (128, 2048)])
+def test_int8_kernel_equals_the_product_of_the_dequantized_weight(interpreted_kernel, rows, n, k):
+    """Outputs past a tile's edge (n = 200, 96), inputs split over programs (k = 1024, 2048: split-K; 2048
+    in whole tiles, without masks) or not a whole number of steps (k = 300), and row counts up to a full
+    block, in bfloat16 as the GPU runs it."""
+    gen = torch.Generator().manual_seed(rows * n + k)
+    linear = nn.Linear(k, n, bias=False).requires_grad_(False)
+    linear.weight.copy_(torch.randn(n, k, generator=gen) * 0.02)
+    q = Int8Linear(linear.to(torch.bfloat16))
+    x = torch.randn(rows, k, generator=gen).to(torch.bfloat16)
+    got = interpreted_kernel.int8_matmul(x, q.weight, q.scales)
+    want = (x.float() @ q.weight.float().T) * q.scales.float()
+    assert got.dtype == torch.bfloat16 and got.shape == (rows, n)
+    torch.testing.assert_close(got.float(), want, rtol=1e-2, atol=1e-2 * float(want.abs().max()))
+    assert torch.equal(got, interpreted_kernel.int8_matmul(x, q.weight, q.scales))  # no atomics: repeatable
+    with pytest.raises(ValueError, match="at most 64 rows"):
+        interpreted_kernel.int8_matmul(torch.zeros(65, k, dtype=torch.bfloat16), q.weight, q.scales)
+
+
+def test_int8_kernel_splits_the_inputs_when_the_outputs_are_few(interpreted_kernel):
+    """Enough programs to fill the card: a 4096-wide output (32 tiles) splits its inputs, an LM head does
+    not; a split always divides the inputs into whole steps."""
+    split = interpreted_kernel._splits
+    assert split(4096, 4096, 264) == 16 and split(4096, 4096, 64) == 2
+    assert split(128256, 4096, 264) == 1
+    assert split(4096, 300, 264) == 1  # 300 is not a whole number of 128-wide steps
+    for n, k in [(4096, 14336), (8192, 14336), (1024, 8192)]:
+        assert k % (split(n, k, 264) * interpreted_kernel.STEP) == 0

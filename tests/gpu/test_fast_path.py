@@ -84,3 +84,18 @@ def test_compiled_int8_passes_give_the_eager_int8_greedy_output():
         for mode in (Mode.AR, Mode.STANDARD):
             assert _tokens(compiled, prompt, mode) == _tokens(eager, prompt, mode), (prompt, mode)
     assert len(compiled.target.model.graphs) >= 1
+
+
+@pytest.mark.parametrize("rows", [2, 17, 33, 64])
+def test_int8_kernel_equals_the_converted_weight_product(rows):
+    """engine.int8_kernel compiled for the GPU, at the 8B's shapes, against cuBLAS on the converted weight."""
+    from engine.quant import int8_matmul
+
+    gen = torch.Generator(device="cuda").manual_seed(rows)
+    for n, k in ((4096, 4096), (1024, 4096), (14336, 4096), (4096, 14336)):
+        w = torch.randint(-127, 128, (n, k), dtype=torch.int8, device="cuda", generator=gen)
+        s = torch.rand(n, device="cuda", generator=gen).to(torch.bfloat16) / 1000
+        x = torch.randn(rows, k, device="cuda", generator=gen).to(torch.bfloat16)
+        want = (x.float() @ w.float().T) * s.float()
+        got = int8_matmul(x, w, s)
+        torch.testing.assert_close(got.float(), want, rtol=2e-2, atol=2e-2 * float(want.abs().max()))

@@ -1,0 +1,110 @@
+"""int8-weight matrix products of a few rows (a verification pass's) against bf16's, one GPU, one run.
+
+    source .device/bootstrap.sh && python3 -m bench.int8_matmul --out $OUT/int8_matmul.json
+
+A K+1-token verification multiplies K+1 activation rows by every weight: still bound by reading the
+weights, so int8 could halve its time as it does a decode's. Which way of computing y = (x W_q^T) * s gets
+there is an empirical question per torch version; each candidate is timed on the linear layers of the
+8B and of a 70B tensor-parallel rank, next to the bf16 product measured in the same run:
+- `bf16`: cuBLAS on a bf16 copy of the weight (the baseline: what the unquantized model does);
+- `widen`: the weight converted to bf16 in memory, then cuBLAS (engine.quant's path for long passes);
+- `compiled`: torch.compile of the expression (one row: the tuned reduction the decode uses);
+- `kernel`: engine.int8_kernel (engine.quant's path for 2-64 rows).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from bench import write_results
+from engine import int8_kernel
+from engine.quant import KERNEL_MAX_ROWS, int8_matmul
+
+# (name, out features, in features): the 8B's MLP matrices and a 70B TP=2 rank's
+SHAPES = (
+    ("8b q", 4096, 4096),
+    ("8b k/v", 1024, 4096),
+    ("8b gate/up", 14336, 4096),
+    ("8b down", 4096, 14336),
+    ("70b/2 gate/up", 14336, 8192),
+    ("70b/2 down", 8192, 14336),
+)
+
+
+def product(x: torch.Tensor, w: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+    return F.linear(x, w.to(x.dtype)) * s
+
+
+def time_ms(fn, *args: torch.Tensor, reps: int = 20) -> float:
+    """GPU time per call: `reps` calls captured in one CUDA graph, as the engine runs its passes (timed
+    eagerly, Python's launch costs would be most of a 20-microsecond product)."""
+    for _ in range(3):  # compiles and tunes outside the capture
+        fn(*args)
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(reps):
+            fn(*args)
+    graph.replay()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(5):
+        graph.replay()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) / (5 * reps)
+
+
+@torch.inference_mode()
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--rows", default="1,2,17,33", help="activation rows per product (a K+1 verification's)")
+    p.add_argument("--out", type=Path, help="JSON results file")
+    args = p.parse_args()
+    rows_list = [int(r) for r in args.rows.split(",")]
+    torch._dynamo.config.recompile_limit = 1024  # every (rows, shape) is its own specialisation
+    torch._inductor.config.coordinate_descent_tuning = True  # as engine.cuda_graphs compiles a one-row pass
+    compiled = torch.compile(product, dynamic=False)
+    results = []
+    for name, n, k in SHAPES:
+        w = torch.randint(-127, 128, (n, k), dtype=torch.int8, device="cuda")
+        s = torch.rand(n, dtype=torch.bfloat16, device="cuda") / 1000
+        wb = w.to(torch.bfloat16)
+        for m in rows_list:
+            x = torch.randn(m, k, dtype=torch.bfloat16, device="cuda")
+            row = {"shape": name, "out": n, "in": k, "rows": m}
+            row["bf16_ms"] = time_ms(F.linear, x, wb)
+            row["widen_ms"] = time_ms(product, x, w, s)
+            try:
+                err = (compiled(x, w, s).float() - product(x, w, s).float()).abs().max().item()
+                row["compiled_ms"], row["compiled_max_err"] = time_ms(compiled, x, w, s), err
+            except Exception as e:  # a form inductor fails to compile is a result, not a crash
+                row["compiled_ms"], row["compiled_error"] = None, f"{type(e).__name__}: {e}"[:300]
+            if m <= KERNEL_MAX_ROWS:
+                err = (int8_matmul(x, w, s).float() - product(x, w, s).float()).abs().max().item()
+                row["kernel_ms"], row["kernel_max_err"] = time_ms(int8_matmul, x, w, s), err
+                row["kernel_int8_tb_per_s"] = n * k / row["kernel_ms"] / 1e9
+                row["kernel_config"] = str(int8_kernel._int8_matmul_kernel.best_config)
+            results.append(row)
+            print({k_: (round(v, 4) if isinstance(v, float) else v) for k_, v in row.items()}, flush=True)
+    print(f"\n{'shape':<14} {'rows':>4} {'bf16':>8} {'widen':>8} {'compiled':>9} {'kernel':>8} {'TB/s':>6}  (ms per product; the kernel's int8 bytes / time)")
+    for r in results:
+        cells = [f"{r[c]:.3f}" if r.get(c) is not None else "fail" for c in ("bf16_ms", "widen_ms", "compiled_ms", "kernel_ms")]
+        print(f"{r['shape']:<14} {r['rows']:>4} {cells[0]:>8} {cells[1]:>8} {cells[2]:>9} {cells[3]:>8} {r.get('kernel_int8_tb_per_s', 0):>6.2f}")
+    if args.out:
+        write_results(args.out, {
+            "card": torch.cuda.get_device_name(),
+            "date": datetime.date.today().isoformat(),
+            "command": "python3 -m bench.int8_matmul " + " ".join(f"--{k} {v}" for k, v in (("rows", args.rows),)),
+            "torch": torch.__version__,
+            "products": results,
+        })
+
+
+if __name__ == "__main__":
+    main()

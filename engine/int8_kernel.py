@@ -1,0 +1,108 @@
+"""A Triton kernel for y = (x W_q^T) * s with a few activation rows: int8 weights [out, in] read once, converted
+in registers, multiplied on tensor cores; one bf16/fp16 activation block of up to 64 rows.
+
+A verification pass (K+1 rows) and a draft's first pass after a fully accepted block (2 rows) are bound by
+reading the weights, like a one-token decode, so int8 weights should halve their time too. Neither cuBLAS
+nor inductor does that here (bench/int8_matmul.py, on an H100 with torch 2.11): converting the weight to
+bf16 in memory first costs 4.7x bf16's product, and inductor's fused forms 2.5x. This kernel reads each
+int8 tile once; the rows are padded to 16 (tensor cores' smallest block), which costs no weight reads.
+
+Work split: one program per (BLOCK_N outputs, 1/split of the inputs); the split over the inputs (split-K)
+keeps enough programs in flight when the outputs are few (a 1024-wide projection is 8 tiles of 128 for 132
+SMs). Tile shapes are tuned per shape on first use; the split is fixed by the shape, so that the partial
+sums' buffer is known before the kernel runs.
+Each split writes its float32 partial sums to its own slice, summed afterwards in a fixed order: the
+result does not depend on scheduling (no atomics), so a pass is repeatable bit for bit.
+
+Called through engine.quant.Int8Linear (a torch custom op, so torch.compile and CUDA graphs treat it as
+one opaque kernel). The CPU tests run this same kernel in Triton's interpreter (TRITON_INTERPRET=1),
+where the product is done in float32 since numpy has no bfloat16 (as it is for a float32 model, without
+TF32, so that its passes agree with its one-row passes).
+
+Not for: a prefill (hundreds of rows, bound by compute: cuBLAS on a converted weight is the better
+product there), CPUs outside tests.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from engine.quant import KERNEL_MAX_ROWS as MAX_ROWS  # one block of rows; longer passes go to cuBLAS
+
+INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+SPLIT_TILE = 128  # outputs per program as the split heuristic counts them (configs use 64 to 256)
+STEP = 64  # a split's inputs are a whole number of these
+# Tile shapes tried per (rows block, outputs, inputs, split) on a kernel's first call (Triton's autotuner,
+# which times each): what suits the memory system differs between a 1024-wide projection and an LM head.
+CONFIGS = [
+    triton.Config({"BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=st)
+    for bn, bk, w, st in (
+        (64, 128, 4, 4), (128, 128, 4, 4), (128, 64, 4, 5), (256, 64, 8, 4),
+        (128, 256, 8, 3), (64, 256, 4, 3), (256, 128, 8, 3), (32, 256, 4, 4),
+    )
+]
+
+
+@triton.autotune(configs=CONFIGS[:1] if INTERPRETED else CONFIGS, key=["n", "k", "k_per_split", "BLOCK_M"])
+@triton.heuristics({
+    # Masks along the inputs would stop Triton from loading a row's bytes as one vector: leave them out
+    # where the tiles divide the split (every real model's shapes).
+    "EVEN_K": lambda a: a["k_per_split"] % a["BLOCK_K"] == 0 and a["k"] % a["k_per_split"] == 0,
+    "EVEN_N": lambda a: a["n"] % a["BLOCK_N"] == 0,
+})
+@triton.jit
+def _int8_matmul_kernel(
+    x_ptr, w_ptr, partial_ptr, rows, n, k, k_per_split,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, DOT_FP32: tl.constexpr,
+    EVEN_K: tl.constexpr, EVEN_N: tl.constexpr,
+):
+    pid_n, split = tl.program_id(0), tl.program_id(1)
+    rm = tl.arange(0, BLOCK_M)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    end = tl.minimum((split + 1) * k_per_split, k)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(split * k_per_split, end, BLOCK_K):
+        rk = k0 + tl.arange(0, BLOCK_K)
+        x_at, w_at = x_ptr + rm[:, None] * k + rk[None, :], w_ptr + rn[:, None] * k + rk[None, :]
+        if EVEN_K and EVEN_N:
+            a = tl.load(x_at, mask=rm[:, None] < rows, other=0.0)
+            b = tl.load(w_at)
+        else:
+            a = tl.load(x_at, mask=(rm[:, None] < rows) & (rk[None, :] < end), other=0.0)
+            b = tl.load(w_at, mask=(rn[:, None] < n) & (rk[None, :] < end), other=0)
+        if DOT_FP32:
+            acc += tl.dot(a.to(tl.float32), tl.trans(b.to(tl.float32)), input_precision="ieee")
+        else:
+            acc += tl.dot(a, tl.trans(b.to(a.dtype)))
+    out = partial_ptr + split * rows * n + rm[:, None] * n + rn[None, :]
+    tl.store(out, acc, mask=(rm[:, None] < rows) & (rn[None, :] < n))
+
+
+def _splits(n: int, k: int, programs: int) -> int:
+    """Splits of the inputs: a power of two that divides them into whole STEPs, enough that the programs
+    fill the card (`programs` wanted in flight), at most 16."""
+    tiles, split = triton.cdiv(n, SPLIT_TILE), 1
+    while split < 16 and tiles * split < programs and k % (2 * split * STEP) == 0:
+        split *= 2
+    return split
+
+
+def int8_matmul(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """(x weight^T) * scales for x [rows <= MAX_ROWS, in] (bf16/fp16, contiguous), weight int8 [out, in]
+    (contiguous), scales [out]; the result in x's dtype."""
+    rows, k = x.shape
+    n = weight.shape[0]
+    if rows > MAX_ROWS:
+        raise ValueError(f"int8_matmul takes at most {MAX_ROWS} rows, got {rows}")
+    sms = 8 if x.device.type != "cuda" else torch.cuda.get_device_properties(x.device).multi_processor_count
+    split = _splits(n, k, 2 * sms)
+    partial = torch.empty(split, rows, n, dtype=torch.float32, device=x.device)
+    _int8_matmul_kernel[lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), split)](
+        x, weight, partial, rows, n, k, k // split,
+        BLOCK_M=max(16, triton.next_power_of_2(rows)), DOT_FP32=INTERPRETED or x.dtype == torch.float32,
+    )
+    return (partial.sum(dim=0) * scales.float()).to(x.dtype)

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Callable
 from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,7 +28,7 @@ import torch.distributed as dist
 from engine.config import DType, ModelSpec, Quantize
 from engine.cuda_graphs import CudaGraphs
 from engine.model import ModelArgs, Transformer, rope_inv_freq
-from engine.quant import quantize_int8
+from engine.quant import Int8Linear, quantize_layer
 from engine.shapes import SHAPES
 from engine.tokenizer import ByteTokenizer, HFTokenizer, Tokenizer
 from engine.tp import check_tp, local_part, shard_dim, shard_modules, shard_span
@@ -108,20 +109,41 @@ def checkpoint_args(folder: Path) -> ModelArgs:
         raise ModelLoadError(f"{folder}: {err}") from None
 
 
-def _build(
-    args: ModelArgs, device: torch.device, dtype: torch.dtype, world: int = 1, group: dist.ProcessGroup | None = None
-) -> Transformer:
-    """Uninitialised parameters on `device` (the caller fills them); with world > 1 at one rank's shapes."""
+def _build(args: ModelArgs, dtype: torch.dtype, world: int = 1, group: dist.ProcessGroup | None = None) -> Transformer:
+    """The model on the meta device (no memory) in `dtype`; with world > 1 at one rank's shapes. _materialise
+    allocates it."""
     with torch.device("meta"):
         model = Transformer(args)
     if world > 1:
         shard_modules(model, world, group)  # still on meta: only the local shapes are ever allocated
-    # Cast on meta, then allocate: the other order would first allocate float32, twice bfloat16's bytes.
-    model = model.to(dtype).to_empty(device=device)
-    if args.tie_word_embeddings:  # to_empty gives every module a new Parameter: tie them again
-        model.lm_head.weight = model.model.embed_tokens.weight
+    return model.to(dtype)  # cast on meta: allocating first would take float32, twice bfloat16's bytes
+
+
+def _materialise(
+    model: Transformer, device: torch.device, fill: Callable[[str, torch.Tensor], None], quantize: Quantize
+) -> Transformer:
+    """Allocates a _build model on `device` a part at a time (embedding, each decoder layer, final norm, LM
+    head: named_parameters' order), `fill(name, parameter)` writing each parameter. With int8 a decoder
+    layer (and an untied LM head) is quantized as soon as it is filled, so the peak is the quantized model
+    plus one layer in the model's dtype, never the whole model in it."""
+    m = model.model
+    parts = [("model.embed_tokens", m.embed_tokens), *((f"model.layers.{i}", x) for i, x in enumerate(m.layers))]
+    parts.append(("model.norm", m.norm))
+    if not model.args.tie_word_embeddings:
+        parts.append(("lm_head", model.lm_head))
+    with torch.no_grad():
+        for prefix, part in parts:
+            part.to_empty(device=device)
+            for name, param in part.named_parameters():
+                fill(f"{prefix}.{name}", param)
+            if quantize is Quantize.INT8 and prefix == "lm_head":
+                model.lm_head = Int8Linear(model.lm_head)
+            elif quantize is Quantize.INT8 and prefix.startswith("model.layers."):
+                quantize_layer(part)
+    if model.args.tie_word_embeddings:  # the head still holds the meta parameter: tie it again
+        model.lm_head.weight = m.embed_tokens.weight
     # RoPE frequencies stay float32 whatever the weights' dtype (as in transformers); set after the cast.
-    model.inv_freq = rope_inv_freq(args).to(device)
+    model.inv_freq = rope_inv_freq(model.args).to(device)
     return model
 
 
@@ -133,8 +155,10 @@ def load_checkpoint(
     rank: int = 0,
     world: int = 1,
     group: dist.ProcessGroup | None = None,
+    quantize: Quantize = Quantize.NONE,
 ) -> Transformer:
-    """The safetensors checkpoint in `folder`, on `device` in `dtype`; with world > 1, rank `rank`'s
+    """The safetensors checkpoint in `folder`, on `device` in `dtype` (its linear layers in int8 with
+    `quantize`, engine.quant); with world > 1, rank `rank`'s
     tensor-parallel shard of it: the model `engine.tp.apply_tp(full, rank, world, group)` gives (names,
     shapes, values, RowParallelLinear modules, local `args` and head counts).
 
@@ -154,8 +178,8 @@ def load_checkpoint(
     files = sorted(folder.glob("*.safetensors"))
     if not files:
         raise ModelLoadError(f"{folder} has no *.safetensors weights")
-    model = _build(args, device, dtype, world, group)
-    params = model.state_dict()  # shares the parameters' storage; a tied LM head is the embedding
+    model = _build(args, dtype, world, group)
+    params = model.state_dict()  # on meta: the names and the rank's shapes
     expected = set(params) - ({"lm_head.weight"} if args.tie_word_embeddings else set())
     with ExitStack() as stack:
         # Headers first (safe_open maps the file and parses its header only): which file holds each tensor.
@@ -173,16 +197,18 @@ def load_checkpoint(
                 want[dims[name]] *= world
             if (shape := list(st.get_slice(name).get_shape())) != want:
                 raise ModelLoadError(f"{folder}: {name} has shape {shape}, config.json implies {want}")
-        with torch.no_grad():
-            for name, st in where.items():
-                dim = dims[name]
-                if dim is None:
-                    tensor = st.get_tensor(name)
-                else:
-                    tensor_slice = st.get_slice(name)
-                    span = shard_span(tensor_slice.get_shape()[dim], rank, world)
-                    tensor = tensor_slice[(slice(None),) * dim + (span,)]
-                params[name].copy_(tensor)  # to the device and dtype of the parameter
+
+        def fill(name: str, param: torch.Tensor) -> None:
+            st, dim = where[name], dims[name]
+            if dim is None:
+                tensor = st.get_tensor(name)
+            else:
+                tensor_slice = st.get_slice(name)
+                span = shard_span(tensor_slice.get_shape()[dim], rank, world)
+                tensor = tensor_slice[(slice(None),) * dim + (span,)]
+            param.copy_(tensor)  # to the device and dtype of the parameter
+
+        _materialise(model, device, fill, quantize)
     return model
 
 
@@ -195,35 +221,37 @@ def dummy_model(
     rank: int = 0,
     world: int = 1,
     group: dist.ProcessGroup | None = None,
+    quantize: Quantize = Quantize.NONE,
 ) -> Transformer:
     """Random weights in the usual initialisation (normal, std 0.02; norms 1). With `noise`, every weight
     gets a further Gaussian kick of `noise` times its own scale from a second stream, so a draft built
-    from the target's seed agrees with it often but not always.
+    from the target's seed agrees with it often but not always. With `quantize` int8, the linear layers
+    are quantized as they are drawn (engine.quant).
 
     With world > 1, rank `rank`'s tensor-parallel shard of that same model (apply_tp of the whole one, which
     the tests check): every tensor is drawn whole in the whole model's order, so the random streams stay in
     step on every rank, and only the rank's slice is kept. Peak memory is the shard plus the largest tensor.
     """
-    model = _build(args, device, dtype, world, group)
-    local = dict(model.named_parameters())
+    model = _build(args, dtype, world, group)
     with torch.device("meta"):
-        whole = Transformer(args)  # the names and whole shapes, in drawing order; no memory
+        whole = dict(Transformer(args).named_parameters())  # the whole shapes; no memory
     gen = torch.Generator(device=device).manual_seed(seed)
     kick = torch.Generator(device=device).manual_seed(seed + 1_000_003)
-    with torch.no_grad():
-        for name, spec in whole.named_parameters():
-            dim = shard_dim(name) if world > 1 else None
-            p = local[name] if dim is None else torch.empty(spec.shape, dtype=dtype, device=device)
-            if name.endswith("norm.weight"):
-                p.fill_(1.0)
-            else:
-                p.normal_(0.0, 0.02, generator=gen)
-            if noise > 0:
-                scale = 0.02 if not name.endswith("norm.weight") else 0.1
-                p.add_(torch.randn(p.shape, generator=kick, device=device, dtype=p.dtype) * noise * scale)
-            if dim is not None:
-                local[name].copy_(local_part(p, dim, rank, world))
-    return model
+
+    def fill(name: str, param: torch.Tensor) -> None:
+        dim = shard_dim(name) if world > 1 else None
+        p = param if dim is None else torch.empty(whole[name].shape, dtype=dtype, device=device)
+        if name.endswith("norm.weight"):
+            p.fill_(1.0)
+        else:
+            p.normal_(0.0, 0.02, generator=gen)
+        if noise > 0:
+            scale = 0.02 if not name.endswith("norm.weight") else 0.1
+            p.add_(torch.randn(p.shape, generator=kick, device=device, dtype=p.dtype) * noise * scale)
+        if dim is not None:
+            param.copy_(local_part(p, dim, rank, world))
+
+    return _materialise(model, device, fill, quantize)
 
 
 def load_model(
@@ -249,17 +277,15 @@ def load_model(
         args = ModelArgs.from_hf(_shape_config(spec.model[len("dummy:") :]))
         _check_fits(args, max_seq_len, spec.model)
         check_tp(args, rank, world, group)
-        model = dummy_model(args, spec.seed, spec.noise, dtype, device, rank, world, group)
+        model = dummy_model(args, spec.seed, spec.noise, dtype, device, rank, world, group, spec.quantize)
         tokenizer: Tokenizer = ByteTokenizer(args.vocab_size)
     else:
         folder = resolve_checkpoint(spec.model)
         args = checkpoint_args(folder)
         _check_fits(args, max_seq_len, spec.model)
-        model = load_checkpoint(folder, dtype, device, rank=rank, world=world, group=group)
+        model = load_checkpoint(folder, dtype, device, rank=rank, world=world, group=group, quantize=spec.quantize)
         tokenizer = HFTokenizer(folder, args.eos_token_ids)
     model.eval().requires_grad_(False)
-    if spec.quantize is Quantize.INT8:  # after sharding: each rank quantizes its own slices
-        quantize_int8(model)
     # Row-by-row attention buys bfloat16 batch invariance on the CPU (docs/engine.md); on a GPU it would
     # cost a kernel launch per row and layer, and the GPU path makes its own guarantees.
     model.exact_rows = device.type == "cpu"

@@ -11,11 +11,12 @@ import pytest
 import safetensors
 import torch
 
-from engine.config import ModelSpec
+from engine.config import ModelSpec, Quantize
 from engine.model import ModelArgs, Transformer
 from engine.shapes import SHAPES
 from engine.tp import apply_tp, local_args, shard_dim
-from engine.weights import ModelLoadError, dummy_model, load_checkpoint, load_model
+from engine.quant import quantize_int8
+from engine.weights import ModelLoadError, _build, _materialise, dummy_model, load_checkpoint, load_model
 
 CPU = torch.device("cpu")
 F32 = torch.float32
@@ -174,3 +175,38 @@ def test_missing_tensor_refused(checkpoint, tmp_path):
     next(iter(sorted(folder.glob("*.safetensors")))).unlink()
     with pytest.raises(ModelLoadError, match="checkpoint lacks"):
         load_checkpoint(folder, F32, CPU, rank=1, world=WORLD)
+
+
+@pytest.mark.parametrize(("rank", "world"), [(0, 1), (1, WORLD)])
+def test_int8_loads_quantize_as_they_go_and_equal_quantizing_afterwards(checkpoint, rank, world):
+    """A checkpoint and a dummy model loaded with quantize int8 hold the weights quantize_int8 gives of the
+    plain load, and no layer waits in the model's dtype while a later one is read: when a layer's first
+    tensor is filled, every earlier layer's products are int8 already (what lets a 70B rank in int8 load
+    on an 80 GB card)."""
+    int8 = Quantize.INT8
+    plain = load_checkpoint(checkpoint, F32, CPU, rank=rank, world=world)
+    _assert_same(load_checkpoint(checkpoint, F32, CPU, rank=rank, world=world, quantize=int8), quantize_int8(plain))
+    args = ModelArgs.from_hf(json.loads((checkpoint / "config.json").read_text()))
+    drawn = dummy_model(args, 4, 0.1, F32, CPU, rank, world, quantize=int8)
+    _assert_same(drawn, quantize_int8(dummy_model(args, 4, 0.1, F32, CPU, rank, world)))
+
+    model, seen = _build(args, F32, world), []
+
+    def fill(name: str, param: torch.Tensor) -> None:
+        if name.startswith("model.layers.") and name.count(".") >= 3 and int(name.split(".")[2]) not in seen:
+            i = int(name.split(".")[2])
+            earlier = [m for layer in model.model.layers[:i] for m in layer.modules() if isinstance(m, torch.nn.Linear)]
+            assert not earlier, f"layer {i} filled while {len(earlier)} earlier products are not int8"
+            seen.append(i)
+        param.fill_(0.01)
+
+    _materialise(model, CPU, fill, int8)
+    assert seen == list(range(args.num_layers))
+    assert all(not isinstance(m, torch.nn.Linear) for m in model.model.layers.modules())
+
+
+def _assert_same(got: Transformer, want: Transformer) -> None:
+    got_state, want_state = got.state_dict(), want.state_dict()
+    assert got_state.keys() == want_state.keys()
+    for name, tensor in want_state.items():
+        assert torch.equal(got_state[name], tensor), name

@@ -12,7 +12,10 @@ keeps enough programs in flight when the outputs are few (a 1024-wide projection
 SMs). Tile shapes are tuned per shape on first use; the split is fixed by the shape, so that the partial
 sums' buffer is known before the kernel runs.
 Each split writes its float32 partial sums to its own slice, summed afterwards in a fixed order: the
-result does not depend on scheduling (no atomics), so a pass is repeatable bit for bit.
+result does not depend on scheduling (no atomics), so a pass is repeatable bit for bit. The sum, the
+scales and the cast are engine.quant's, outside the kernel's op, where inductor fuses them into one kernel
+with what follows (inside the op they were three more launches per product, which made the kernel slower
+than bf16 on the small q/k/v/o matrices: docs/performance.md).
 
 Called through engine.quant.Int8Linear (a torch custom op, so torch.compile and CUDA graphs treat it as
 one opaque kernel). The CPU tests run this same kernel in Triton's interpreter (TRITON_INTERPRET=1),
@@ -91,18 +94,24 @@ def _splits(n: int, k: int, programs: int) -> int:
     return split
 
 
-def int8_matmul(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
-    """(x weight^T) * scales for x [rows <= MAX_ROWS, in] (bf16/fp16, contiguous), weight int8 [out, in]
-    (contiguous), scales [out]; the result in x's dtype."""
+def splits(device: torch.device, n: int, k: int) -> int:
+    """How many partial sums partial_products gives for an [n, k] weight on `device`."""
+    sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 8
+    return _splits(n, k, 2 * sms)
+
+
+def partial_products(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """x weight^T as float32 partial sums [splits, rows, out] (their sum is the product) for x [rows <=
+    MAX_ROWS, in] (bf16/fp16/fp32, contiguous) and weight int8 [out, in] (contiguous). The sum, scale and
+    cast are left to the caller, so that torch.compile fuses them with what follows (engine.quant)."""
     rows, k = x.shape
     n = weight.shape[0]
     if rows > MAX_ROWS:
-        raise ValueError(f"int8_matmul takes at most {MAX_ROWS} rows, got {rows}")
-    sms = 8 if x.device.type != "cuda" else torch.cuda.get_device_properties(x.device).multi_processor_count
-    split = _splits(n, k, 2 * sms)
+        raise ValueError(f"the int8 kernel takes at most {MAX_ROWS} rows, got {rows}")
+    split = splits(x.device, n, k)
     partial = torch.empty(split, rows, n, dtype=torch.float32, device=x.device)
     _int8_matmul_kernel[lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), split)](
         x, weight, partial, rows, n, k, k // split,
         BLOCK_M=max(16, triton.next_power_of_2(rows)), DOT_FP32=INTERPRETED or x.dtype == torch.float32,
     )
-    return (partial.sum(dim=0) * scales.float()).to(x.dtype)
+    return partial

@@ -39,18 +39,25 @@ QMAX = 127  # symmetric: -127 .. 127, so a weight and its negation round alike
 KERNEL_MAX_ROWS = 64  # passes of 2..KERNEL_MAX_ROWS rows on a GPU run engine.int8_kernel
 
 
-@torch.library.custom_op("judgeserve::int8_matmul", mutates_args=())
-def int8_matmul(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
-    """(x weight^T) * scales for x [rows, in] by engine.int8_kernel (Triton), as one op torch.compile and
-    CUDA graphs take whole."""
+@torch.library.custom_op("judgeserve::int8_partials", mutates_args=())
+def int8_partials(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """engine.int8_kernel.partial_products (Triton) as one op torch.compile and CUDA graphs take whole."""
     from engine import int8_kernel  # Triton: imported where a GPU pass first needs it
 
-    return int8_kernel.int8_matmul(x.contiguous(), weight, scales)
+    return int8_kernel.partial_products(x.contiguous(), weight)
 
 
-@int8_matmul.register_fake
-def _int8_matmul_fake(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
-    return x.new_empty(x.shape[0], weight.shape[0])
+@int8_partials.register_fake
+def _int8_partials_fake(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    from engine import int8_kernel
+
+    n, k = weight.shape
+    return x.new_empty((int8_kernel.splits(x.device, n, k), x.shape[0], n), dtype=torch.float32)
+
+
+def int8_matmul(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """(x weight^T) * scales for x [rows <= KERNEL_MAX_ROWS, in] by the Triton kernel; in x's dtype."""
+    return (int8_partials(x, weight).sum(dim=0) * scales.float()).to(x.dtype)
 
 
 @torch.library.custom_op("judgeserve::widen", mutates_args=())

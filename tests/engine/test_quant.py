@@ -13,7 +13,7 @@ from torch import nn
 
 from engine.config import ConfigError, Mode, load_config
 from engine.decode import Engine
-from engine.quant import QMAX, Int8Linear, quantize_int8
+from engine.quant import QMAX, Int8Linear, int8_matmul, quantize_int8
 from engine.sampling import SamplingParams
 from engine.weights import dummy_model
 from tests.conftest import TINY_YAML
@@ -154,13 +154,13 @@ def test_int8_kernel_equals_the_product_of_the_dequantized_weight(interpreted_ke
     linear.weight.copy_(torch.randn(n, k, generator=gen) * 0.02)
     q = Int8Linear(linear.to(torch.bfloat16))
     x = torch.randn(rows, k, generator=gen).to(torch.bfloat16)
-    got = interpreted_kernel.int8_matmul(x, q.weight, q.scales)
+    got = int8_matmul(x, q.weight, q.scales)
     want = (x.float() @ q.weight.float().T) * q.scales.float()
     assert got.dtype == torch.bfloat16 and got.shape == (rows, n)
     torch.testing.assert_close(got.float(), want, rtol=1e-2, atol=1e-2 * float(want.abs().max()))
-    assert torch.equal(got, interpreted_kernel.int8_matmul(x, q.weight, q.scales))  # no atomics: repeatable
+    assert torch.equal(got, int8_matmul(x, q.weight, q.scales))  # no atomics: repeatable
     with pytest.raises(ValueError, match="at most 64 rows"):
-        interpreted_kernel.int8_matmul(torch.zeros(65, k, dtype=torch.bfloat16), q.weight, q.scales)
+        interpreted_kernel.partial_products(torch.zeros(65, k, dtype=torch.bfloat16), q.weight)
 
 
 def test_int8_kernel_splits_the_inputs_when_the_outputs_are_few(interpreted_kernel):
@@ -172,3 +172,14 @@ def test_int8_kernel_splits_the_inputs_when_the_outputs_are_few(interpreted_kern
     assert split(4096, 300, 264) == 1  # 300 is not a whole number of 128-wide steps
     for n, k in [(4096, 14336), (8192, 14336), (1024, 8192)]:
         assert k % (split(n, k, 264) * interpreted_kernel.STEP) == 0
+
+
+def test_int8_kernel_op_compiles_with_its_epilogue(interpreted_kernel):
+    """Under torch.compile the kernel is one opaque op whose declared shape (its fake) is the real one, and
+    the sum, scale and cast after it compile around it to the eager result."""
+    gen = torch.Generator().manual_seed(1)
+    w = torch.randint(-127, 128, (128, 2048), dtype=torch.int8, generator=gen)
+    s = (torch.rand(128, generator=gen) / 100).to(torch.bfloat16)
+    x = torch.randn(17, 2048, generator=gen).to(torch.bfloat16)
+    compiled = torch.compile(int8_matmul, fullgraph=True, dynamic=False)
+    assert torch.equal(compiled(x, w, s), int8_matmul(x, w, s))

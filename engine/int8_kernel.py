@@ -5,7 +5,7 @@ A verification pass (K+1 rows) and a draft's first pass after a fully accepted b
 reading the weights, like a one-token decode, so int8 weights should halve their time too. Neither cuBLAS
 nor inductor does that here (bench/int8_matmul.py, on an H100 with torch 2.11): converting the weight to
 bf16 in memory first costs 4.7x bf16's product, and inductor's fused forms 2.5x. This kernel reads each
-int8 tile once; the rows are padded to 16 (tensor cores' smallest block), which costs no weight reads.
+int8 tile once (an 8B's 17-token verification: 6.5 ms against bf16's 8.3); the rows are padded to 16 (tensor cores' smallest block), which costs no weight reads.
 
 Work split: one program per (BLOCK_N outputs, 1/split of the inputs); the split over the inputs (split-K)
 keeps enough programs in flight when the outputs are few (a 1024-wide projection is 8 tiles of 128 for 132

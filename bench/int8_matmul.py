@@ -25,7 +25,7 @@ from bench import write_results
 from engine import int8_kernel
 from engine.quant import KERNEL_MAX_ROWS, int8_matmul
 
-# (name, out features, in features): the 8B's MLP matrices and a 70B TP=2 rank's
+# (name, out features, in features): the 8B's projections and MLP matrices, and a 70B TP=2 rank's MLP
 SHAPES = (
     ("8b q", 4096, 4096),
     ("8b k/v", 1024, 4096),
@@ -100,7 +100,7 @@ def main() -> None:
         write_results(args.out, {
             "card": torch.cuda.get_device_name(),
             "date": datetime.date.today().isoformat(),
-            "command": "python3 -m bench.int8_matmul " + " ".join(f"--{k} {v}" for k, v in (("rows", args.rows),)),
+            "command": f"python3 -m bench.int8_matmul --rows {args.rows}",
             "torch": torch.__version__,
             "products": results,
         })

@@ -5,7 +5,8 @@ A verification pass (K+1 rows) and a draft's first pass after a fully accepted b
 reading the weights, like a one-token decode, so int8 weights should halve their time too. Neither cuBLAS
 nor inductor does that here (bench/int8_matmul.py, on an H100 with torch 2.11): converting the weight to
 bf16 in memory first costs 4.7x bf16's product, and inductor's fused forms 2.5x. This kernel reads each
-int8 tile once (an 8B's 17-token verification: 6.5 ms against bf16's 8.3); the rows are padded to 16 (tensor cores' smallest block), which costs no weight reads.
+int8 tile once (an 8B's 17-token verification: 6.5 ms against bf16's 8.3); the rows are padded to 16
+(tensor cores' smallest block), which costs no weight reads.
 
 Work split: one program per (BLOCK_N outputs, 1/split of the inputs); the split over the inputs (split-K)
 keeps enough programs in flight when the outputs are few (a 1024-wide projection is 8 tiles of 128 for 132
@@ -54,7 +55,7 @@ CONFIGS = [
 @triton.heuristics({
     # Masks along the inputs would stop Triton from loading a row's bytes as one vector: leave them out
     # where the tiles divide the split (every real model's shapes).
-    "EVEN_K": lambda a: a["k_per_split"] % a["BLOCK_K"] == 0 and a["k"] % a["k_per_split"] == 0,
+    "EVEN_K": lambda a: a["k_per_split"] % a["BLOCK_K"] == 0,
     "EVEN_N": lambda a: a["n"] % a["BLOCK_N"] == 0,
 })
 @triton.jit
@@ -66,7 +67,7 @@ def _int8_matmul_kernel(
     pid_n, split = tl.program_id(0), tl.program_id(1)
     rm = tl.arange(0, BLOCK_M)
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    end = tl.minimum((split + 1) * k_per_split, k)
+    end = (split + 1) * k_per_split  # the splits divide the inputs exactly (_splits)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(split * k_per_split, end, BLOCK_K):
         rk = k0 + tl.arange(0, BLOCK_K)

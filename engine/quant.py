@@ -30,7 +30,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from engine.model import Transformer
+from engine.model import DecoderLayer, Transformer
 from engine.tp import RowParallelLinear
 
 QMAX = 127  # symmetric: -127 .. 127, so a weight and its negation round alike
@@ -109,21 +109,24 @@ class Int8Linear(nn.Module):
         return self.weight.to(self.scales.dtype) * self.scales[:, None]
 
 
-def quantize_layer(layer: nn.Module) -> None:
-    """Replaces, in place, every linear of a decoder layer (q, k, v, o, gate, up, down) by an Int8Linear."""
-    for part in (layer.self_attn, layer.mlp):
-        for name, child in list(part.named_children()):
-            if isinstance(child, nn.Linear):
-                setattr(part, name, Int8Linear(child))
+def quantize_part(model: Transformer, part: nn.Module) -> None:
+    """Quantizes one part of `model` in place if it is one int8 covers: a decoder layer's products, or the LM
+    head unless it is tied to the embedding (which stays whole); other parts are left alone. engine.weights
+    calls it on each part as soon as it is filled."""
+    if isinstance(part, DecoderLayer):  # q, k, v, o, gate, up, down
+        for block in (part.self_attn, part.mlp):
+            for name, child in list(block.named_children()):
+                if isinstance(child, nn.Linear):
+                    setattr(block, name, Int8Linear(child))
+    elif part is model.lm_head and not model.args.tie_word_embeddings:
+        model.lm_head = Int8Linear(part)
 
 
 def quantize_int8(model: Transformer) -> Transformer:
     """Replaces, in place, every linear layer of the decoder layers and the LM head (unless tied to the
-    embedding, which stays whole) by an Int8Linear; returns the model. One layer at a time, so the peak is
-    the model plus one layer's float32 copy of a weight. (engine.weights quantizes while it loads, so that
-    the model's dtype copy is never whole.)"""
-    for layer in model.model.layers:
-        quantize_layer(layer)
-    if not model.args.tie_word_embeddings:
-        model.lm_head = Int8Linear(model.lm_head)
+    embedding) by an Int8Linear; returns the model. One layer at a time, so the peak is the model plus one
+    layer's float32 copy of a weight. (engine.weights quantizes while it loads, so that the model's dtype
+    copy is never whole.)"""
+    for part in (*model.model.layers, model.lm_head):
+        quantize_part(model, part)
     return model

@@ -28,7 +28,7 @@ import torch.distributed as dist
 from engine.config import DType, ModelSpec, Quantize
 from engine.cuda_graphs import CudaGraphs
 from engine.model import ModelArgs, Transformer, rope_inv_freq
-from engine.quant import Int8Linear, quantize_layer
+from engine.quant import quantize_part
 from engine.shapes import SHAPES
 from engine.tokenizer import ByteTokenizer, HFTokenizer, Tokenizer
 from engine.tp import check_tp, local_part, shard_dim, shard_modules, shard_span
@@ -136,10 +136,8 @@ def _materialise(
             part.to_empty(device=device)
             for name, param in part.named_parameters():
                 fill(f"{prefix}.{name}", param)
-            if quantize is Quantize.INT8 and prefix == "lm_head":
-                model.lm_head = Int8Linear(model.lm_head)
-            elif quantize is Quantize.INT8 and prefix.startswith("model.layers."):
-                quantize_layer(part)
+            if quantize is Quantize.INT8:
+                quantize_part(model, part)
     if model.args.tie_word_embeddings:  # the head still holds the meta parameter: tie it again
         model.lm_head.weight = m.embed_tokens.weight
     # RoPE frequencies stay float32 whatever the weights' dtype (as in transformers); set after the cast.
@@ -158,9 +156,9 @@ def load_checkpoint(
     quantize: Quantize = Quantize.NONE,
 ) -> Transformer:
     """The safetensors checkpoint in `folder`, on `device` in `dtype` (its linear layers in int8 with
-    `quantize`, engine.quant); with world > 1, rank `rank`'s
-    tensor-parallel shard of it: the model `engine.tp.apply_tp(full, rank, world, group)` gives (names,
-    shapes, values, RowParallelLinear modules, local `args` and head counts).
+    `quantize`, engine.quant); with world > 1, rank `rank`'s tensor-parallel shard of it: the model
+    `engine.tp.apply_tp(full, rank, world, group)` gives (names, shapes, values, RowParallelLinear modules,
+    local `args` and head counts).
 
     Memory: the parameters are allocated once, at the rank's shapes, and filled one tensor at a time. A
     sharded tensor (`engine.tp.shard_dim`) is read as the rank's slice only (safetensors' get_slice copies

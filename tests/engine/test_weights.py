@@ -193,8 +193,8 @@ def test_int8_loads_quantize_as_they_go_and_equal_quantizing_afterwards(checkpoi
     model, seen = _build(args, F32, world), []
 
     def fill(name: str, param: torch.Tensor) -> None:
-        if name.startswith("model.layers.") and name.count(".") >= 3 and int(name.split(".")[2]) not in seen:
-            i = int(name.split(".")[2])
+        i = int(name.split(".")[2]) if name.startswith("model.layers.") else None
+        if i is not None and i not in seen:
             earlier = [m for layer in model.model.layers[:i] for m in layer.modules() if isinstance(m, torch.nn.Linear)]
             assert not earlier, f"layer {i} filled while {len(earlier)} earlier products are not int8"
             seen.append(i)

@@ -9,6 +9,8 @@ request of --max-tokens tokens at once (EOS ignored, so every stream does the sa
   - TTFT  from sending to the first streamed event carrying tokens
   - ITL   each later event's gap since the previous one, divided among its tokens (one sample per token)
   - tok/s all tokens of the round / the round's wall time (first send to last final message)
+  - decode tok/s the tokens after each stream's first event / the time from the earliest first event to
+    the last final message: the rate once prompts are in (a short --max-tokens leaves tok/s mostly TTFT)
 Each timed round follows an untimed one of the same mode, K and streams (--no-warmup skips it): the first
 passes of a batch shape allocate caches and, on a GPU, capture CUDA graphs. Prints one table (p50 and p99 of TTFT and ITL, speed-up over the same mode and K at 1 stream, ratio to ar
 at the same streams, draft tokens accepted per speculative step, and the scheduler's own split of a step:
@@ -166,6 +168,8 @@ def summarize(logs: list[StreamLog]) -> dict:
     wall = max(log.end for log in logs) - min(log.start for log in logs)
     tokens = sum(log.tokens for log in logs)
     ttft = [1e3 * log.ttft for log in logs if log.ttft is not None]
+    decoding = max(log.end for log in logs) - min(log.start + (log.ttft or 0.0) for log in logs)
+    later = sum(len(log.itl) for log in logs)  # itl holds one sample per token after the first event
     itl = [1e3 * x for log in logs for x in log.itl]
     steps = sum(log.speculative_steps for log in logs)
     split = Tally()  # the scheduler's own per-step timers: where a step's time went
@@ -179,6 +183,7 @@ def summarize(logs: list[StreamLog]) -> dict:
         "tokens": tokens,
         "wall_s": round(wall, 4),
         "tokens_per_s": round(tokens / wall, 2),
+        "decode_tokens_per_s": round(later / decoding, 2) if later and decoding > 0 else None,
         "ttft_ms_p50": pct(ttft, 50), "ttft_ms_p99": pct(ttft, 99),
         "itl_ms_p50": pct(itl, 50), "itl_ms_p99": pct(itl, 99),
         "accepted_per_step": round(sum(log.accepted for log in logs) / steps, 3) if steps else None,
@@ -282,11 +287,12 @@ def main() -> None:
         return "-" if x is None else format(x, spec)
 
     width = max(len(r["mode"]) for r in rows)
-    print(f"\n{'mode':{width}} {'K':>3} {'streams':>7} {'tok/s':>8} {'x 1 stream':>10} {'x ar':>6} "
+    print(f"\n{'mode':{width}} {'K':>3} {'streams':>7} {'tok/s':>8} {'decode':>7} {'x 1 stream':>10} {'x ar':>6} "
           f"{'TTFT p50':>9} {'p99 ms':>7} {'ITL p50':>8} {'p99 ms':>7} {'acc/step':>8} {'draft':>6} {'verify':>6} "
           f"{'other ms/step':>13}")
     for r in rows:
         print(f"{r['mode']:{width}} {f(r['k'], 'd'):>3} {r['streams']:7d} {r['tokens_per_s']:8.1f} "
+              f"{f(r['decode_tokens_per_s'], '.1f'):>7} "
               f"{f(r['speedup_over_1_stream'], '.2f'):>10} {f(r['ratio_to_ar'], '.2f'):>6} "
               f"{f(r['ttft_ms_p50'], '.1f'):>9} {f(r['ttft_ms_p99'], '.1f'):>7} {f(r['itl_ms_p50'], '.2f'):>8} "
               f"{f(r['itl_ms_p99'], '.2f'):>7} {f(r['accepted_per_step'], '.2f'):>8} {r['draft_ms']:6.1f} "

@@ -3,12 +3,15 @@
 At batch 1 a pass of an 8B model is a few hundred kernels of a few microseconds each; launched one by one
 from Python, the launches take longer than the kernels (docs/performance.md). A captured graph replays
 them all with one launch. `CudaGraphs.run` is what `Transformer.forward` calls when the loader attached
-one (on a GPU, runtime.cuda_graphs): the first pass of each (cache, batch, T) captures a graph of
-`Transformer.forward_slots`, which attends over the whole cache through a mask, so that one graph serves
-every position; later passes of that shape copy their tokens and start position into the graph's inputs
-and replay it. The output equals the eager pass's up to the order of floating-point sums. With
+one (on a GPU, runtime.cuda_graphs): the first pass of each (cache, batch, T, key bucket) captures a graph
+of `Transformer.forward_slots`, which attends through a mask over the cache's first L positions, L the
+pass's end rounded up to a power of two (at least KEY_FLOOR), so that one graph serves every position of
+its bucket; later passes of that shape copy their tokens and start position into the graph's inputs and
+replay it. Attention thus reads about the sequence's keys, not max_seq_len's (over a whole 1024-position
+cache it was a fifth of a 70B TP rank's 17-token pass, docs/performance.md, and it grows with
+max_seq_len). The output equals the eager pass's up to the order of floating-point sums. With
 runtime.compile, the pass's three pieces (embedding, one decoder layer, norm and LM head: engine.model's
-SLOT_STEPS) are compiled apart before the capture, the layer step once for every layer.
+SLOT_STEPS) are compiled apart before the capture, the layer step once for every layer (and bucket).
 
 A graph holds the addresses of its cache: caches must outlive it and be reused, not reallocated (the
 engine keeps one per model; actors.caches pools them).
@@ -27,6 +30,7 @@ from engine.config import RuntimeConfig
 from engine.model import SLOT_STEPS, CacheBlock, KVCache, SlotSteps, Transformer
 
 WARMUP_PASSES = 2  # before capture, on a side stream: lets cuBLAS and the allocator settle (torch's advice)
+KEY_FLOOR = 64  # the smallest key bucket: shorter sequences share one graph per pass shape
 
 
 @dataclass
@@ -58,8 +62,8 @@ def _bucket(n: int, floor: int = 1) -> int:
 
 
 class CudaGraphs:
-    """Captured passes of one model, keyed by (cache, batch, T); passes of more than `max_rows` tokens run
-    eagerly (run returns None). With `capture` False the same inputs, outputs and bookkeeping run the pass
+    """Captured passes of one model, keyed by (cache, batch, T, key bucket); passes of more than `max_rows`
+    tokens run eagerly (run returns None). With `capture` False the same inputs, outputs and bookkeeping run the pass
     without a graph: how the CPU tests check this path."""
 
     def __init__(self, max_rows: int = 129, *, capture: bool = True, compile: bool = False):
@@ -78,10 +82,11 @@ class CudaGraphs:
         batch, t = tokens.shape
         if t > self.max_rows:
             return None
-        key = (id(cache), batch, t)
+        keys = min(_bucket(cache.length + t, KEY_FLOOR), cache.max_len)
+        key = (id(cache), batch, t, keys)
         g = self._graphs.get(key)
         if g is None:  # the graph holds its cache, so no other cache can have this id meanwhile
-            g = self._graphs[key] = self._capture(model, cache, batch, t)
+            g = self._graphs[key] = self._capture(model, cache, batch, t, keys)
         g.tokens.copy_(tokens, non_blocking=True)
         g.start.fill_(cache.length)
         g.replay()
@@ -102,7 +107,7 @@ class CudaGraphs:
         if t > self.max_rows or any(c.block is not block or c.length == 0 for c in caches):
             return None
         rows = _bucket(len(caches))
-        keys = min(_bucket(max(c.length + n for c, n in zip(caches, lengths)), 64), block.max_len)
+        keys = min(_bucket(max(c.length + n for c, n in zip(caches, lengths)), KEY_FLOOR), block.max_len)
         key = ("rows", id(block), rows, t, keys)
         g = self._graphs.get(key)
         if g is None:
@@ -161,11 +166,12 @@ class CudaGraphs:
         self._pool = graph.pool()
         return graph.replay, logits, hidden
 
-    def _capture(self, model: Transformer, cache: KVCache, batch: int, t: int) -> _Graph:
+    def _capture(self, model: Transformer, cache: KVCache, batch: int, t: int, keys: int) -> _Graph:
         device = cache.k.device
         tokens = torch.zeros(batch, t, dtype=torch.long, device=device)
         # Warm-up and capture write their keys at the cache's last t positions: at or past cache.length
-        # (forward checked that the pass fits), where nothing is valid.
+        # (forward checked that the pass fits), where nothing is valid (past the bucket, if it is shorter:
+        # every key is then visible to the warm-up's rows, whose results are not kept).
         start = torch.full((), cache.max_len - t, dtype=torch.long, device=device)
         steps = None  # the pass's pieces run eagerly
         if self.compile and self.capture:  # each new shape compiles in the warm-up
@@ -183,7 +189,7 @@ class CudaGraphs:
         # weight's conversion into the product (engine.quant). Passes of more rows keep cuBLAS, and skip the
         # tuning, which tripled an 8B shape's compile time (docs/performance.md).
         with torch._inductor.config.patch(coordinate_descent_tuning=self.compile and batch * t == 1):
-            replay, logits, hidden = self._record(lambda: model.forward_slots(tokens, cache, start, steps), device)
+            replay, logits, hidden = self._record(lambda: model.forward_slots(tokens, cache, start, steps, keys), device)
         return _Graph(replay, cache, tokens, start, logits, hidden)
 
 

@@ -204,9 +204,11 @@ class Span:
 @dataclass(frozen=True)
 class Slots:
     """Where one layer of a graph-safe pass writes and reads: that layer's keys and values [batch, kv_heads,
-    max_len, head_dim], positions [T] and the mask [T, max_len] of the keys each row sees, all on the
-    device. No Python number depends on the position or the layer, so a captured CUDA graph replays the
-    pass at any position, and one compiled layer step serves every layer (engine.cuda_graphs)."""
+    max_len, head_dim], positions [T] and the mask [T, L] of the keys each row sees among the cache's first
+    L positions, all on the device. The pass attends over those L keys only (L: the mask's size, a bucket of
+    lengths, engine.cuda_graphs), not the whole cache, whose max_len may be many times the sequence. No
+    Python number depends on the position or the layer, so a captured CUDA graph replays the pass at any
+    position below L, and one compiled layer step serves every layer."""
 
     keys: torch.Tensor
     values: torch.Tensor
@@ -271,10 +273,11 @@ class Attention(nn.Module):
                 ]
             )
             return self.o_proj(out.transpose(1, 2).reshape(b, t, -1))
-        if isinstance(where, Slots):  # the whole cache, masked: the same shapes at every position
+        if isinstance(where, Slots):  # the cache's first L positions, masked: the same shapes at every position
             write_kv(where.keys, where.values, where.positions, k, v)
-            gqa = self.n_kv != self.n_heads
-            out = F.scaled_dot_product_attention(q, where.keys, where.values, attn_mask=where.mask, enable_gqa=gqa)
+            gqa, n = self.n_kv != self.n_heads, where.mask.shape[-1]
+            keys, values = where.keys[:, :, :n], where.values[:, :, :n]
+            out = F.scaled_dot_product_attention(q, keys, values, attn_mask=where.mask, enable_gqa=gqa)
         else:  # [batch, kv_heads, max_len, head_dim]
             out = self._attend(q, k, v, cache.k[self.layer], cache.v[self.layer], where)
         return self.o_proj(out.transpose(1, 2).reshape(b, t, -1))
@@ -508,14 +511,24 @@ class Transformer(nn.Module):
         return self.lm_head(hidden).float(), hidden
 
     def forward_slots(
-        self, tokens: torch.Tensor, cache: KVCache, start: torch.Tensor, steps: SlotSteps | None = None
+        self,
+        tokens: torch.Tensor,
+        cache: KVCache,
+        start: torch.Tensor,
+        steps: SlotSteps | None = None,
+        length: int | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """The graph-safe pass: tokens [batch, T] at positions start .. start + T - 1, `start` a 0-d tensor on
-        the device; attends over the whole cache through a mask and leaves cache.length to the caller.
+        the device, all below `length` (default: the cache's max_len); attends over the cache's first `length`
+        positions through a mask and leaves cache.length to the caller.
         Returns logits [batch, T, vocab] in float32 and hidden [batch, T, hidden], every row. `steps`: the
         pass's three pieces (engine.cuda_graphs passes compiled ones); by default SLOT_STEPS, run eagerly."""
         embed, layer_step, head = steps or SLOT_STEPS
-        x, cos, sin, positions, mask = embed(self, tokens, start, cache.max_len)
+        x, cos, sin, positions = embed(self, tokens, start)
+        mask = torch.arange(length or cache.max_len, device=tokens.device)[None, :] <= positions[:, None]
+        # The key length is a symbolic size to torch.compile: one compiled layer step serves every bucket
+        # (the whole cache's length, where the slice is the tensor itself, compiles apart).
+        torch._dynamo.maybe_mark_dynamic(mask, 1)
         for i, layer in enumerate(self.model.layers):
             x = layer_step(layer, x, cos, sin, Slots(cache.k[i], cache.v[i], positions, mask))
         return head(self, x)
@@ -531,13 +544,10 @@ class Transformer(nn.Module):
         return x, emb.cos().to(x.dtype), emb.sin().to(x.dtype)
 
 
-def _slots_embed(
-    model: Transformer, tokens: torch.Tensor, start: torch.Tensor, max_len: int
-) -> tuple[torch.Tensor, ...]:
-    """The graph-safe pass's first piece: embeddings, rotary cos and sin, positions [T] and the mask [T, max_len]."""
+def _slots_embed(model: Transformer, tokens: torch.Tensor, start: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """The graph-safe pass's first piece: embeddings, rotary cos and sin, and the positions [T]."""
     positions = start + torch.arange(tokens.shape[1], device=tokens.device)
-    mask = torch.arange(max_len, device=tokens.device)[None, :] <= positions[:, None]
-    return (*model._embed(tokens, positions), positions, mask)
+    return (*model._embed(tokens, positions), positions)
 
 
 def _slots_layer(layer: DecoderLayer, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, where: Slots) -> torch.Tensor:

@@ -39,7 +39,8 @@ def test_compiled_graph_safe_pass_writes_the_cache_in_place_and_compiles_one_lay
     the same logits and cache as eager; one compiled layer step serving every layer (the generated code
     holds one layer, not the model's depth); and the cache written by the write_kv op on the cache itself,
     not cloned and copied back every pass (which cost 0.46 ms of an 8B decode on an H100,
-    docs/performance.md). Inductor on the CPU makes the same choices."""
+    docs/performance.md). Inductor on the CPU makes the same choices. Compiled passes over key buckets of 16
+    and 32 (a symbolic length) equal the eager pass over the whole cache."""
     from torch._inductor.utils import run_and_get_code
 
     from engine.model import SLOT_STEPS
@@ -47,17 +48,21 @@ def test_compiled_graph_safe_pass_writes_the_cache_in_place_and_compiles_one_lay
     model = dummy_model(tiny_args, 0, 0.0, torch.float32, CPU).eval()
     model.exact_rows = False
     prompt = torch.randint(0, tiny_args.vocab_size, (1, 11), generator=torch.Generator().manual_seed(1))
-    token = torch.tensor([[7]])
     eager, compiled = model.new_cache(64), model.new_cache(64)
+    steps = tuple(torch.compile(f, fullgraph=True, dynamic=False) for f in SLOT_STEPS)
     with torch.inference_mode():
         for cache in (eager, compiled):
             model(prompt, cache)
-        want, _ = model.forward_slots(token, eager, torch.tensor(eager.length))
-        steps = tuple(torch.compile(f, fullgraph=True, dynamic=False) for f in SLOT_STEPS)
-        (logits, _), code = run_and_get_code(model.forward_slots, token, compiled, torch.tensor(compiled.length), steps)
-    torch.testing.assert_close(logits, want, rtol=1e-4, atol=1e-4)
-    torch.testing.assert_close(compiled.k, eager.k)
-    torch.testing.assert_close(compiled.v, eager.v)
+        for token, bucket in ((7, 16), (8, 32)):
+            want, _ = model.forward_slots(torch.tensor([[token]]), eager, torch.tensor(eager.length))
+            got, code = run_and_get_code(
+                model.forward_slots, torch.tensor([[token]]), compiled, torch.tensor(compiled.length), steps, bucket
+            )
+            torch.testing.assert_close(got[0], want, rtol=1e-4, atol=1e-4)
+            torch.testing.assert_close(compiled.k, eager.k)
+            torch.testing.assert_close(compiled.v, eager.v)
+            eager.length += 1
+            compiled.length += 1
     assert tiny_args.num_layers > 1
     calls = "\n".join(code).count("torch.ops.judgeserve.write_kv.default(")
     assert calls == 1  # one layer compiled, once, for all layers; its write is in place, on the cache
@@ -81,6 +86,59 @@ def test_replays_move_the_cache_and_warm_up_leaves_valid_entries_alone(tiny_args
         assert len(graphs) == 2 and cache.length == 12
         model(torch.arange(9)[None], cache)  # longer than max_rows: eagerly
         assert len(graphs) == 2 and cache.length == 21
+
+
+@torch.inference_mode()
+def test_graphs_attend_over_a_bucket_of_the_cache_not_all_of_it(tiny_args):
+    """A pass through CudaGraphs attends over the cache's first L positions, L its end rounded up to a power
+    of two (at least KEY_FLOOR; at most max_len): one graph per bucket a pass shape meets, each pass equal
+    to the eager pass, at bucket edges too. NaN values past the bucket would poison a pass that read them,
+    even masked (0 x NaN): none does."""
+    from engine.cuda_graphs import KEY_FLOOR
+
+    model = dummy_model(tiny_args, 0, 0.0, torch.float32, CPU).eval()
+    model.exact_rows = False
+    graphs = CudaGraphs(max_rows=8, capture=False)
+    max_len = 2 * KEY_FLOOR + 40  # buckets KEY_FLOOR, 2 * KEY_FLOOR, then the whole cache
+    eager, graphed = model.new_cache(max_len), model.new_cache(max_len)
+    prompt = torch.randint(0, tiny_args.vocab_size, (1, KEY_FLOOR - 8), generator=torch.Generator().manual_seed(3))
+    for cache in (eager, graphed):
+        model(prompt, cache)
+    gen = torch.Generator().manual_seed(4)
+    buckets = []
+    while eager.length + 3 <= max_len:
+        rows = 3 if eager.length % 2 else 1
+        tokens = torch.randint(0, tiny_args.vocab_size, (1, rows), generator=gen)
+        model.graphs = None
+        want, _ = model(tokens, eager)
+        bucket = min(max(KEY_FLOOR, 1 << (eager.length - 1).bit_length()), max_len)
+        graphed.v[:, :, :, bucket:] = float("nan")
+        model.graphs = graphs
+        got, _ = model(tokens, graphed)
+        graphed.v[:, :, :, graphed.length :] = 0.0  # not yet written: harmless for the passes to come
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+        buckets.append((rows, bucket))
+    assert {b for _, b in buckets} == {KEY_FLOOR, 2 * KEY_FLOOR, max_len}
+    assert len(graphs) == len(set(buckets)) == 6  # one-row and three-row passes, in each bucket
+
+
+@torch.inference_mode()
+def test_one_compiled_layer_step_serves_every_key_bucket(tiny_args):
+    """The key length is symbolic to torch.compile (as engine.cuda_graphs compiles SLOT_STEPS): passes over
+    buckets of 64, 128 and 256 keys trace the layer step once, not once per bucket (each trace an inductor
+    compile on a GPU, tens of seconds for a tuned one-row pass)."""
+    from torch._dynamo.testing import CompileCounter
+
+    from engine.model import SLOT_STEPS
+
+    model = dummy_model(tiny_args, 0, 0.0, torch.float32, CPU).eval()
+    counters = [CompileCounter() for _ in SLOT_STEPS]
+    steps = tuple(torch.compile(f, backend=c, fullgraph=True, dynamic=False) for f, c in zip(SLOT_STEPS, counters))
+    cache = model.new_cache(512)
+    model(torch.arange(40)[None], cache)
+    for length in (64, 128, 256):
+        model.forward_slots(torch.tensor([[5]]), cache, torch.tensor(cache.length), steps, length)
+    assert [c.frame_count for c in counters] == [1, 1, 1]
 
 
 @pytest.mark.parametrize("mode", [Mode.AR, Mode.STANDARD, Mode.JUDGE])

@@ -104,7 +104,7 @@ def _rank(rank: int, world: int, init: str, args: argparse.Namespace) -> None:
         for rows in args.rows:
             tokens = (torch.arange(rows, device=device)[None] * 7) % 1000
 
-            def one_pass(rows=rows, tokens=tokens) -> None:
+            def one_pass(tokens=tokens) -> None:
                 cache.length = args.prompt_len
                 model(tokens, cache)
 
@@ -135,17 +135,17 @@ def _rank(rank: int, world: int, init: str, args: argparse.Namespace) -> None:
         dist.destroy_process_group()
 
 
-def report(args: argparse.Namespace, world: int, ranks: dict) -> None:
+def report(args: argparse.Namespace, world: int, record: dict) -> None:
     """Rank 0's table and JSON, written before the teardown."""
     cuda = args.device == "cuda"
     card = f"{world} x {torch.cuda.get_device_name()}" if cuda else f"CPU ({world} processes)"
-    for rows, lines in ranks["profile"].items():
+    for rows, lines in record["profile"].items():
         print(f"profile, {rows} rows, rank 0 (3 passes):", *lines, sep="\n")
     print(f"{card}, {args.model} {args.dtype} {args.quantize}, TP={world}; ms per pass by rows:")
     print("| rows | pass | all-reduces alone | rest |")
     print("|---:|---:|---:|---:|")
     for rows in args.rows:
-        p, r = ranks["pass_ms"][rows], ranks["all_reduces_ms"][rows]
+        p, r = record["pass_ms"][rows], record["all_reduces_ms"][rows]
         print(f"| {rows} | {p:.2f} | {r:.2f} | {p - r:.2f} |", flush=True)
     write_results(args.out, {
         "benchmark": "bench.tp_passes",
@@ -154,7 +154,7 @@ def report(args: argparse.Namespace, world: int, ranks: dict) -> None:
         "command": "python3 -m bench.tp_passes " + shlex.join(args.argv),
         "shapes": {"target": args.model, "dtype": args.dtype, "quantize": args.quantize, "world": world},
         "compile": args.compile,
-        **ranks,
+        **record,
     })
 
 

@@ -232,19 +232,22 @@ class DraftOutput(Record):
 
 @dataclass(frozen=True)
 class TargetInput(Record):
-    """One target pass that emits one token: the prefill (keep = 0, feed = the prompt) or an autoregressive
-    step (feed = [t_last]). Sampled per the params at RNG counter `step`."""
+    """Target passes that emit a token each: the prefill (keep = 0, feed = the prompt) or autoregressive
+    decoding (feed = [t_last]), up to `tokens` of them (each later pass fed the token before; the shard may
+    stop sooner: at a stop id, or after one where the batch holds other work). Token j is sampled per the
+    params at RNG counter `step` + j, as one call per token would."""
 
     request_id: str
     keep: int
     feed: list[int]
     step: int
     sampling: Sampling
+    tokens: int = 1
 
 
 @dataclass(frozen=True)
 class TargetOutput(Record):
-    token: int
+    tokens: list[int]  # one per pass, at least one
     cache_len: int
     compute_s: float
 

@@ -401,6 +401,7 @@ class Scheduler:
         self.graph = StepGraph(draft, shards, judge, self.max_bytes, compiled)
         self.batcher = StepBatcher(self.graph, config.serve.batch_wait_ms / 1e3)
         self.k_caps = config.serve.draft_tokens_by_load
+        self.ar_tokens_per_call = config.serve.ar_tokens_per_call
         self._turns = asyncio.Semaphore(config.serve.max_active_requests)
         self._requests: dict[str, RequestState] = {}
         self._pipelined = [0, 0]  # blocks drafted ahead, blocks used: over all requests, for stats()
@@ -494,21 +495,29 @@ class Scheduler:
             k = capped_draft_length(k, self.batcher.running, self.k_caps)
             if not request.mode.is_speculative or k == 0 or state.target_len == 0:
                 step = await self._target_step(state)
+                state.done.steps += len(step.tokens)  # a pass each
             else:
                 step = await self._speculative_step(state, k)
-            state.done.steps += 1
+                state.done.steps += 1
             yield state.advance(step)
 
     async def _target_step(self, state: RequestState) -> Accepted:
-        """One target pass over what its cache lacks (the prompt, or the last token): autoregressive."""
-        target = TargetInput(state.request_id, state.target_len, state.pending(state.target_len), state.step, state.sampling)
+        """Target passes over what its cache lacks (the prompt, or the last token), a token each: the prefill
+        alone (its first token streams at once), later up to serve.ar_tokens_per_call tokens per call."""
+        request, emitted = state.request, len(state.output.token_ids)
+        tokens = 1
+        if state.target_len > 0:  # within max_tokens, and the cache's room: each token but the last is fed
+            room = self.max_seq_len - len(state.ids) + 1
+            tokens = max(1, min(self.ar_tokens_per_call, request.params.max_tokens - emitted, room))
+        pending = state.pending(state.target_len)
+        target = TargetInput(state.request_id, state.target_len, pending, state.step, state.sampling, tokens)
         result, wall = await self._execute(state, self._plan(state, target=target), None)
         out, timings = result.target, state.done.timings
         timings.verify_s += out.compute_s
         timings.verify_compute_s += out.compute_s
         timings.transport_s += wall - out.compute_s
         state.target_len = out.cache_len
-        return Accepted([out.token], [Provenance.TARGET])
+        return Accepted(out.tokens, [Provenance.TARGET] * len(out.tokens))
 
     async def _speculative_step(self, state: RequestState, k: int) -> Accepted:
         """draft -> verify -> judge in one trip through the step graph, then accept."""

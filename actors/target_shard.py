@@ -6,7 +6,9 @@ torch.distributed group (gloo on CPU, NCCL on CUDA; actors.target_group forms it
 passes in the same order: every rank is a node of the step graph (actors.step_graph), and set-up calls go
 through `actors.target_group.call_all`. The LM head and final norm are replicated, so every rank ends a
 pass with the full logits and hidden states; rank 0 alone turns them into the compact result
-(the other ranks return None), so nothing vocab-sized leaves the shard.
+(the other ranks return None), so nothing vocab-sized leaves the shard. Where a step is autoregressive
+decoding alone, a call decodes up to TargetInput.tokens tokens, rank 0 broadcasting each further pass's
+tokens to the other ranks (serve.ar_tokens_per_call: one Ray round trip per call, not per token).
 
 The pure parts, engine.decode.target_passes + `verdicts`, make the same forward calls as the in-process
 engine (engine.decode.Engine._target_step and ._verify), so TP=1 results are bitwise the engine's (a batch's too, where the model's batch invariance holds: bfloat16 on the CPU), and
@@ -152,20 +154,33 @@ class TargetShard:
                     inp = dataclasses.replace(inp, draft=DraftOutput.from_bytes(drafted[i][0], self.max_bytes).tokens)
                     q = drafted[i][1]
                 rows.append((i, inp, q))
-        # prompts apart: a prompt's length would pad every one-token row; and only their last logits are needed
+        # prompts apart: a prompt's length would pad every one-token row; and only their last logits are needed.
+        # Autoregressive rows decode more than one token only in a batch of nothing else (the others would wait).
+        decoding_only = not prefills and all(isinstance(inp, TargetInput) for _, inp, _ in rows)
         for batch, last_only in ((prefills, True), (rows, False)):
             if batch:
-                for (i, *_), out in zip(batch, self._pass(batch, last_only)):
+                stops = [frozenset(plans[i].stop_ids) for i, _, _ in batch]
+                for (i, *_), out in zip(batch, self._pass(batch, last_only, stops, decoding_only)):
                     results[i] = out
         return results
 
-    def _pass(self, rows: list[tuple[int, TargetInput | VerifyInput, torch.Tensor | None]], last_only: bool) -> list[Verified]:
-        """One batched target pass over every row: a prefill, an autoregressive token or a verification each."""
+    def _pass(
+        self,
+        rows: list[tuple[int, TargetInput | VerifyInput, torch.Tensor | None]],
+        last_only: bool,
+        stops: list[frozenset[int]],
+        decoding_only: bool,
+    ) -> list[Verified]:
+        """One batched target pass over every row: a prefill, an autoregressive token or a verification each;
+        with `decoding_only`, then the autoregressive rows' further tokens (`_decode_more`)."""
         t0 = time.perf_counter()
         caches = [self.caches.at(inp.request_id, inp.keep) for _, inp, _ in rows]
         feeds = [inp.feed + (inp.draft if isinstance(inp, VerifyInput) else []) for _, inp, _ in rows]
         passes = target_passes(self.model, caches, feeds, last_only=last_only)
+        wanted = [inp.tokens if decoding_only and isinstance(inp, TargetInput) else 1 for _, inp, _ in rows]
         if self.rank != 0:
+            if max(wanted) > 1:
+                self._decode_more(rows, caches, wanted, None, stops)
             return [(None, None)] * len(rows)
         # The positions each row decides on: its last (a token) or its last K+1 (a verification).
         decided = [logits[-(len(inp.draft) + 1) :] if isinstance(inp, VerifyInput) else logits[-1:]
@@ -178,14 +193,18 @@ class TargetShard:
         tops, at = {}, 0
         for i in greedy:
             tops[i], at = argmax[at : at + decided[i].shape[0]], at + decided[i].shape[0]
-        compute_s = time.perf_counter() - t0  # the batch's pass: every request in it waited for all of it
+        firsts = {i: self._token(inp, 0, tops[i][0] if params[i].greedy else decided[i][-1])
+                  for i, (_, inp, _) in enumerate(rows) if isinstance(inp, TargetInput)}
+        tokens = {i: [t] for i, t in firsts.items()}
+        if max(wanted) > 1:
+            tokens = self._decode_more(rows, caches, wanted, firsts, stops)
+        compute_s = time.perf_counter() - t0  # the batch's passes: every request in it waited for all of them
         results: list[Verified] = []
         for i, ((_, inp, q), cache, (_, hidden)) in enumerate(zip(rows, caches, passes)):
-            gen = None if params[i].greedy else step_generator(inp.sampling.seed, Role.TARGET, inp.step)
             if isinstance(inp, TargetInput):
-                token = tops[i][0] if params[i].greedy else next_token(decided[i][-1], params[i], gen)
-                results.append((TargetOutput(token, cache.length, compute_s).to_bytes(), None))
+                results.append((TargetOutput(tokens[i], cache.length, compute_s).to_bytes(), None))
                 continue
+            gen = None if params[i].greedy else step_generator(inp.sampling.seed, Role.TARGET, inp.step)
             k = len(inp.draft)
             if params[i].greedy:  # engine.verify's greedy rule: d_j matched iff it is the argmax; n -> argmax at n
                 matched, candidates = [d == t for d, t in zip(inp.draft, tops[i])], tops[i]
@@ -194,6 +213,52 @@ class TargetShard:
             out = VerifyOutput(matched, candidates, cache.length, compute_s)
             results.append((out.to_bytes(), hidden[-k:].cpu() if inp.want_hidden else None))
         return results
+
+    @staticmethod
+    def _token(inp: TargetInput, j: int, decided: int | torch.Tensor) -> int:
+        """Token j of an autoregressive row: the argmax already taken (greedy) or drawn from the logits [vocab]
+        at RNG counter step + j, as the call of a single token at that step would draw it."""
+        params = inp.sampling.params()
+        if params.greedy:
+            return int(decided)
+        return next_token(decided, params, step_generator(inp.sampling.seed, Role.TARGET, inp.step + j))
+
+    def _decode_more(
+        self,
+        rows: list[tuple[int, TargetInput | VerifyInput, torch.Tensor | None]],
+        caches: list,
+        wanted: list[int],
+        firsts: dict[int, int] | None,
+        stops: list[frozenset[int]],
+    ) -> dict[int, list[int]] | None:
+        """The autoregressive rows' tokens after their first: pass j feeds each row still decoding its token
+        j - 1, until it has `wanted` tokens or (on rank 0's word) emitted a stop id. Rank 0 decides every
+        token and broadcasts each pass's feed (-1: the row is done), so all ranks run the same passes on the
+        same tokens. Returns each such row's tokens on rank 0 (firsts: their first), None on the others."""
+        tokens = {i: [t] for i, t in firsts.items()} if firsts is not None else None
+        for j in range(1, max(wanted)):
+            feed = torch.full((len(rows),), -1, dtype=torch.long)
+            if tokens is not None:
+                for i, got in tokens.items():
+                    if len(got) < wanted[i] and got[-1] not in stops[i]:
+                        feed[i] = got[-1]
+            if self.world > 1:
+                on_device = feed.to(self.device)
+                dist.broadcast(on_device, src=0)
+                feed = on_device.cpu()
+            going = [i for i in range(len(rows)) if feed[i] >= 0]
+            if not going:
+                break
+            outs = target_passes(self.model, [caches[i] for i in going], [[int(feed[i])] for i in going], last_only=True)
+            if tokens is None:
+                continue
+            logits = dict(zip(going, (out[0][-1] for out in outs)))  # [vocab] each
+            greedy = [i for i in going if rows[i][1].sampling.params().greedy]
+            if greedy:  # the argmaxes in one read-back, as for the first token
+                logits.update(zip(greedy, torch.stack([logits[i] for i in greedy]).argmax(-1).tolist()))
+            for i in going:
+                tokens[i].append(self._token(rows[i][1], j, logits[i]))
+        return tokens
 
     def active(self) -> list[str]:
         """Request ids that hold a cache on this rank (empty when nothing is running)."""

@@ -220,6 +220,17 @@ class ServeConfig(_Section):
             "(normally every running request's step is ready at once and nothing waits)"
         ),
     )
+    ar_tokens_per_call: int = Field(
+        4,
+        ge=1,
+        le=64,
+        description=(
+            "autoregressive tokens one step of the actors decodes (target passes, each fed the last token), so "
+            "that a token costs a pass, not a pass and a Ray round trip; streamed in groups of up to this many. "
+            "Only where the step's batch is autoregressive decoding alone (a prefill or a verification in it "
+            "takes one token); 1: a round trip per token. Output is the same either way"
+        ),
+    )
     draft_tokens_by_load: dict[int, int] = Field(
         default_factory=lambda: {32: 8},
         description=(

@@ -213,7 +213,10 @@ def test_batched_requests_equal_each_request_run_alone(ray_local, config, alone,
         for key in ("finish_reason", "speculative_steps", "draft_tokens_accepted", "judge_accepted_tokens"):
             assert getattr(got, key) == getattr(want, key), (name, key)
     steps = sum(c.steps for c in done.values())
-    assert stats["batched_steps"] == steps
+    # a step is one target pass, except an autoregressive call, which may decode several tokens (one pass each)
+    # when its batch holds nothing else (serve.ar_tokens_per_call)
+    ar_passes = sum(c.steps - c.speculative_steps for c in done.values())
+    assert steps - ar_passes < stats["batched_steps"] <= steps
     # Unbatched, every step is an execution of its own; batched, the longest request's steps carry the
     # others' (a request arriving or leaving mid-batch may cost one extra batch each).
     longest = max(c.steps for c in done.values())

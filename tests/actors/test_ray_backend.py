@@ -68,12 +68,16 @@ class _Backends:
     def __init__(self, config: Config, loop: EventLoopThread):
         self.config, self.loop, self.started = config, loop, {}
 
-    def get(self, tp: int, pipeline: bool, compiled: bool = False, running: int | None = None) -> RayBackend:
-        key = tp, pipeline, compiled, running
+    def get(
+        self, tp: int, pipeline: bool, compiled: bool = False, running: int | None = None, ar_tokens: int | None = None
+    ) -> RayBackend:
+        key = tp, pipeline, compiled, running, ar_tokens
         if key not in self.started:
             update = {"tensor_parallel": tp, "pipeline": pipeline, "compiled_graph": compiled}
             if running is not None:
                 update["max_active_requests"] = running
+            if ar_tokens is not None:
+                update["ar_tokens_per_call"] = ar_tokens
             backend = RayBackend(self.config.model_copy(update={"serve": self.config.serve.model_copy(update=update)}))
             assert self.loop.run(backend.ready(), timeout=90)
             self.started[key] = backend
@@ -183,6 +187,34 @@ def test_grpc_server_over_ray_backend_streams_the_engines_output(backends, loop,
                 assert final.result["provenance"] == [p.name.lower() for p in want.provenance]
     finally:
         loop.run(server.stop(0))
+
+
+def test_autoregressive_calls_of_several_tokens_give_the_output_of_one_token_calls(backends, loop, config):
+    """serve.ar_tokens_per_call (default 4) against 1, at TP=2 (the shards run the further passes on tokens
+    rank 0 broadcasts): the same tokens greedy, seeded-sampled, and stopping at a stop id in the middle of a
+    call, as many passes, in fewer step-graph executions."""
+    assert config.serve.ar_tokens_per_call == 4
+    several, single = backends.get(2, pipeline=True), backends.get(2, pipeline=True, ar_tokens=1)
+    n = 13  # not a multiple of 4: the last call is cut to max_tokens
+    sampled = dict(temperature=0.8, top_p=0.9, top_k=50, seed=3)
+    runs = {}
+    for name, backend in (("several", several), ("single", single)):
+        before = loop.run(backend.actor_stats())["batches"]
+        _, greedy = loop.run(_collect(backend, f"ar-{name}", max_tokens=n, mode=Mode.AR))
+        _, drawn = loop.run(_collect(backend, f"ar-sampled-{name}", max_tokens=n, mode=Mode.AR, **sampled))
+        runs[name] = greedy, drawn, loop.run(backend.actor_stats())["batches"] - before
+    (greedy, drawn, calls), (greedy_1, drawn_1, calls_1) = runs["several"], runs["single"]
+    for got, want in ((greedy, greedy_1), (drawn, drawn_1)):
+        assert got.token_ids == want.token_ids and len(got.token_ids) == n
+        assert got.steps == want.steps == n and got.finish_reason == want.finish_reason
+    assert drawn.token_ids != greedy.token_ids  # the sampled request did sample
+    assert calls_1 == 2 * n and calls == 2 * (1 + -(-(n - 1) // 4))  # a prefill call each, then 4 tokens a call
+    # a stop id that first appears at token 6: the call holding it ends there, as one-token calls would
+    stop = next(t for i, t in enumerate(greedy.token_ids) if i >= 5 and t not in greedy.token_ids[:i])
+    at = greedy.token_ids.index(stop)
+    for backend in (several, single):
+        _, done = loop.run(_collect(backend, "ar-stop", max_tokens=n, mode=Mode.AR, stop_token_ids=[stop]))
+        assert done.token_ids == greedy.token_ids[: at + 1] and done.finish_reason is FinishReason.STOP
 
 
 def test_seeded_sampling_is_reproducible(backends, loop):

@@ -376,6 +376,7 @@ class CompletionRecord(Record):
     judge_accepted_tokens: int
     draft_s: float
     verify_s: float
+    prefill_s: float
     judge_s: float
     total_s: float
     overhead_s: float

@@ -121,6 +121,7 @@ def completion_record(done: ServedCompletion) -> CompletionRecord:
         judge_accepted_tokens=done.judge_accepted_tokens,
         draft_s=t.draft_s,
         verify_s=t.verify_s,
+        prefill_s=t.prefill_s,
         judge_s=t.judge_s,
         total_s=t.total_s,
         overhead_s=t.overhead_s,
@@ -137,6 +138,7 @@ def completion_from_record(rec: CompletionRecord) -> ServedCompletion:
     timings = ServeTimings(
         draft_s=rec.draft_s,
         verify_s=rec.verify_s,
+        prefill_s=rec.prefill_s,
         judge_s=rec.judge_s,
         total_s=rec.total_s,
         overhead_s=rec.overhead_s,
@@ -514,6 +516,8 @@ class Scheduler:
         result, wall = await self._execute(state, self._plan(state, target=target), None)
         out, timings = result.target, state.done.timings
         timings.verify_s += out.compute_s
+        if target.keep == 0:  # the prompt's pass
+            timings.prefill_s += out.compute_s
         timings.verify_compute_s += out.compute_s
         timings.transport_s += wall - out.compute_s
         state.target_len = out.cache_len

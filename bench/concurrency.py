@@ -13,8 +13,9 @@ request of --max-tokens tokens at once (EOS ignored, so every stream does the sa
     the last final message: the rate once prompts are in (a short --max-tokens leaves tok/s mostly TTFT)
 Each timed round follows an untimed one of the same mode, K and streams (--no-warmup skips it): the first
 passes of a batch shape allocate caches and, on a GPU, capture CUDA graphs. Prints one table (p50 and p99 of TTFT and ITL, speed-up over the same mode and K at 1 stream, ratio to ar
-at the same streams, draft tokens accepted per speculative step, and the scheduler's own split of a step:
-draft, verify and other ms) and writes the rows as JSON.
+at the same streams, draft tokens accepted per speculative step, and the scheduler's own split of a step
+after the prompt's: draft, verify and other ms; the prefill's target pass is apart, prefill_ms per request
+in the JSON) and writes the rows as JSON.
 
 Dummy weights accept almost nothing and have no judge, so acceptance can be replayed (decoding.replay_trace,
 engine.trace): --standard-trace for the standard rows, --judge-trace for the judge rows, which then run in

@@ -59,10 +59,15 @@ PATHS = {
 
 @dataclass
 class Tally:
+    """Requests' final figures added up; per_step_ms splits a step after the prompt's (the prefill's target
+    pass, which Final.steps and verify_seconds count, is left out and given per request as prefill_ms)."""
+
     tokens: int = 0
     steps: int = 0
+    requests: int = 0
     seconds: float = 0.0
     phase: dict = field(default_factory=lambda: dict.fromkeys(PHASES, 0.0))  # seconds on the critical path
+    prefill: float = 0.0  # of phase["verify"]: the prompts' target passes
     overlapped: float = 0.0  # draft seconds spent during verification (pipelining)
     transport: float = 0.0  # of overhead: waiting on the actors beyond their compute
     outputs: list = field(default_factory=list)
@@ -71,9 +76,11 @@ class Tally:
         """t: a pb.Timings."""
         self.tokens += len(token_ids)
         self.steps += steps
+        self.requests += 1
         self.seconds += t.total_seconds
         for phase in PHASES:
             self.phase[phase] += getattr(t, f"{phase}_seconds")
+        self.prefill += t.prefill_seconds
         self.overlapped += t.draft_compute_seconds - t.draft_seconds
         self.transport += t.transport_seconds
         self.outputs.append(token_ids)
@@ -83,8 +90,10 @@ class Tally:
         return self.tokens / self.seconds if self.seconds else 0.0
 
     def per_step_ms(self) -> dict:
-        s = max(self.steps, 1)
+        s = max(self.steps - self.requests, 1)  # the steps after each prompt's
         split = {f"{p}_ms": 1e3 * v / s for p, v in self.phase.items()}
+        split["verify_ms"] = 1e3 * (self.phase["verify"] - self.prefill) / s
+        split["prefill_ms"] = 1e3 * self.prefill / max(self.requests, 1)  # per request
         split["overlapped_draft_ms"] = 1e3 * self.overlapped / s
         split["transport_ms"] = 1e3 * self.transport / s
         split["scheduling_ms"] = split["overhead_ms"] - split["transport_ms"]

@@ -219,6 +219,7 @@ def _result(text: str, ids: list[int], provenance: list[str], f: pb.Final) -> di
         "timings": {
             "draft_s": round(t.draft_seconds, 4),
             "verify_s": round(t.verify_seconds, 4),
+            "prefill_s": round(t.prefill_seconds, 4),
             "judge_s": round(t.judge_seconds, 4),
             "total_s": round(t.total_seconds, 4),
             "overhead_s": round(t.overhead_seconds, 4),

@@ -243,6 +243,7 @@ def final_message(done: Completion) -> pb.Final:
         timings=pb.Timings(
             draft_seconds=t.draft_s,
             verify_seconds=t.verify_s,
+            prefill_seconds=t.prefill_s,
             judge_seconds=t.judge_s,
             total_seconds=t.total_s,
             overhead_seconds=t.overhead_s,

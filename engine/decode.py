@@ -61,6 +61,7 @@ class StepEvent:
 class Timings:
     draft_s: float = 0.0
     verify_s: float = 0.0  # target passes: prefill, verification, and autoregressive decodes
+    prefill_s: float = 0.0  # of verify_s: the prompt's target pass (so that per-step figures can leave it out)
     judge_s: float = 0.0
     total_s: float = 0.0
     overhead_s: float = 0.0  # the rest of total_s: acceptance bookkeeping, detokenizing, stop rules
@@ -341,11 +342,14 @@ class Engine:
 
     def _target_step(self, seq: _Sequence, params: SamplingParams, gen: torch.Generator, timings: Timings) -> Accepted:
         """One target pass over what its cache lacks (the prompt, or the last token): autoregressive."""
-        t = time.perf_counter()
+        t, prefill = time.perf_counter(), seq.target_cache.length == 0
         pending = seq.ids[seq.target_cache.length :]
         ((logits, _),) = target_passes(self.target.model, [seq.target_cache], [pending], last_only=True)
         token = next_token(logits[-1], params, gen)
-        timings.verify_s += time.perf_counter() - t
+        seconds = time.perf_counter() - t
+        timings.verify_s += seconds
+        if prefill:
+            timings.prefill_s += seconds
         self._advance(seq, [token])
         return Accepted([token], [Provenance.TARGET])
 

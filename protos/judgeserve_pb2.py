@@ -24,19 +24,19 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17protos/judgeserve.proto\x12\rjudgeserve.v1\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"<\n\x0c\x43hatMessages\x12,\n\x08messages\x18\x01 \x03(\x0b\x32\x1a.judgeserve.v1.ChatMessage\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\r\"\xe1\x03\n\x0fGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x10\n\x06prompt\x18\x02 \x01(\tH\x00\x12/\n\x08messages\x18\x03 \x01(\x0b\x32\x1b.judgeserve.v1.ChatMessagesH\x00\x12-\n\nprompt_ids\x18\x04 \x01(\x0b\x32\x17.judgeserve.v1.TokenIdsH\x00\x12\x17\n\nmax_tokens\x18\x05 \x01(\rH\x01\x88\x01\x01\x12\x13\n\x0btemperature\x18\x06 \x01(\x01\x12\x12\n\x05top_p\x18\x07 \x01(\x01H\x02\x88\x01\x01\x12\r\n\x05top_k\x18\x08 \x01(\r\x12\x11\n\x04seed\x18\t \x01(\x04H\x03\x88\x01\x01\x12\x0c\n\x04stop\x18\n \x03(\t\x12\x16\n\x0estop_token_ids\x18\x0b \x03(\r\x12\x12\n\nignore_eos\x18\x0c \x01(\x08\x12!\n\x04mode\x18\r \x01(\x0e\x32\x13.judgeserve.v1.Mode\x12\x1c\n\x0fjudge_threshold\x18\x0e \x01(\x01H\x04\x88\x01\x01\x12\x19\n\x0c\x64raft_tokens\x18\x0f \x01(\rH\x05\x88\x01\x01\x42\x07\n\x05inputB\r\n\x0b_max_tokensB\x08\n\x06_top_pB\x07\n\x05_seedB\x12\n\x10_judge_thresholdB\x0f\n\r_draft_tokens\"W\n\x05\x44\x65lta\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\r\x12-\n\nprovenance\x18\x03 \x03(\x0e\x32\x19.judgeserve.v1.Provenance\"\xf9\x01\n\x07Timings\x12\x15\n\rdraft_seconds\x18\x01 \x01(\x01\x12\x16\n\x0everify_seconds\x18\x02 \x01(\x01\x12\x15\n\rjudge_seconds\x18\x03 \x01(\x01\x12\x15\n\rtotal_seconds\x18\x04 \x01(\x01\x12\x18\n\x10overhead_seconds\x18\x05 \x01(\x01\x12\x1d\n\x15\x64raft_compute_seconds\x18\x06 \x01(\x01\x12\x1e\n\x16verify_compute_seconds\x18\x07 \x01(\x01\x12\x1d\n\x15judge_compute_seconds\x18\x08 \x01(\x01\x12\x19\n\x11transport_seconds\x18\t \x01(\x01\"\x81\x03\n\x05\x46inal\x12\x32\n\rfinish_reason\x18\x01 \x01(\x0e\x32\x1b.judgeserve.v1.FinishReason\x12!\n\x04mode\x18\x02 \x01(\x0e\x32\x13.judgeserve.v1.Mode\x12\x15\n\rprompt_tokens\x18\x03 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x04 \x01(\r\x12\r\n\x05steps\x18\x05 \x01(\r\x12\x19\n\x11speculative_steps\x18\x06 \x01(\r\x12\x1d\n\x15\x64raft_tokens_accepted\x18\x07 \x01(\r\x12\x1e\n\x16mean_accepted_per_step\x18\x08 \x01(\x01\x12\x1d\n\x15judge_accepted_tokens\x18\t \x01(\r\x12\x14\n\x0cwall_seconds\x18\n \x01(\x01\x12\x19\n\x11tokens_per_second\x18\x0b \x01(\x01\x12\'\n\x07timings\x18\x0c \x01(\x0b\x32\x16.judgeserve.v1.Timings\x12\r\n\x05\x65rror\x18\r \x01(\t\"}\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12%\n\x05\x64\x65lta\x18\x02 \x01(\x0b\x32\x14.judgeserve.v1.DeltaH\x00\x12%\n\x05\x66inal\x18\x03 \x01(\x0b\x32\x14.judgeserve.v1.FinalH\x00\x42\x07\n\x05\x65vent\"\"\n\x0c\x41\x62ortRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\"\x1e\n\rAbortResponse\x12\r\n\x05\x66ound\x18\x01 \x01(\x08\"\x12\n\x10ModelInfoRequest\"\x8d\x01\n\x10ModelDescription\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06\x66\x61mily\x18\x02 \x01(\t\x12\x0e\n\x06layers\x18\x03 \x01(\r\x12\x13\n\x0bhidden_size\x18\x04 \x01(\r\x12\x12\n\nvocab_size\x18\x05 \x01(\r\x12\r\n\x05\x64type\x18\x06 \x01(\t\x12\x13\n\x0b\x66ingerprint\x18\x07 \x01(\t\"o\n\x10JudgeDescription\x12\x0f\n\x07present\x18\x01 \x01(\x08\x12\x13\n\x0btarget_name\x18\x02 \x01(\t\x12\x1a\n\x12target_fingerprint\x18\x03 \x01(\t\x12\x19\n\x11\x64\x65\x66\x61ult_threshold\x18\x04 \x01(\x01\"\xc0\x02\n\x11ModelInfoResponse\x12\x0c\n\x04name\x18\x01 \x01(\t\x12/\n\x06target\x18\x02 \x01(\x0b\x32\x1f.judgeserve.v1.ModelDescription\x12.\n\x05\x64raft\x18\x03 \x01(\x0b\x32\x1f.judgeserve.v1.ModelDescription\x12.\n\x05judge\x18\x04 \x01(\x0b\x32\x1f.judgeserve.v1.JudgeDescription\x12)\n\x0c\x64\x65\x66\x61ult_mode\x18\x05 \x01(\x0e\x32\x13.judgeserve.v1.Mode\x12\x1c\n\x14\x64\x65\x66\x61ult_draft_tokens\x18\x06 \x01(\r\x12\x1a\n\x12\x64\x65\x66\x61ult_max_tokens\x18\x07 \x01(\r\x12\x13\n\x0bmax_seq_len\x18\x08 \x01(\r\x12\x12\n\nlossy_note\x18\t \x01(\t*L\n\x04Mode\x12\x14\n\x10MODE_UNSPECIFIED\x10\x00\x12\x0b\n\x07MODE_AR\x10\x01\x12\x11\n\rMODE_STANDARD\x10\x02\x12\x0e\n\nMODE_JUDGE\x10\x03*\x9e\x01\n\nProvenance\x12\x1a\n\x16PROVENANCE_UNSPECIFIED\x10\x00\x12\x15\n\x11PROVENANCE_TARGET\x10\x01\x12\x16\n\x12PROVENANCE_MATCHED\x10\x02\x12\x14\n\x10PROVENANCE_JUDGE\x10\x03\x12\x19\n\x15PROVENANCE_CORRECTION\x10\x04\x12\x14\n\x10PROVENANCE_BONUS\x10\x05*\x91\x01\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x12\x17\n\x13\x46INISH_REASON_ABORT\x10\x03\x12\x17\n\x13\x46INISH_REASON_ERROR\x10\x04\x32\xef\x01\n\nJudgeserve\x12M\n\x08Generate\x12\x1e.judgeserve.v1.GenerateRequest\x1a\x1f.judgeserve.v1.GenerateResponse0\x01\x12\x42\n\x05\x41\x62ort\x12\x1b.judgeserve.v1.AbortRequest\x1a\x1c.judgeserve.v1.AbortResponse\x12N\n\tModelInfo\x12\x1f.judgeserve.v1.ModelInfoRequest\x1a .judgeserve.v1.ModelInfoResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17protos/judgeserve.proto\x12\rjudgeserve.v1\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"<\n\x0c\x43hatMessages\x12,\n\x08messages\x18\x01 \x03(\x0b\x32\x1a.judgeserve.v1.ChatMessage\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\r\"\xe1\x03\n\x0fGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x10\n\x06prompt\x18\x02 \x01(\tH\x00\x12/\n\x08messages\x18\x03 \x01(\x0b\x32\x1b.judgeserve.v1.ChatMessagesH\x00\x12-\n\nprompt_ids\x18\x04 \x01(\x0b\x32\x17.judgeserve.v1.TokenIdsH\x00\x12\x17\n\nmax_tokens\x18\x05 \x01(\rH\x01\x88\x01\x01\x12\x13\n\x0btemperature\x18\x06 \x01(\x01\x12\x12\n\x05top_p\x18\x07 \x01(\x01H\x02\x88\x01\x01\x12\r\n\x05top_k\x18\x08 \x01(\r\x12\x11\n\x04seed\x18\t \x01(\x04H\x03\x88\x01\x01\x12\x0c\n\x04stop\x18\n \x03(\t\x12\x16\n\x0estop_token_ids\x18\x0b \x03(\r\x12\x12\n\nignore_eos\x18\x0c \x01(\x08\x12!\n\x04mode\x18\r \x01(\x0e\x32\x13.judgeserve.v1.Mode\x12\x1c\n\x0fjudge_threshold\x18\x0e \x01(\x01H\x04\x88\x01\x01\x12\x19\n\x0c\x64raft_tokens\x18\x0f \x01(\rH\x05\x88\x01\x01\x42\x07\n\x05inputB\r\n\x0b_max_tokensB\x08\n\x06_top_pB\x07\n\x05_seedB\x12\n\x10_judge_thresholdB\x0f\n\r_draft_tokens\"W\n\x05\x44\x65lta\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\r\x12-\n\nprovenance\x18\x03 \x03(\x0e\x32\x19.judgeserve.v1.Provenance\"\x92\x02\n\x07Timings\x12\x15\n\rdraft_seconds\x18\x01 \x01(\x01\x12\x16\n\x0everify_seconds\x18\x02 \x01(\x01\x12\x15\n\rjudge_seconds\x18\x03 \x01(\x01\x12\x15\n\rtotal_seconds\x18\x04 \x01(\x01\x12\x18\n\x10overhead_seconds\x18\x05 \x01(\x01\x12\x1d\n\x15\x64raft_compute_seconds\x18\x06 \x01(\x01\x12\x1e\n\x16verify_compute_seconds\x18\x07 \x01(\x01\x12\x1d\n\x15judge_compute_seconds\x18\x08 \x01(\x01\x12\x19\n\x11transport_seconds\x18\t \x01(\x01\x12\x17\n\x0fprefill_seconds\x18\n \x01(\x01\"\x81\x03\n\x05\x46inal\x12\x32\n\rfinish_reason\x18\x01 \x01(\x0e\x32\x1b.judgeserve.v1.FinishReason\x12!\n\x04mode\x18\x02 \x01(\x0e\x32\x13.judgeserve.v1.Mode\x12\x15\n\rprompt_tokens\x18\x03 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x04 \x01(\r\x12\r\n\x05steps\x18\x05 \x01(\r\x12\x19\n\x11speculative_steps\x18\x06 \x01(\r\x12\x1d\n\x15\x64raft_tokens_accepted\x18\x07 \x01(\r\x12\x1e\n\x16mean_accepted_per_step\x18\x08 \x01(\x01\x12\x1d\n\x15judge_accepted_tokens\x18\t \x01(\r\x12\x14\n\x0cwall_seconds\x18\n \x01(\x01\x12\x19\n\x11tokens_per_second\x18\x0b \x01(\x01\x12\'\n\x07timings\x18\x0c \x01(\x0b\x32\x16.judgeserve.v1.Timings\x12\r\n\x05\x65rror\x18\r \x01(\t\"}\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12%\n\x05\x64\x65lta\x18\x02 \x01(\x0b\x32\x14.judgeserve.v1.DeltaH\x00\x12%\n\x05\x66inal\x18\x03 \x01(\x0b\x32\x14.judgeserve.v1.FinalH\x00\x42\x07\n\x05\x65vent\"\"\n\x0c\x41\x62ortRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\"\x1e\n\rAbortResponse\x12\r\n\x05\x66ound\x18\x01 \x01(\x08\"\x12\n\x10ModelInfoRequest\"\x8d\x01\n\x10ModelDescription\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06\x66\x61mily\x18\x02 \x01(\t\x12\x0e\n\x06layers\x18\x03 \x01(\r\x12\x13\n\x0bhidden_size\x18\x04 \x01(\r\x12\x12\n\nvocab_size\x18\x05 \x01(\r\x12\r\n\x05\x64type\x18\x06 \x01(\t\x12\x13\n\x0b\x66ingerprint\x18\x07 \x01(\t\"o\n\x10JudgeDescription\x12\x0f\n\x07present\x18\x01 \x01(\x08\x12\x13\n\x0btarget_name\x18\x02 \x01(\t\x12\x1a\n\x12target_fingerprint\x18\x03 \x01(\t\x12\x19\n\x11\x64\x65\x66\x61ult_threshold\x18\x04 \x01(\x01\"\xc0\x02\n\x11ModelInfoResponse\x12\x0c\n\x04name\x18\x01 \x01(\t\x12/\n\x06target\x18\x02 \x01(\x0b\x32\x1f.judgeserve.v1.ModelDescription\x12.\n\x05\x64raft\x18\x03 \x01(\x0b\x32\x1f.judgeserve.v1.ModelDescription\x12.\n\x05judge\x18\x04 \x01(\x0b\x32\x1f.judgeserve.v1.JudgeDescription\x12)\n\x0c\x64\x65\x66\x61ult_mode\x18\x05 \x01(\x0e\x32\x13.judgeserve.v1.Mode\x12\x1c\n\x14\x64\x65\x66\x61ult_draft_tokens\x18\x06 \x01(\r\x12\x1a\n\x12\x64\x65\x66\x61ult_max_tokens\x18\x07 \x01(\r\x12\x13\n\x0bmax_seq_len\x18\x08 \x01(\r\x12\x12\n\nlossy_note\x18\t \x01(\t*L\n\x04Mode\x12\x14\n\x10MODE_UNSPECIFIED\x10\x00\x12\x0b\n\x07MODE_AR\x10\x01\x12\x11\n\rMODE_STANDARD\x10\x02\x12\x0e\n\nMODE_JUDGE\x10\x03*\x9e\x01\n\nProvenance\x12\x1a\n\x16PROVENANCE_UNSPECIFIED\x10\x00\x12\x15\n\x11PROVENANCE_TARGET\x10\x01\x12\x16\n\x12PROVENANCE_MATCHED\x10\x02\x12\x14\n\x10PROVENANCE_JUDGE\x10\x03\x12\x19\n\x15PROVENANCE_CORRECTION\x10\x04\x12\x14\n\x10PROVENANCE_BONUS\x10\x05*\x91\x01\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x12\x17\n\x13\x46INISH_REASON_ABORT\x10\x03\x12\x17\n\x13\x46INISH_REASON_ERROR\x10\x04\x32\xef\x01\n\nJudgeserve\x12M\n\x08Generate\x12\x1e.judgeserve.v1.GenerateRequest\x1a\x1f.judgeserve.v1.GenerateResponse0\x01\x12\x42\n\x05\x41\x62ort\x12\x1b.judgeserve.v1.AbortRequest\x1a\x1c.judgeserve.v1.AbortResponse\x12N\n\tModelInfo\x12\x1f.judgeserve.v1.ModelInfoRequest\x1a .judgeserve.v1.ModelInfoResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'protos.judgeserve_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_MODE']._serialized_start=2183
-  _globals['_MODE']._serialized_end=2259
-  _globals['_PROVENANCE']._serialized_start=2262
-  _globals['_PROVENANCE']._serialized_end=2420
-  _globals['_FINISHREASON']._serialized_start=2423
-  _globals['_FINISHREASON']._serialized_end=2568
+  _globals['_MODE']._serialized_start=2208
+  _globals['_MODE']._serialized_end=2284
+  _globals['_PROVENANCE']._serialized_start=2287
+  _globals['_PROVENANCE']._serialized_end=2445
+  _globals['_FINISHREASON']._serialized_start=2448
+  _globals['_FINISHREASON']._serialized_end=2593
   _globals['_CHATMESSAGE']._serialized_start=42
   _globals['_CHATMESSAGE']._serialized_end=86
   _globals['_CHATMESSAGES']._serialized_start=88
@@ -48,23 +48,23 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_DELTA']._serialized_start=659
   _globals['_DELTA']._serialized_end=746
   _globals['_TIMINGS']._serialized_start=749
-  _globals['_TIMINGS']._serialized_end=998
-  _globals['_FINAL']._serialized_start=1001
-  _globals['_FINAL']._serialized_end=1386
-  _globals['_GENERATERESPONSE']._serialized_start=1388
-  _globals['_GENERATERESPONSE']._serialized_end=1513
-  _globals['_ABORTREQUEST']._serialized_start=1515
-  _globals['_ABORTREQUEST']._serialized_end=1549
-  _globals['_ABORTRESPONSE']._serialized_start=1551
-  _globals['_ABORTRESPONSE']._serialized_end=1581
-  _globals['_MODELINFOREQUEST']._serialized_start=1583
-  _globals['_MODELINFOREQUEST']._serialized_end=1601
-  _globals['_MODELDESCRIPTION']._serialized_start=1604
-  _globals['_MODELDESCRIPTION']._serialized_end=1745
-  _globals['_JUDGEDESCRIPTION']._serialized_start=1747
-  _globals['_JUDGEDESCRIPTION']._serialized_end=1858
-  _globals['_MODELINFORESPONSE']._serialized_start=1861
-  _globals['_MODELINFORESPONSE']._serialized_end=2181
-  _globals['_JUDGESERVE']._serialized_start=2571
-  _globals['_JUDGESERVE']._serialized_end=2810
+  _globals['_TIMINGS']._serialized_end=1023
+  _globals['_FINAL']._serialized_start=1026
+  _globals['_FINAL']._serialized_end=1411
+  _globals['_GENERATERESPONSE']._serialized_start=1413
+  _globals['_GENERATERESPONSE']._serialized_end=1538
+  _globals['_ABORTREQUEST']._serialized_start=1540
+  _globals['_ABORTREQUEST']._serialized_end=1574
+  _globals['_ABORTRESPONSE']._serialized_start=1576
+  _globals['_ABORTRESPONSE']._serialized_end=1606
+  _globals['_MODELINFOREQUEST']._serialized_start=1608
+  _globals['_MODELINFOREQUEST']._serialized_end=1626
+  _globals['_MODELDESCRIPTION']._serialized_start=1629
+  _globals['_MODELDESCRIPTION']._serialized_end=1770
+  _globals['_JUDGEDESCRIPTION']._serialized_start=1772
+  _globals['_JUDGEDESCRIPTION']._serialized_end=1883
+  _globals['_MODELINFORESPONSE']._serialized_start=1886
+  _globals['_MODELINFORESPONSE']._serialized_end=2206
+  _globals['_JUDGESERVE']._serialized_start=2596
+  _globals['_JUDGESERVE']._serialized_end=2835
 # @@protoc_insertion_point(module_scope)

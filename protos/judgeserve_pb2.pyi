@@ -111,7 +111,7 @@ class Delta(_message.Message):
     def __init__(self, text: _Optional[str] = ..., token_ids: _Optional[_Iterable[int]] = ..., provenance: _Optional[_Iterable[_Union[Provenance, str]]] = ...) -> None: ...
 
 class Timings(_message.Message):
-    __slots__ = ("draft_seconds", "verify_seconds", "judge_seconds", "total_seconds", "overhead_seconds", "draft_compute_seconds", "verify_compute_seconds", "judge_compute_seconds", "transport_seconds")
+    __slots__ = ("draft_seconds", "verify_seconds", "judge_seconds", "total_seconds", "overhead_seconds", "draft_compute_seconds", "verify_compute_seconds", "judge_compute_seconds", "transport_seconds", "prefill_seconds")
     DRAFT_SECONDS_FIELD_NUMBER: _ClassVar[int]
     VERIFY_SECONDS_FIELD_NUMBER: _ClassVar[int]
     JUDGE_SECONDS_FIELD_NUMBER: _ClassVar[int]
@@ -121,6 +121,7 @@ class Timings(_message.Message):
     VERIFY_COMPUTE_SECONDS_FIELD_NUMBER: _ClassVar[int]
     JUDGE_COMPUTE_SECONDS_FIELD_NUMBER: _ClassVar[int]
     TRANSPORT_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    PREFILL_SECONDS_FIELD_NUMBER: _ClassVar[int]
     draft_seconds: float
     verify_seconds: float
     judge_seconds: float
@@ -130,7 +131,8 @@ class Timings(_message.Message):
     verify_compute_seconds: float
     judge_compute_seconds: float
     transport_seconds: float
-    def __init__(self, draft_seconds: _Optional[float] = ..., verify_seconds: _Optional[float] = ..., judge_seconds: _Optional[float] = ..., total_seconds: _Optional[float] = ..., overhead_seconds: _Optional[float] = ..., draft_compute_seconds: _Optional[float] = ..., verify_compute_seconds: _Optional[float] = ..., judge_compute_seconds: _Optional[float] = ..., transport_seconds: _Optional[float] = ...) -> None: ...
+    prefill_seconds: float
+    def __init__(self, draft_seconds: _Optional[float] = ..., verify_seconds: _Optional[float] = ..., judge_seconds: _Optional[float] = ..., total_seconds: _Optional[float] = ..., overhead_seconds: _Optional[float] = ..., draft_compute_seconds: _Optional[float] = ..., verify_compute_seconds: _Optional[float] = ..., judge_compute_seconds: _Optional[float] = ..., transport_seconds: _Optional[float] = ..., prefill_seconds: _Optional[float] = ...) -> None: ...
 
 class Final(_message.Message):
     __slots__ = ("finish_reason", "mode", "prompt_tokens", "completion_tokens", "steps", "speculative_steps", "draft_tokens_accepted", "mean_accepted_per_step", "judge_accepted_tokens", "wall_seconds", "tokens_per_second", "timings", "error")

@@ -149,6 +149,7 @@ def test_greedy_output_equals_in_process_engine(backend, loop, expected, mode):
     _assert_same(done, expected[mode, SHORT], events)
     t = done.timings
     assert t.total_s > 0 and t.verify_s > 0 and t.overhead_s >= 0
+    assert 0 < t.prefill_s < t.verify_s  # the prompt's pass, one of the request's target passes
     assert (t.draft_s > 0) == mode.is_speculative and (t.judge_s > 0) == (mode is Mode.JUDGE)
 
 

@@ -148,6 +148,7 @@ def test_greedy_stream_equals_in_process_engine(client, expected, mode):
     assert got.keys() == want.as_dict().keys()  # the keys of `judgeserve generate --json`
     assert got["token_ids"] == want.token_ids
     assert got["text"] == want.text == "".join(d.text for d in deltas)
+    assert 0 < got["timings"]["prefill_s"] <= got["timings"]["verify_s"]
     assert [t for d in deltas for t in d.token_ids] == want.token_ids
     assert all(len(d.provenance) == len(d.token_ids) for d in deltas)
     assert got["provenance"] == [p.name.lower() for p in want.provenance]

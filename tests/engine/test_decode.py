@@ -53,6 +53,7 @@ def test_autoregressive_provenance_and_steps(ar_outputs):
     assert len(out.token_ids) == 80 and out.finish_reason is FinishReason.LENGTH
     assert out.provenance == [Provenance.TARGET] * 80
     assert out.steps == 80 and out.speculative_steps == 0
+    assert 0 < out.timings.prefill_s < out.timings.verify_s  # the prompt's pass, of the 80 target passes
 
 
 @pytest.mark.parametrize("k", [1, 4, 16, 64])

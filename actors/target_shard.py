@@ -180,7 +180,7 @@ class TargetShard:
         wanted = [inp.tokens if decoding_only and isinstance(inp, TargetInput) else 1 for _, inp, _ in rows]
         if self.rank != 0:
             if max(wanted) > 1:
-                self._decode_more(rows, caches, wanted, None, stops)
+                self._decode_more(rows, caches, wanted, stops)
             return [(None, None)] * len(rows)
         # The positions each row decides on: its last (a token) or its last K+1 (a verification).
         decided = [logits[-(len(inp.draft) + 1) :] if isinstance(inp, VerifyInput) else logits[-1:]
@@ -193,11 +193,10 @@ class TargetShard:
         tops, at = {}, 0
         for i in greedy:
             tops[i], at = argmax[at : at + decided[i].shape[0]], at + decided[i].shape[0]
-        firsts = {i: self._token(inp, 0, tops[i][0] if params[i].greedy else decided[i][-1])
+        tokens = {i: [self._token(inp, params[i], 0, tops[i][0] if params[i].greedy else decided[i][-1])]
                   for i, (_, inp, _) in enumerate(rows) if isinstance(inp, TargetInput)}
-        tokens = {i: [t] for i, t in firsts.items()}
         if max(wanted) > 1:
-            tokens = self._decode_more(rows, caches, wanted, firsts, stops)
+            self._decode_more(rows, caches, wanted, stops, params, tokens)
         compute_s = time.perf_counter() - t0  # the batch's passes: every request in it waited for all of them
         results: list[Verified] = []
         for i, ((_, inp, q), cache, (_, hidden)) in enumerate(zip(rows, caches, passes)):
@@ -215,10 +214,9 @@ class TargetShard:
         return results
 
     @staticmethod
-    def _token(inp: TargetInput, j: int, decided: int | torch.Tensor) -> int:
+    def _token(inp: TargetInput, params: SamplingParams, j: int, decided: int | torch.Tensor) -> int:
         """Token j of an autoregressive row: the argmax already taken (greedy) or drawn from the logits [vocab]
         at RNG counter step + j, as the call of a single token at that step would draw it."""
-        params = inp.sampling.params()
         if params.greedy:
             return int(decided)
         return next_token(decided, params, step_generator(inp.sampling.seed, Role.TARGET, inp.step + j))
@@ -228,14 +226,15 @@ class TargetShard:
         rows: list[tuple[int, TargetInput | VerifyInput, torch.Tensor | None]],
         caches: list,
         wanted: list[int],
-        firsts: dict[int, int] | None,
         stops: list[frozenset[int]],
-    ) -> dict[int, list[int]] | None:
-        """The autoregressive rows' tokens after their first: pass j feeds each row still decoding its token
-        j - 1, until it has `wanted` tokens or (on rank 0's word) emitted a stop id. Rank 0 decides every
-        token and broadcasts each pass's feed (-1: the row is done), so all ranks run the same passes on the
-        same tokens. Returns each such row's tokens on rank 0 (firsts: their first), None on the others."""
-        tokens = {i: [t] for i, t in firsts.items()} if firsts is not None else None
+        params: list[SamplingParams] | None = None,
+        tokens: dict[int, list[int]] | None = None,
+    ) -> None:
+        """The autoregressive rows' tokens after their first, appended to `tokens` (rank 0: each row's tokens
+        so far, and `params` its sampling; None on the others): pass j feeds each row still decoding its
+        token j - 1, until it has `wanted` tokens or (on rank 0's word) emitted a stop id. Rank 0 decides
+        every token and broadcasts each pass's feed (-1: the row is done), so all ranks run the same passes
+        on the same tokens."""
         for j in range(1, max(wanted)):
             feed = torch.full((len(rows),), -1, dtype=torch.long)
             if tokens is not None:
@@ -245,7 +244,8 @@ class TargetShard:
             if self.world > 1:
                 on_device = feed.to(self.device)
                 dist.broadcast(on_device, src=0)
-                feed = on_device.cpu()
+                if self.rank != 0:  # rank 0 sent its own
+                    feed = on_device.cpu()
             going = [i for i in range(len(rows)) if feed[i] >= 0]
             if not going:
                 break
@@ -253,12 +253,11 @@ class TargetShard:
             if tokens is None:
                 continue
             logits = dict(zip(going, (out[0][-1] for out in outs)))  # [vocab] each
-            greedy = [i for i in going if rows[i][1].sampling.params().greedy]
+            greedy = [i for i in going if params[i].greedy]
             if greedy:  # the argmaxes in one read-back, as for the first token
                 logits.update(zip(greedy, torch.stack([logits[i] for i in greedy]).argmax(-1).tolist()))
             for i in going:
-                tokens[i].append(self._token(rows[i][1], j, logits[i]))
-        return tokens
+                tokens[i].append(self._token(rows[i][1], params[i], j, logits[i]))
 
     def active(self) -> list[str]:
         """Request ids that hold a cache on this rank (empty when nothing is running)."""

@@ -3,7 +3,30 @@
 from __future__ import annotations
 
 import json
+import statistics
+import time
+from collections.abc import Callable
 from pathlib import Path
+
+import torch
+
+
+def sync(device: torch.device) -> None:
+    """Waits for the device's queued work (nothing to wait for on a CPU)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def median_ms(run: Callable[[], None], device: torch.device, repeats: int = 12, skip: int = 2) -> float:
+    """The median wall time of `run` in ms, each call synced before and after, the first `skip` left out."""
+    times = []
+    for _ in range(repeats):
+        sync(device)
+        t = time.perf_counter()
+        run()
+        sync(device)
+        times.append(time.perf_counter() - t)
+    return round(1e3 * statistics.median(times[skip:]), 3)
 
 
 def write_results(out: Path, record: dict) -> None:

@@ -166,10 +166,11 @@ def run_round(address: str, prompts: list[str], series: Series, k: int | None, c
 
 def summarize(logs: list[StreamLog]) -> dict:
     """One row's figures from a round's streams (ms for latencies)."""
-    wall = max(log.end for log in logs) - min(log.start for log in logs)
+    end = max(log.end for log in logs)
+    wall = end - min(log.start for log in logs)
     tokens = sum(log.tokens for log in logs)
     ttft = [1e3 * log.ttft for log in logs if log.ttft is not None]
-    decoding = max(log.end for log in logs) - min(log.start + (log.ttft or 0.0) for log in logs)
+    decoding = end - min(log.start + (log.ttft or 0.0) for log in logs)
     later = sum(len(log.itl) for log in logs)  # itl holds one sample per token after the first event
     itl = [1e3 * x for log in logs for x in log.itl]
     steps = sum(log.speculative_steps for log in logs)

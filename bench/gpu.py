@@ -13,13 +13,12 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import statistics
 import time
 from pathlib import Path
 
 import torch
 
-from bench import write_results
+from bench import median_ms, write_results
 from engine.config import Mode, parse_config
 from engine.decode import Engine
 from engine.model import Transformer
@@ -76,15 +75,12 @@ def pass_latency_ms(model: Transformer, max_len: int, prompt_len: int, rows_list
     model(torch.randint(0, 1000, (1, prompt_len), device="cuda"), cache, last_only=True)
     out = {}
     for rows in rows_list:
-        times = []
-        for _ in range(12):
+
+        def one_pass(rows: int = rows) -> None:
             cache.length = prompt_len
-            torch.cuda.synchronize()
-            t = time.perf_counter()
             model(torch.randint(0, 1000, (1, rows), device="cuda"), cache)
-            torch.cuda.synchronize()
-            times.append(time.perf_counter() - t)
-        out[rows] = round(1000 * statistics.median(times[2:]), 3)
+
+        out[rows] = median_ms(one_pass, torch.device("cuda"))
     return out
 
 

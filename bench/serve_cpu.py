@@ -64,7 +64,6 @@ class Tally:
 
     tokens: int = 0
     steps: int = 0
-    requests: int = 0
     seconds: float = 0.0
     phase: dict = field(default_factory=lambda: dict.fromkeys(PHASES, 0.0))  # seconds on the critical path
     prefill: float = 0.0  # of phase["verify"]: the prompts' target passes
@@ -76,7 +75,6 @@ class Tally:
         """t: a pb.Timings."""
         self.tokens += len(token_ids)
         self.steps += steps
-        self.requests += 1
         self.seconds += t.total_seconds
         for phase in PHASES:
             self.phase[phase] += getattr(t, f"{phase}_seconds")
@@ -90,10 +88,11 @@ class Tally:
         return self.tokens / self.seconds if self.seconds else 0.0
 
     def per_step_ms(self) -> dict:
-        s = max(self.steps - self.requests, 1)  # the steps after each prompt's
+        requests = len(self.outputs)
+        s = max(self.steps - requests, 1)  # the steps after each prompt's
         split = {f"{p}_ms": 1e3 * v / s for p, v in self.phase.items()}
         split["verify_ms"] = 1e3 * (self.phase["verify"] - self.prefill) / s
-        split["prefill_ms"] = 1e3 * self.prefill / max(self.requests, 1)  # per request
+        split["prefill_ms"] = 1e3 * self.prefill / max(requests, 1)  # per request
         split["overlapped_draft_ms"] = 1e3 * self.overlapped / s
         split["transport_ms"] = 1e3 * self.transport / s
         split["scheduling_ms"] = split["overhead_ms"] - split["transport_ms"]

@@ -18,7 +18,6 @@ import argparse
 import datetime
 import gc
 import shlex
-import statistics
 import sys
 import tempfile
 import time
@@ -29,28 +28,10 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from bench import write_results
+from bench import median_ms, sync, write_results
 from engine.config import ModelSpec
 from engine.cuda_graphs import CudaGraphs
 from engine.weights import load_model
-
-REPEATS = 12  # passes per row count; the median of the last 10
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def _median_ms(fn, device: torch.device) -> float:
-    times = []
-    for _ in range(REPEATS):
-        _sync(device)
-        t = time.perf_counter()
-        fn()
-        _sync(device)
-        times.append(time.perf_counter() - t)
-    return round(1e3 * statistics.median(times[2:]), 3)
 
 
 def _all_reduces(n: int, rows: int, hidden: int, dtype: torch.dtype, device: torch.device):
@@ -110,11 +91,11 @@ def _rank(rank: int, world: int, init: str, args: argparse.Namespace) -> None:
 
             t = time.perf_counter()
             one_pass()  # the first pass of a shape captures (and compiles) its graph
-            _sync(device)
+            sync(device)
             record["first_pass_s"][rows] = round(time.perf_counter() - t, 1)
-            record["pass_ms"][rows] = _median_ms(one_pass, device)
+            record["pass_ms"][rows] = median_ms(one_pass, device)
             reduces = _all_reduces(2 * loaded.args.num_layers, rows, hidden, dtype, device)
-            record["all_reduces_ms"][rows] = _median_ms(reduces, device)
+            record["all_reduces_ms"][rows] = median_ms(reduces, device)
             if cuda and rows in args.profile:
                 lines = _profile(one_pass, args.top)
                 if rank == 0:
@@ -129,7 +110,7 @@ def _rank(rank: int, world: int, init: str, args: argparse.Namespace) -> None:
         # (engine.cuda_graphs): the model's graphs and the all-reduces' last graph.
         model.graphs = graphs = reduces = None
         gc.collect()
-        _sync(device)
+        sync(device)
         dist.barrier()
     finally:
         dist.destroy_process_group()

@@ -15,13 +15,16 @@ Each timed round follows an untimed one of the same mode, K and streams (--no-wa
 passes of a batch shape allocate caches and, on a GPU, capture CUDA graphs. Prints one table (p50 and p99 of TTFT and ITL, speed-up over the same mode and K at 1 stream, ratio to ar
 at the same streams, draft tokens accepted per speculative step, and the scheduler's own split of a step
 after the prompt's: draft, verify and other ms; the prefill's target pass is apart, prefill_ms per request
-in the JSON) and writes the rows as JSON.
+in the JSON; "ahead": draft ms per step spent during verification, pipelining's overlap) and writes the rows
+as JSON. With --pipeline on,off each setting gets its own backend and the same rounds, and the JSON's
+pipelined_over_sequential gives their ratios.
 
 Dummy weights accept almost nothing and have no judge, so acceptance can be replayed (decoding.replay_trace,
 engine.trace): --standard-trace for the standard rows, --judge-trace for the judge rows, which then run in
 mode standard with the judge trace replayed (no judge file needed). Figures with replayed acceptance are
 labelled "replayed" with their trace, in the table and the JSON; their text is meaningless. A trace caps
-acceptance at its own K, so a K sweep above it measures cost without gain. Without a trace a mode runs for
+acceptance at its own K, so a K sweep above it measures cost without gain. MEAN:K:runs draws prefix runs
+(engine.trace.AcceptanceTrace.synthetic): whole blocks accepted as often as a^K, which pipelining needs. Without a trace a mode runs for
 real (e.g. config/qwen-coder.yaml, which has a judge file).
 
     python3 -m bench.concurrency --config config/tiny.yaml --streams 1,4 --max-tokens 16 --judge-trace 3.0:4 --out /tmp/conc.json
@@ -93,20 +96,23 @@ class StreamLog:
 
 
 def trace_for(spec: str, mode: str, folder: Path) -> Replay:
-    """FILE (engine.trace format) or MEAN:K (a synthetic trace written into `folder`)."""
+    """FILE (engine.trace format), MEAN:K (a synthetic binomial trace written into `folder`) or MEAN:K:runs
+    (synthetic prefix runs: whole blocks accepted as often as a^K, what pipelining's reuse depends on)."""
     if Path(spec).is_file():
         trace, path = AcceptanceTrace.load(Path(spec)), Path(spec).resolve()
         return Replay(path, path.name, TraceReplayer(trace).label)
     try:
-        mean, k = spec.split(":")
-        trace = AcceptanceTrace.synthetic(float(mean), int(k))
+        mean, k, *shape = spec.split(":")
+        if shape not in ([], ["runs"]):
+            raise ValueError(spec)
+        trace = AcceptanceTrace.synthetic(float(mean), int(k), runs=bool(shape))
     except ValueError as err:  # TraceError is one too: an impossible mean for K
-        detail = str(err) if isinstance(err, TraceError) else "neither a trace file nor MEAN:K"
+        detail = str(err) if isinstance(err, TraceError) else "neither a trace file nor MEAN:K[:runs]"
         raise SystemExit(f"--{mode}-trace {spec}: {detail}") from None
     trace = replace(trace, mode=mode)  # synthetic() says judge; the label should say which rows it stands for
-    path = folder / f"{mode}-synthetic-{mean}-k{k}.json"
+    path = folder / f"{mode}-synthetic-{spec.replace(':', '-')}.json"
     trace.save(path)
-    return Replay(path, f"synthetic {mean}:{k}", TraceReplayer(trace).label)
+    return Replay(path, f"synthetic {spec}", TraceReplayer(trace).label)
 
 
 def one_stream(address: str, text: str, mode: Mode, k: int | None, args: argparse.Namespace,
@@ -213,7 +219,7 @@ def plan(modes: list[Mode], config: Config, standard: Replay | None, judge: Repl
     return groups
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--config", default="config/tiny.yaml")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
@@ -224,12 +230,18 @@ def main() -> None:
     ap.add_argument("--max-tokens", type=int, default=64)
     ap.add_argument("--standard-trace", metavar="FILE|MEAN:K", help="acceptance replayed in the standard rows")
     ap.add_argument("--judge-trace", metavar="FILE|MEAN:K", help="acceptance replayed in the judge rows (run as standard)")
+    ap.add_argument("--pipeline", metavar="on|off|on,off",
+                    help="serve.pipeline of the backends (default: the config's); with on,off every row runs on both, "
+                         "and the JSON's pipelined_over_sequential compares them (drafting ahead wants the draft on "
+                         "its own GPU, serve.draft_placement=own_gpu, and on dummy weights replayed guesses, "
+                         "decoding.replay_guesses=true, with a :runs trace)")
     ap.add_argument("--no-warmup", action="store_true",
                     help="skip the untimed round at the same mode, K and streams before each timed one (the first "
                          "passes of a batch shape allocate caches and capture CUDA graphs)")
     ap.add_argument("--timeout", type=float, default=900.0, help="deadline of each request, s")
     ap.add_argument("--out", type=Path, default=Path("bench/results/concurrency.json"))
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
 
     streams = sorted({int(c) for c in args.streams.split(",")})
     modes = [Mode(m) for m in args.modes.split(",")]
@@ -238,11 +250,18 @@ def main() -> None:
     for item in args.set:
         key, _, value = item.partition("=")
         overrides[key] = yaml.safe_load(value)
+    # each backend gets its replay trace below, so guesses are replayed there (the config alone would refuse
+    # replay_guesses without a trace)
+    guesses = bool(overrides.pop("decoding.replay_guesses", False))
     config = load_config(args.config, overrides)
     if "serve.max_queued_requests" not in overrides and config.serve.max_queued_requests < most:
         # room for a round's streams while the last round's handlers still finish (the server counts them)
         config = config.model_copy(update={"serve": config.serve.model_copy(update={"max_queued_requests": most})})
     ks = [int(k) for k in args.draft_tokens.split(",")] if args.draft_tokens else [config.decoding.draft_tokens]
+    switch = {"on": True, "off": False}
+    if args.pipeline and not set(args.pipeline.split(",")) <= switch.keys():
+        raise SystemExit(f"--pipeline {args.pipeline}: on, off or on,off")
+    pipelines = [switch[x] for x in dict.fromkeys(args.pipeline.split(","))] if args.pipeline else [config.serve.pipeline]
     prompts = [text for _, text in synthetic_prompts(most)]  # a different prompt per stream
 
     tmp = tempfile.TemporaryDirectory(prefix="judgeserve-traces-")
@@ -254,21 +273,21 @@ def main() -> None:
         if over:
             print(f"note: {s.label} at K={over}: the trace accepts at most its own K per step", file=sys.stderr)
 
-    rounds = sum(len(streams) * (1 if s.mode is Mode.AR else len(ks)) for g in groups.values() for s in g)
+    rounds = len(pipelines) * sum(len(streams) * (1 if s.mode is Mode.AR else len(ks)) for g in groups.values() for s in g)
     bar = tqdm(total=rounds, desc="rounds")
     loop, rows = _Loop(), []
-    for path, group in groups.items():
-        decoding = config.decoding.model_copy(update={"replay_trace": path})
-        backend, server, address = served(config.model_copy(update={"decoding": decoding}), loop, {})
+    for pipeline, (path, group) in ((p, g) for p in pipelines for g in groups.items()):
+        decoding = config.decoding.model_copy(update={"replay_trace": path, "replay_guesses": guesses and path is not None})
+        backend, server, address = served(config.model_copy(update={"decoding": decoding}), loop, {"pipeline": pipeline})
         try:
             for s in group:
                 for k in [None] if s.mode is Mode.AR else ks:
                     for c in streams:
                         if not args.no_warmup:
                             run_round(address, prompts, s, k, c, args)
-                        bar.set_description(f"{s.label} K={k} streams={c}")
+                        bar.set_description(f"{s.label} K={k} streams={c} pipeline={pipeline}")
                         row = {"mode": s.label, "kind": s.kind.value, "request_mode": s.mode.value, "k": k, "streams": c,
-                               "replayed": s.replay.label if s.replay else None}
+                               "pipeline": pipeline, "replayed": s.replay.label if s.replay else None}
                         rows.append(row | summarize(run_round(address, prompts, s, k, c, args)))
                         bar.update()
         finally:
@@ -277,30 +296,39 @@ def main() -> None:
     bar.close()
     tmp.cleanup()
 
-    by_key = {(r["mode"], r["k"], r["streams"]): r for r in rows}
+    by_key = {(r["mode"], r["k"], r["streams"], r["pipeline"]): r for r in rows}
     for r in rows:
-        one = by_key.get((r["mode"], r["k"], 1))
-        ar = by_key.get(("ar", None, r["streams"]))
+        one = by_key.get((r["mode"], r["k"], 1, r["pipeline"]))
+        ar = by_key.get(("ar", None, r["streams"], r["pipeline"]))
         r["speedup_over_1_stream"] = round(r["tokens_per_s"] / one["tokens_per_s"], 3) if one else None
         r["ratio_to_ar"] = round(r["tokens_per_s"] / ar["tokens_per_s"], 3) if ar else None
-    rows.sort(key=lambda r: (modes.index(Mode(r["kind"])), r["k"] or 0, r["streams"]))  # as --modes lists them
+    # as --modes lists them, sequential before pipelined
+    rows.sort(key=lambda r: (modes.index(Mode(r["kind"])), r["k"] or 0, r["streams"], r["pipeline"]))
+    pipelined_over_sequential = {
+        f"{r['mode']} K={r['k'] or '-'} streams={r['streams']}": round(r["tokens_per_s"] / seq["tokens_per_s"], 3)
+        for r in rows
+        if r["pipeline"] and (seq := by_key.get((r["mode"], r["k"], r["streams"], False)))
+    }
 
     def f(x: float | None, spec: str) -> str:
         return "-" if x is None else format(x, spec)
 
     width = max(len(r["mode"]) for r in rows)
-    print(f"\n{'mode':{width}} {'K':>3} {'streams':>7} {'tok/s':>8} {'decode':>7} {'x 1 stream':>10} {'x ar':>6} "
+    print(f"\n{'mode':{width}} {'K':>3} {'streams':>7} {'pipe':>4} {'tok/s':>8} {'decode':>7} {'x 1 stream':>10} {'x ar':>6} "
           f"{'TTFT p50':>9} {'p99 ms':>7} {'ITL p50':>8} {'p99 ms':>7} {'acc/step':>8} {'draft':>6} {'verify':>6} "
-          f"{'other ms/step':>13}")
+          f"{'other ms/step':>13} {'ahead':>6}")
     for r in rows:
-        print(f"{r['mode']:{width}} {f(r['k'], 'd'):>3} {r['streams']:7d} {r['tokens_per_s']:8.1f} "
+        print(f"{r['mode']:{width}} {f(r['k'], 'd'):>3} {r['streams']:7d} {'on' if r['pipeline'] else 'off':>4} "
+              f"{r['tokens_per_s']:8.1f} "
               f"{f(r['decode_tokens_per_s'], '.1f'):>7} "
               f"{f(r['speedup_over_1_stream'], '.2f'):>10} {f(r['ratio_to_ar'], '.2f'):>6} "
               f"{f(r['ttft_ms_p50'], '.1f'):>9} {f(r['ttft_ms_p99'], '.1f'):>7} {f(r['itl_ms_p50'], '.2f'):>8} "
               f"{f(r['itl_ms_p99'], '.2f'):>7} {f(r['accepted_per_step'], '.2f'):>8} {r['draft_ms']:6.1f} "
-              f"{r['verify_ms']:6.1f} {r['judge_ms'] + r['overhead_ms']:13.1f}")
+              f"{r['verify_ms']:6.1f} {r['judge_ms'] + r['overhead_ms']:13.1f} {r['overlapped_draft_ms']:6.1f}")
     for replay in {s.replay for g in groups.values() for s in g if s.replay}:
         print(f"{replay.short}: {replay.label}; the text of those rows is meaningless")
+    for name, ratio in pipelined_over_sequential.items():
+        print(f"pipelined / sequential, {name}: {ratio:.3f}")
 
     cuda = config.runtime.device.startswith("cuda")
     gpus = torch.cuda.device_count() if cuda else 0
@@ -309,12 +337,13 @@ def main() -> None:
         "benchmark": "bench.concurrency",
         "card": f"{gpus} x {card}" if gpus > 1 else card,
         "date": datetime.date.today().isoformat(),
-        "command": shlex.join(["python3", "-m", "bench.concurrency", *sys.argv[1:]]),
+        "command": shlex.join(["python3", "-m", "bench.concurrency", *argv]),
         "config": args.config,
         "overrides": args.set,
         "shapes": {"target": config.target.model, "draft": config.draft.model, "dtype": config.target.dtype.value},
         "max_tokens": args.max_tokens,
         "rows": rows,
+        **({"pipelined_over_sequential": pipelined_over_sequential} if pipelined_over_sequential else {}),
         **single_stream_figures(rows),
     }
     write_results(args.out, result)

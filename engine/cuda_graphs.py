@@ -1,4 +1,4 @@
-"""CUDA graphs of a model's passes after the prefill: a one-token decode, a draft's first pass, a verification.
+"""CUDA graphs of a model's passes: a prefill, a one-token decode, a draft's first pass, a verification.
 
 At batch 1 a pass of an 8B model is a few hundred kernels of a few microseconds each; launched one by one
 from Python, the launches take longer than the kernels (docs/performance.md). A captured graph replays
@@ -7,7 +7,11 @@ one (on a GPU, runtime.cuda_graphs): the first pass of each (cache, batch, T, ke
 of `Transformer.forward_slots`, which attends through a mask over the cache's first L positions, L the
 pass's end rounded up to a power of two (at least KEY_FLOOR), so that one graph serves every position of
 its bucket; later passes of that shape copy their tokens and start position into the graph's inputs and
-replay it. Attention thus reads about the sequence's keys, not max_seq_len's (over a whole 1024-position
+replay it. A prefill's length varies with the prompt, so it runs padded to a bucket of rows (a power of two
+of at least PREFILL_FLOOR, at most max_rows): its padding rows write past the prompt, where nothing is
+valid and the prompt's rows never look (the causal mask), and only the prompt's rows are returned. Eagerly,
+a 30-token prefill took 225 ms of a 70B int8 TP rank against 25 ms for a captured 17-token verification,
+docs/performance.md. Attention thus reads about the sequence's keys, not max_seq_len's (over a whole 1024-position
 cache it was a fifth of a 70B TP rank's 17-token pass, docs/performance.md, and it grows with
 max_seq_len). The output equals the eager pass's up to the order of floating-point sums. With
 runtime.compile, the pass's three pieces (embedding, one decoder layer, norm and LM head: engine.model's
@@ -16,7 +20,8 @@ SLOT_STEPS) are compiled apart before the capture, the layer step once for every
 A graph holds the addresses of its cache: caches must outlive it and be reused, not reallocated (the
 engine keeps one per model; actors.caches pools them).
 
-Not for: the prefill (its length varies, it runs eagerly once per request), CPUs.
+Not for: prompts of more than max_rows tokens (they prefill eagerly, where the launches matter less than
+the products), CPUs.
 """
 
 from __future__ import annotations
@@ -31,6 +36,7 @@ from engine.model import SLOT_STEPS, CacheBlock, KVCache, SlotSteps, Transformer
 
 WARMUP_PASSES = 2  # before capture, on a side stream: lets cuBLAS and the allocator settle (torch's advice)
 KEY_FLOOR = 64  # the smallest key bucket: shorter sequences share one graph per pass shape
+PREFILL_FLOOR = 16  # the smallest prefill: shorter prompts share its graph (a few padding rows cost little)
 
 
 @dataclass
@@ -78,23 +84,27 @@ class CudaGraphs:
     def run(
         self, model: Transformer, tokens: torch.Tensor, cache: KVCache, last_only: bool
     ) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """Transformer.forward's result for a pass at cache.length > 0, or None when it must run eagerly."""
+        """Transformer.forward's result for a pass, or None when it must run eagerly."""
         batch, t = tokens.shape
         if t > self.max_rows:
             return None
-        keys = min(_bucket(cache.length + t, KEY_FLOOR), cache.max_len)
-        key = (id(cache), batch, t, keys)
+        rows = t
+        if cache.length == 0:  # a prefill: padded with its last token to a bucket of rows
+            rows = min(_bucket(t, PREFILL_FLOOR), self.max_rows, cache.max_len)
+            tokens = torch.cat((tokens, tokens[:, -1:].expand(batch, rows - t)), dim=1)
+        keys = min(_bucket(cache.length + rows, KEY_FLOOR), cache.max_len)
+        key = (id(cache), batch, rows, keys)
         g = self._graphs.get(key)
         if g is None:  # the graph holds its cache, so no other cache can have this id meanwhile
-            g = self._graphs[key] = self._capture(model, cache, batch, t, keys)
+            g = self._graphs[key] = self._capture(model, cache, batch, rows, keys)
         g.tokens.copy_(tokens, non_blocking=True)
         g.start.fill_(cache.length)
         g.replay()
         cache.length += t
         # copies: the next replay overwrites the outputs, and callers may keep these
         if last_only:
-            return g.logits[:, -1:].clone(), g.hidden[:, -1:].clone()
-        return g.logits.clone(), g.hidden.clone()
+            return g.logits[:, t - 1 : t].clone(), g.hidden[:, t - 1 : t].clone()
+        return g.logits[:, :t].clone(), g.hidden[:, :t].clone()
 
     def run_rows(
         self, model: Transformer, feeds: list[torch.Tensor], caches: list[KVCache], lengths: list[int]

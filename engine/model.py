@@ -409,7 +409,7 @@ class Transformer(nn.Module):
         start, rows = cache.length, tokens.shape[1]
         if start + rows > cache.max_len:
             raise ValueError(f"KV cache overflow: {start} + {rows} tokens > max_seq_len {cache.max_len}")
-        if self.graphs is not None and start > 0:  # a prefill's length varies: it runs eagerly
+        if self.graphs is not None:
             replayed = self.graphs.run(self, tokens, cache, last_only)
             if replayed is not None:
                 return replayed

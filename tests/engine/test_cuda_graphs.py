@@ -75,17 +75,60 @@ def test_replays_move_the_cache_and_warm_up_leaves_valid_entries_alone(tiny_args
     cache = model.new_cache(64)
     prompt = torch.arange(7)[None] + 40
     with torch.inference_mode():
-        model(prompt, cache)  # a prefill runs eagerly: no graph
-        assert len(graphs) == 0 and cache.length == 7
+        model(prompt, cache)  # the prefill: its own graph, padded to max_rows (8) rows
+        assert len(graphs) == 1 and cache.length == 7
         before = cache.k[:, :, :, :7].clone()
         model(torch.tensor([[5]]), cache)  # the first one-token pass sets up its graph (warming up at the end)
-        assert len(graphs) == 1 and cache.length == 8
+        assert len(graphs) == 2 and cache.length == 8
         torch.testing.assert_close(cache.k[:, :, :, :7], before)
         model(torch.tensor([[6]]), cache)
         model(torch.tensor([[1, 2, 3]]), cache)
-        assert len(graphs) == 2 and cache.length == 12
+        assert len(graphs) == 3 and cache.length == 12
         model(torch.arange(9)[None], cache)  # longer than max_rows: eagerly
-        assert len(graphs) == 2 and cache.length == 21
+        assert len(graphs) == 3 and cache.length == 21
+        cache.length = 0
+        model(torch.arange(9)[None], cache)  # a prompt longer than max_rows prefills eagerly too
+        assert len(graphs) == 3 and cache.length == 9
+
+
+@torch.inference_mode()
+def test_a_prefill_replays_a_graph_padded_to_a_bucket_of_rows(tiny_args):
+    """Prompts of 5, 11 and 16 tokens share the 16-row prefill graph (PREFILL_FLOOR), 17 and 30 the 32-row
+    one, 33 the last, capped at max_rows: each gives the eager prefill's logits and hidden states for its own
+    rows only and leaves its own positions of the cache as the eager prefill does (the padding writes past
+    them, where the decode that follows writes over it: its passes equal too)."""
+    from engine.cuda_graphs import PREFILL_FLOOR
+
+    model = dummy_model(tiny_args, 0, 0.0, torch.float32, CPU).eval()
+    model.exact_rows = False
+    graphs = CudaGraphs(max_rows=40, capture=False)
+    gen = torch.Generator().manual_seed(5)
+    shapes = []
+    eager, graphed = model.new_cache(128), model.new_cache(128)  # reused, as the engine reuses its caches
+    for n in (5, 11, 16, 17, 30, 33):
+        prompt = torch.randint(0, tiny_args.vocab_size, (1, n), generator=gen)
+        for last_only in (True, False):
+            for cache in (eager, graphed):
+                cache.length = 0
+            model.graphs = None
+            want = model(prompt, eager, last_only=last_only)
+            model.graphs = graphs
+            got = model(prompt, graphed, last_only=last_only)
+            assert graphed.length == eager.length == n
+            for g, w in zip(got, want):
+                assert g.shape == w.shape
+                torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(graphed.k[:, :, :, :n], eager.k[:, :, :, :n])
+            torch.testing.assert_close(graphed.v[:, :, :, :n], eager.v[:, :, :, :n])
+        for token in (3, 9):  # decoding on: the padding's keys past n are written over, never read
+            model.graphs = None
+            want, _ = model(torch.tensor([[token]]), eager)
+            model.graphs = graphs
+            got, _ = model(torch.tensor([[token]]), graphed)
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+        shapes.append(len(graphs))
+    # graphs: prefills of 16 rows (n = 5, 11, 16), 32 (17, 30) and 40 (33), and the one-token decode's
+    assert PREFILL_FLOOR == 16 and shapes == [2, 2, 2, 3, 3, 4]
 
 
 @torch.inference_mode()
@@ -176,8 +219,8 @@ def test_cuda_graphs_on_a_cpu_is_refused_in_the_config():
 def test_batched_passes_over_a_cache_block_replay_shared_graphs(tiny_args):
     """forward_batch over slots of one CacheBlock goes through CudaGraphs.run_rows (no capture on a CPU):
     each request gets its own eager pass's results, batches of 3 and 4 rows share one graph (rows rounded
-    up to a power of two, the padding row in the scratch slot), the other slots stay untouched, and
-    prefills run eagerly."""
+    up to a power of two, the padding row in the scratch slot), and the other slots stay untouched. A
+    prefill of one request is forward's: its own graph if it fits max_rows (8), else eager."""
     model = dummy_model(tiny_args, 0, 0.0, torch.float32, CPU).eval()
     model.exact_rows = False
     graphs = model.graphs = CudaGraphs(max_rows=8, capture=False)
@@ -189,8 +232,8 @@ def test_batched_passes_over_a_cache_block_replay_shared_graphs(tiny_args):
         model.graphs = None
         model(prefix, a)
         model.graphs = graphs
-        model(prefix, b)  # a prefill: eager
-    assert len(graphs) == 0
+        model(prefix, b)  # prefills of 5 and 8 tokens: a graph each (one per slot); 11 and 14: eager
+    assert len(graphs) == 2
     untouched = block.k[:, [3, 5]].clone()
 
     def step(rows: int, feeds: list[int], seed: int) -> None:
@@ -206,7 +249,7 @@ def test_batched_passes_over_a_cache_block_replay_shared_graphs(tiny_args):
     step(3, [1, 1, 1], 10)
     step(4, [2, 1, 3, 1], 20)
     step(4, [3, 3, 1, 2], 30)
-    assert len(graphs) == 2  # (4 rows, T 1) and (4 rows, T 3): the 3-row batch took the 4-row graph
+    assert len(graphs) == 2 + 2  # (4 rows, T 1) and (4 rows, T 3): the 3-row batch took the 4-row graph
     for a, b in zip(plain, slots):
         assert a.length == b.length
         torch.testing.assert_close(b.k[:, :, :, : b.length], a.k[:, :, :, : a.length], rtol=1e-5, atol=1e-5)

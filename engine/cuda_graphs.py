@@ -9,10 +9,9 @@ pass's end rounded up to a power of two (at least KEY_FLOOR), so that one graph 
 its bucket; later passes of that shape copy their tokens and start position into the graph's inputs and
 replay it. A prefill's length varies with the prompt, so it runs padded to a bucket of rows (a power of two
 of at least PREFILL_FLOOR, at most max_rows): its padding rows write past the prompt, where nothing is
-valid and the prompt's rows never look (the causal mask), and only the prompt's rows are returned. An int8
-model's prefill runs in chunks of at most KERNEL_MAX_ROWS rows, each padded so, since longer passes convert
-every weight to bf16 first (engine.quant). Eagerly, an 84-token prefill took 225 ms of a 70B int8 TP rank
-against 25 ms for a captured 17-token verification, docs/performance.md. Attention thus reads about the sequence's keys, not max_seq_len's (over a whole 1024-position
+valid and the prompt's rows never look (the causal mask), and only the prompt's rows are returned. Eagerly,
+a 30-token prefill took 225 ms of a 70B int8 TP rank against 25 ms for a captured 17-token verification,
+docs/performance.md. Attention thus reads about the sequence's keys, not max_seq_len's (over a whole 1024-position
 cache it was a fifth of a 70B TP rank's 17-token pass, docs/performance.md, and it grows with
 max_seq_len). The output equals the eager pass's up to the order of floating-point sums. With
 runtime.compile, the pass's three pieces (embedding, one decoder layer, norm and LM head: engine.model's
@@ -34,7 +33,6 @@ import torch
 
 from engine.config import RuntimeConfig
 from engine.model import SLOT_STEPS, CacheBlock, KVCache, SlotSteps, Transformer
-from engine.quant import KERNEL_MAX_ROWS, Int8Linear
 
 WARMUP_PASSES = 2  # before capture, on a side stream: lets cuBLAS and the allocator settle (torch's advice)
 KEY_FLOOR = 64  # the smallest key bucket: shorter sequences share one graph per pass shape
@@ -79,7 +77,6 @@ class CudaGraphs:
         self._graphs: dict[tuple[int, int, int], _Graph] = {}
         self._pool = None  # one memory pool for all: replays never overlap
         self._compiled: SlotSteps | None = None  # torch.compile of each of SLOT_STEPS, made at the first capture
-        self._prefill_rows: int | None = None  # the longest prefill pass, set at the first prefill
 
     def __len__(self) -> int:
         return len(self._graphs)
@@ -91,27 +88,10 @@ class CudaGraphs:
         batch, t = tokens.shape
         if t > self.max_rows:
             return None
-        if cache.length > 0:
-            return self._replay(model, tokens, cache, last_only, t)
-        if self._prefill_rows is None:
-            int8 = any(isinstance(m, Int8Linear) for m in model.modules())
-            self._prefill_rows = min(KERNEL_MAX_ROWS, self.max_rows) if int8 else self.max_rows
-        outs = []  # a prefill: chunks, each padded with its last token to a bucket of rows
-        for s in range(0, t, self._prefill_rows):
-            chunk = tokens[:, s : s + self._prefill_rows]
-            n = chunk.shape[1]
-            rows = min(_bucket(n, PREFILL_FLOOR), self._prefill_rows, cache.max_len - cache.length)
-            outs.append(self._replay(model, torch.cat((chunk, chunk[:, -1:].expand(batch, rows - n)), dim=1), cache, last_only, n))
-        if last_only or len(outs) == 1:
-            return outs[-1]
-        return torch.cat([o[0] for o in outs], dim=1), torch.cat([o[1] for o in outs], dim=1)
-
-    def _replay(
-        self, model: Transformer, tokens: torch.Tensor, cache: KVCache, last_only: bool, t: int
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """The pass of `tokens` [batch, rows] from its graph (captured on first use); the first t rows are
-        real, and only theirs are returned and counted in cache.length."""
-        batch, rows = tokens.shape
+        rows = t
+        if cache.length == 0:  # a prefill: padded with its last token to a bucket of rows
+            rows = min(_bucket(t, PREFILL_FLOOR), self.max_rows, cache.max_len)
+            tokens = torch.cat((tokens, tokens[:, -1:].expand(batch, rows - t)), dim=1)
         keys = min(_bucket(cache.length + rows, KEY_FLOOR), cache.max_len)
         key = (id(cache), batch, rows, keys)
         g = self._graphs.get(key)

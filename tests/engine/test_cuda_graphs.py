@@ -254,26 +254,3 @@ def test_batched_passes_over_a_cache_block_replay_shared_graphs(tiny_args):
         assert a.length == b.length
         torch.testing.assert_close(b.k[:, :, :, : b.length], a.k[:, :, :, : a.length], rtol=1e-5, atol=1e-5)
     assert torch.equal(block.k[:, [3, 5]], untouched)  # nobody's slots (padding rows write the scratch slot)
-
-
-@torch.inference_mode()
-def test_an_int8_prefill_runs_in_chunks_the_int8_kernel_serves(tiny_args):
-    """An int8 model's prefill of 84 tokens runs as graphs of 64 rows (KERNEL_MAX_ROWS, the int8 kernel's
-    most) and 32 (20 real rows, padded), not one of 128, which would convert every weight to bf16 first (on
-    a GPU; on a CPU every int8 pass converts). Logits, hidden states and cache as the eager prefill's."""
-    from engine.quant import KERNEL_MAX_ROWS, quantize_int8
-
-    model = quantize_int8(dummy_model(tiny_args, 0, 0.0, torch.float32, CPU).eval())
-    model.exact_rows = False
-    graphs = CudaGraphs(max_rows=129, capture=False)
-    prompt = torch.randint(0, tiny_args.vocab_size, (1, 84), generator=torch.Generator().manual_seed(6))
-    eager, graphed = model.new_cache(256), model.new_cache(256)
-    want = model(prompt, eager)
-    model.graphs = graphs
-    got = model(prompt, graphed)
-    for g, w in zip(got, want):
-        assert g.shape == w.shape
-        torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-4)
-    assert graphed.length == 84
-    torch.testing.assert_close(graphed.k[:, :, :, :84], eager.k[:, :, :, :84], rtol=1e-4, atol=1e-4)
-    assert KERNEL_MAX_ROWS == 64 and sorted(rows for _, _, rows, _ in graphs._graphs) == [32, 64]

@@ -24,8 +24,8 @@ engine.trace): --standard-trace for the standard rows, --judge-trace for the jud
 mode standard with the judge trace replayed (no judge file needed). Figures with replayed acceptance are
 labelled "replayed" with their trace, in the table and the JSON; their text is meaningless. A trace caps
 acceptance at its own K, so a K sweep above it measures cost without gain. MEAN:K:runs draws prefix runs
-(engine.trace.AcceptanceTrace.synthetic): whole blocks accepted as often as a^K, which pipelining needs. Without a trace a mode runs for
-real (e.g. config/qwen-coder.yaml, which has a judge file).
+(engine.trace.AcceptanceTrace.synthetic): whole blocks accepted as often as a^K, which pipelining needs.
+Without a trace a mode runs for real (e.g. config/qwen-coder.yaml, which has a judge file).
 
     python3 -m bench.concurrency --config config/tiny.yaml --streams 1,4 --max-tokens 16 --judge-trace 3.0:4 --out /tmp/conc.json
 
@@ -261,7 +261,8 @@ def main(argv: list[str] | None = None) -> None:
     switch = {"on": True, "off": False}
     if args.pipeline and not set(args.pipeline.split(",")) <= switch.keys():
         raise SystemExit(f"--pipeline {args.pipeline}: on, off or on,off")
-    pipelines = [switch[x] for x in dict.fromkeys(args.pipeline.split(","))] if args.pipeline else [config.serve.pipeline]
+    asked = dict.fromkeys(args.pipeline.split(",")) if args.pipeline else None
+    pipelines = [switch[x] for x in asked] if asked else [config.serve.pipeline]
     prompts = [text for _, text in synthetic_prompts(most)]  # a different prompt per stream
 
     tmp = tempfile.TemporaryDirectory(prefix="judgeserve-traces-")
@@ -273,11 +274,13 @@ def main(argv: list[str] | None = None) -> None:
         if over:
             print(f"note: {s.label} at K={over}: the trace accepts at most its own K per step", file=sys.stderr)
 
-    rounds = len(pipelines) * sum(len(streams) * (1 if s.mode is Mode.AR else len(ks)) for g in groups.values() for s in g)
+    per_backend = sum(len(streams) * (1 if s.mode is Mode.AR else len(ks)) for g in groups.values() for s in g)
+    rounds = len(pipelines) * per_backend
     bar = tqdm(total=rounds, desc="rounds")
     loop, rows = _Loop(), []
     for pipeline, (path, group) in ((p, g) for p in pipelines for g in groups.items()):
-        decoding = config.decoding.model_copy(update={"replay_trace": path, "replay_guesses": guesses and path is not None})
+        replay = {"replay_trace": path, "replay_guesses": guesses and path is not None}
+        decoding = config.decoding.model_copy(update=replay)
         backend, server, address = served(config.model_copy(update={"decoding": decoding}), loop, {"pipeline": pipeline})
         try:
             for s in group:
@@ -314,7 +317,8 @@ def main(argv: list[str] | None = None) -> None:
         return "-" if x is None else format(x, spec)
 
     width = max(len(r["mode"]) for r in rows)
-    print(f"\n{'mode':{width}} {'K':>3} {'streams':>7} {'pipe':>4} {'tok/s':>8} {'decode':>7} {'x 1 stream':>10} {'x ar':>6} "
+    print(f"\n{'mode':{width}} {'K':>3} {'streams':>7} {'pipe':>4} {'tok/s':>8} {'decode':>7} {'x 1 stream':>10} "
+          f"{'x ar':>6} "
           f"{'TTFT p50':>9} {'p99 ms':>7} {'ITL p50':>8} {'p99 ms':>7} {'acc/step':>8} {'draft':>6} {'verify':>6} "
           f"{'other ms/step':>13} {'ahead':>6}")
     for r in rows:

@@ -380,8 +380,8 @@ class Transformer(nn.Module):
         super().__init__()
         self.args = args
         self.exact_rows = True
-        # engine.cuda_graphs.CudaGraphs when the passes after a prefill replay captured CUDA graphs (set by
-        # the loader on a GPU); None: every pass runs eagerly
+        # engine.cuda_graphs.CudaGraphs when the passes replay captured CUDA graphs (set by the loader on a
+        # GPU; prompts longer than its max_rows prefill eagerly); None: every pass runs eagerly
         self.graphs: Any = None
         self.model = Backbone(args)
         self.lm_head = nn.Linear(args.hidden_size, args.vocab_size, bias=False)

@@ -267,8 +267,8 @@ def load_model(
     formed after loading). A real checkpoint is read shard-only (`load_checkpoint`); a dummy model is drawn
     a tensor at a time, identically on every rank, each keeping its slices (`dummy_model`). `args` and `fingerprint` describe the whole model either
     way. A split that does not divide raises engine.tp.check_tp's ValueError before any weight is read.
-    With `graphs` (engine.cuda_graphs.graphs_for), the passes after a prefill replay CUDA graphs; with
-    spec.quantize int8, the linear layers hold int8 weights (engine.quant)."""
+    With `graphs` (engine.cuda_graphs.graphs_for), the passes (and prefills of up to 128 tokens) replay CUDA
+    graphs; with spec.quantize int8, the linear layers hold int8 weights (engine.quant)."""
     device = torch.device(device)
     dtype = TORCH_DTYPES[spec.dtype]
     if spec.is_dummy:

@@ -186,7 +186,7 @@ def test_one_compiled_layer_step_serves_every_key_bucket(tiny_args):
 
 @pytest.mark.parametrize("mode", [Mode.AR, Mode.STANDARD, Mode.JUDGE])
 def test_greedy_output_through_the_graph_path_equals_the_plain_path(judge_config, mode):
-    """Every pass after a prefill goes through CudaGraphs (no capture on a CPU) in one engine, eagerly in the
+    """Every pass, prefills included, goes through CudaGraphs (no capture on a CPU) in one engine, eagerly in the
     other; both use the masked attention of the GPU path (exact_rows off)."""
     engines = []
     for graphed in (False, True):

@@ -234,7 +234,9 @@ class TargetShard:
         so far, and `params` its sampling; None on the others): pass j feeds each row still decoding its
         token j - 1, until it has `wanted` tokens or (on rank 0's word) emitted a stop id. Rank 0 decides
         every token and broadcasts each pass's feed (-1: the row is done), so all ranks run the same passes
-        on the same tokens."""
+        on the same tokens. A batch of greedy rows alone takes `_decode_greedy`, which needs no host turn."""
+        if all(inp.sampling.params().greedy for _, inp, _ in rows):
+            return self._decode_greedy(caches, wanted, stops, tokens)
         for j in range(1, max(wanted)):
             feed = torch.full((len(rows),), -1, dtype=torch.long)
             if tokens is not None:
@@ -258,6 +260,46 @@ class TargetShard:
                 logits.update(zip(greedy, torch.stack([logits[i] for i in greedy]).argmax(-1).tolist()))
             for i in going:
                 tokens[i].append(self._token(rows[i][1], params[i], j, logits[i]))
+
+    @torch.inference_mode()
+    def _decode_greedy(
+        self, caches: list, wanted: list[int], stops: list[frozenset[int]], tokens: dict[int, list[int]] | None
+    ) -> None:
+        """_decode_more for greedy rows, with no host sync between passes: each pass feeds every row the argmax
+        of its last pass on the device (rank 0's, broadcast, so that all ranks run the same passes on the same
+        tokens), every row runs to its `wanted` tokens, and rank 0 reads them back once at the end and cuts
+        each row after its first stop id. The passes past a stop wrote keys nothing reads: rank 0 rolls its
+        cache back (it reports the length), the other ranks' are cut by the next call's `keep`, as after a
+        rejected draft. A request that stops wastes at most ar_tokens_per_call - 1 passes; the others save a
+        read-back and the host's turn-around between every two passes."""
+        n = len(caches)
+        first = torch.tensor([tokens[i][-1] if tokens is not None else 0 for i in range(n)], device=self.device)
+        if self.world > 1:
+            dist.broadcast(first, src=0)
+        feeds = list(first.split(1))  # one token per row, on the device
+        drawn: list[tuple[list[int], torch.Tensor]] = []  # per pass: its rows and their argmax
+        for j in range(1, max(wanted)):
+            going = [i for i in range(n) if j < wanted[i]]
+            outs = self.model.forward_batch([feeds[i] for i in going], [caches[i] for i in going], last_only=True)
+            top = torch.stack([logits[-1] for logits, _ in outs]).argmax(-1)
+            if self.world > 1:
+                dist.broadcast(top, src=0)
+            drawn.append((going, top))
+            for i, token in zip(going, top.split(1)):
+                feeds[i] = token
+        if tokens is None or not drawn:
+            return
+        ids = iter(torch.cat([top for _, top in drawn]).tolist())
+        more: dict[int, list[int]] = {i: [] for i in range(n)}
+        for going, _ in drawn:
+            for i in going:
+                more[i].append(next(ids))
+        for i, got in tokens.items():
+            for token in more[i]:
+                if got[-1] in stops[i]:
+                    break
+                got.append(token)
+            caches[i].truncate(caches[i].length - (wanted[i] - len(got)))  # the feeds past the row's last token
 
     def active(self) -> list[str]:
         """Request ids that hold a cache on this rank (empty when nothing is running)."""

@@ -49,6 +49,19 @@ def test_greedy_speculative_output_through_graphs_equals_autoregressive(engines)
     assert len(graphed.draft.model.graphs) >= 1
 
 
+def test_prefills_of_every_row_bucket_and_past_them_give_the_eager_greedy_output(engines):
+    """Prompts of 10 to 200 tokens: prefills through graphs of 16, 32, 64 and 128 rows (padded), and one
+    longer than max_rows, which prefills eagerly; greedy output as the eager engine's, compiled too."""
+    graphed, eager, compiled = engines
+    for n in (10, 29, 47, 100, 200):
+        prompt = "".join(chr(97 + (i * 7) % 26) for i in range(n))  # the tiny pair's tokenizer: a token a byte
+        want = _tokens(eager, prompt, Mode.AR)
+        assert _tokens(graphed, prompt, Mode.AR) == want, n
+        assert _tokens(compiled, prompt, Mode.AR) == want, n
+    rows = {key[2] for key in graphed.target.model.graphs._graphs if isinstance(key[0], int)}
+    assert {16, 32, 64, 128} <= rows  # the prefills' buckets were captured
+
+
 @torch.inference_mode()
 def test_captured_batched_passes_equal_eager_batched_passes(engines):
     """Requests in slots of one CacheBlock: a batch through a captured graph (CudaGraphs.run_rows) gives the

@@ -231,11 +231,13 @@ class TargetShard:
         tokens: dict[int, list[int]] | None = None,
     ) -> None:
         """The autoregressive rows' tokens after their first, appended to `tokens` (rank 0: each row's tokens
-        so far, and `params` its sampling; None on the others): pass j feeds each row still decoding its
+        so far, and `params` its sampling, already parsed; None on the others): pass j feeds each row still decoding its
         token j - 1, until it has `wanted` tokens or (on rank 0's word) emitted a stop id. Rank 0 decides
         every token and broadcasts each pass's feed (-1: the row is done), so all ranks run the same passes
         on the same tokens. A batch of greedy rows alone takes `_decode_greedy`, which needs no host turn."""
-        if all(inp.sampling.params().greedy for _, inp, _ in rows):
+        if params is None:  # the other ranks: the same parse as rank 0's, for the same choice of path
+            params = [inp.sampling.params() for _, inp, _ in rows]
+        if all(p.greedy for p in params):
             return self._decode_greedy(caches, wanted, stops, tokens)
         for j in range(1, max(wanted)):
             feed = torch.full((len(rows),), -1, dtype=torch.long)

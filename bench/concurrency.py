@@ -258,11 +258,12 @@ def main(argv: list[str] | None = None) -> None:
         # room for a round's streams while the last round's handlers still finish (the server counts them)
         config = config.model_copy(update={"serve": config.serve.model_copy(update={"max_queued_requests": most})})
     ks = [int(k) for k in args.draft_tokens.split(",")] if args.draft_tokens else [config.decoding.draft_tokens]
-    switch = {"on": True, "off": False}
-    if args.pipeline and not set(args.pipeline.split(",")) <= switch.keys():
-        raise SystemExit(f"--pipeline {args.pipeline}: on, off or on,off")
-    asked = dict.fromkeys(args.pipeline.split(",")) if args.pipeline else None
-    pipelines = [switch[x] for x in asked] if asked else [config.serve.pipeline]
+    pipelines = [config.serve.pipeline]
+    if args.pipeline:
+        try:
+            pipelines = [{"on": True, "off": False}[x] for x in dict.fromkeys(args.pipeline.split(","))]
+        except KeyError:
+            raise SystemExit(f"--pipeline {args.pipeline}: on, off or on,off") from None
     prompts = [text for _, text in synthetic_prompts(most)]  # a different prompt per stream
 
     tmp = tempfile.TemporaryDirectory(prefix="judgeserve-traces-")

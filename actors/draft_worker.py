@@ -39,6 +39,7 @@ class DraftWorker:
             device=actor_device(config),
             max_seq_len=config.decoding.max_seq_len,
             graphs=graphs_for(config.runtime),
+            stack=config.runtime.stack_projections,
         )
         self.caches = RequestCaches(self.loaded.model, config.decoding.max_seq_len, cache_limit(config))
         self.max_bytes = config.serve.max_record_bytes

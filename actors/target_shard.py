@@ -93,6 +93,7 @@ class TargetShard:
             # With TP the captured passes hold the NCCL all-reduces (tests/gpu/test_tp_graphs.py): every rank
             # captures and replays the same passes in the same order, as it runs them eagerly.
             graphs=graphs_for(config.runtime),
+            stack=config.runtime.stack_projections,
         )
         # loaded.args is the whole model's (ModelInfo describes the whole model), and the fingerprint is the
         # unsharded model's, which the judge checks.

@@ -150,6 +150,15 @@ class RuntimeConfig(_Section):
         ),
     )
 
+    stack_projections: bool = Field(
+        True,
+        description=(
+            "hold each layer's q/k/v and gate/up weights as one matrix each (Transformer.fuse_projections): 4 "
+            "products per layer instead of 7, the same results up to rounding; false keeps the checkpoint's "
+            "layout (for comparison: docs/performance.md)"
+        ),
+    )
+
     @field_validator("device")
     @classmethod
     def _device(cls, v: str) -> str:

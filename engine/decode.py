@@ -223,9 +223,9 @@ class Engine:
     def from_config(cls, config: Config) -> "Engine":
         if config.runtime.threads:
             torch.set_num_threads(config.runtime.threads)
-        dev, n = config.runtime.device, config.decoding.max_seq_len
-        target = load_model(config.target, device=dev, max_seq_len=n, graphs=graphs_for(config.runtime))
-        draft = load_model(config.draft, device=dev, max_seq_len=n, graphs=graphs_for(config.runtime))
+        dev, n, stack = config.runtime.device, config.decoding.max_seq_len, config.runtime.stack_projections
+        target = load_model(config.target, device=dev, max_seq_len=n, graphs=graphs_for(config.runtime), stack=stack)
+        draft = load_model(config.draft, device=dev, max_seq_len=n, graphs=graphs_for(config.runtime), stack=stack)
         judge = None
         if config.judge.path is not None:
             judge = load_judge(

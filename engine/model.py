@@ -1,9 +1,11 @@
 """A lean decoder-only transformer for the Llama, Qwen2 and Mistral families, with a preallocated KV cache.
 
 The module tree mirrors Hugging Face's parameter names (`model.layers.N.self_attn.q_proj.weight`, ...), so
-a checkpoint's state dict loads as it is. One forward call handles every case the engine needs: prefill
-(T prompt tokens at position 0), one-token decode, and the K+1-token verification pass at any position;
-the cache is rolled back by moving its length, because attention only ever reads positions below it.
+a checkpoint's state dict loads as it is; once loaded (and sharded, and quantized), `fuse_projections` stacks
+q, k and v into one matrix and gate and up into another, so a pass runs 4 products per layer instead of 7.
+One forward call handles every case the engine needs: prefill (T prompt tokens at position 0), one-token
+decode, and the K+1-token verification pass at any position; the cache is rolled back by moving its length,
+because attention only ever reads positions below it.
 
 Not for: loading weights (engine.weights), sampling (engine.sampling) or tensor parallelism, which is a
 transform applied to this plain model, never a second implementation of it.
@@ -251,6 +253,11 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(h, self.n_kv * self.head_dim, bias=bias)
         self.v_proj = nn.Linear(h, self.n_kv * self.head_dim, bias=bias)
         self.o_proj = nn.Linear(self.n_heads * self.head_dim, h, bias=False)
+        self.qkv_proj: nn.Module | None = None  # q, k, v stacked (fuse)
+
+    def fuse(self) -> None:
+        self.qkv_proj = stack_outputs(self.q_proj, self.k_proj, self.v_proj)
+        del self.q_proj, self.k_proj, self.v_proj
 
     def forward(
         self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: KVCache | None, where: Span | Slots | Rows
@@ -259,9 +266,13 @@ class Attention(nn.Module):
         last real one (they only keep the matrix products at Transformer.MIN_ROWS); with Slots, every row is;
         with Rows, each batch row is a Span over its own cache (`cache` is None)."""
         b, t, _ = x.shape
-        q = self.q_proj(x).view(b, t, self.n_heads, self.head_dim).transpose(1, 2)
-        k = self.k_proj(x).view(b, t, self.n_kv, self.head_dim).transpose(1, 2)
-        v = self.v_proj(x).view(b, t, self.n_kv, self.head_dim).transpose(1, 2)
+        if self.qkv_proj is None:
+            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        else:
+            q, k, v = self.qkv_proj(x).split([self.n_heads * self.head_dim, *[self.n_kv * self.head_dim] * 2], -1)
+        q = q.view(b, t, self.n_heads, self.head_dim).transpose(1, 2)
+        k = k.view(b, t, self.n_kv, self.head_dim).transpose(1, 2)
+        v = v.view(b, t, self.n_kv, self.head_dim).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if isinstance(where, Rows) and where.gathered is not None:
             return self.o_proj(self._attend_gathered(q, k, v, where).transpose(1, 2).reshape(b, t, -1))
@@ -337,9 +348,33 @@ class MLP(nn.Module):
         self.gate_proj = nn.Linear(args.hidden_size, args.intermediate_size, bias=False)
         self.up_proj = nn.Linear(args.hidden_size, args.intermediate_size, bias=False)
         self.down_proj = nn.Linear(args.intermediate_size, args.hidden_size, bias=False)
+        self.gate_up_proj: nn.Module | None = None  # gate and up stacked (fuse)
+
+    def fuse(self) -> None:
+        self.gate_up_proj = stack_outputs(self.gate_proj, self.up_proj)
+        del self.gate_proj, self.up_proj
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        if self.gate_up_proj is None:
+            gate, up = self.gate_proj(x), self.up_proj(x)
+        else:
+            gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        return self.down_proj(F.silu(gate) * up)
+
+
+def stack_outputs(*parts: nn.Module) -> nn.Module:
+    """One linear layer whose output is the parts' outputs side by side (they read the same input): their
+    weights (and biases) stacked along the output features. An int8 layer (engine.quant.Int8Linear) stacks
+    its own way (its `stacked`); its per-output scales make that exact, as it is for a plain one."""
+    if not all(type(p) is nn.Linear for p in parts):
+        return type(parts[0]).stacked(parts)
+    weight = torch.cat([p.weight.detach() for p in parts])
+    with torch.device("meta"):
+        fused = nn.Linear(weight.shape[1], weight.shape[0], bias=parts[0].bias is not None)
+    fused.weight = nn.Parameter(weight, requires_grad=False)
+    if fused.bias is not None:
+        fused.bias = nn.Parameter(torch.cat([p.bias.detach() for p in parts]), requires_grad=False)
+    return fused
 
 
 class DecoderLayer(nn.Module):
@@ -396,6 +431,23 @@ class Transformer(nn.Module):
     def new_block(self, max_len: int, slots: int) -> CacheBlock:
         w = self.model.embed_tokens.weight
         return CacheBlock(self.args, max_len, slots, dtype=w.dtype, device=w.device)
+
+    def fuse_projections(self) -> None:
+        """Stacks each layer's q, k and v weights into one matrix and gate and up into another, in place,
+        a layer at a time (the peak is the model plus one layer's stacked copy). Same products, fewer and
+        larger ones: a GPU pass launches 3 fewer per layer, and the small k and v products (a quarter of q's
+        width in Llama-3) no longer run at half the bandwidth (docs/performance.md). Run it on the finished
+        model: after tensor-parallel sharding (engine.tp stacks nothing; a rank stacks its own slices) and
+        after int8 quantization, or before it (per-output scales: either order gives the same weights).
+        Parameter names change (`qkv_proj`, `gate_up_proj`), so load checkpoints before, not after."""
+        for layer in self.model.layers:
+            if layer.self_attn.qkv_proj is None:
+                layer.self_attn.fuse()
+                layer.mlp.fuse()
+
+    @property
+    def fused(self) -> bool:
+        return any(layer.self_attn.qkv_proj is not None for layer in self.model.layers)
 
     def forward(
         self, tokens: torch.Tensor, cache: KVCache, *, last_only: bool = False

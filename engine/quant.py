@@ -88,6 +88,22 @@ class Int8Linear(nn.Module):
         self.row_parallel = isinstance(linear, RowParallelLinear)
         self.in_features, self.out_features = linear.in_features, linear.out_features
 
+    @classmethod
+    def stacked(cls, parts: list[Int8Linear] | tuple[Int8Linear, ...]) -> Int8Linear:
+        """One layer whose output is the parts' side by side (engine.model.stack_outputs): int8 weights, scales
+        and biases stacked along the outputs. Exact: each output feature keeps its own scale."""
+        if any(p.row_parallel for p in parts):
+            raise ValueError("row-parallel layers sum over the ranks and cannot be stacked along their outputs")
+        fused = cls.__new__(cls)
+        nn.Module.__init__(fused)
+        fused.register_buffer("weight", torch.cat([p.weight for p in parts]))
+        fused.register_buffer("scales", torch.cat([p.scales for p in parts]))
+        biases = [p.bias for p in parts]
+        fused.bias = None if biases[0] is None else nn.Parameter(torch.cat(biases).detach(), requires_grad=False)
+        fused.reduce_group, fused.row_parallel = None, False
+        fused.in_features, fused.out_features = parts[0].in_features, sum(p.out_features for p in parts)
+        return fused
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # The scale multiplies the product, not the weight. One row: the pattern inductor fuses into one
         # tuned reduction. A few rows on a GPU: the Triton kernel. Otherwise the weight converted by an op
@@ -113,7 +129,7 @@ def quantize_part(model: Transformer, part: nn.Module) -> None:
     """Quantizes one part of `model` in place if it is one int8 covers: a decoder layer's products, or the LM
     head unless it is tied to the embedding (which stays whole); other parts are left alone. engine.weights
     calls it on each part as soon as it is filled."""
-    if isinstance(part, DecoderLayer):  # q, k, v, o, gate, up, down
+    if isinstance(part, DecoderLayer):  # q, k, v, o, gate, up, down (or qkv, o, gate_up, down once stacked)
         for block in (part.self_attn, part.mlp):
             for name, child in list(block.named_children()):
                 if isinstance(child, nn.Linear):

@@ -261,6 +261,7 @@ def load_model(
     world: int = 1,
     group: dist.ProcessGroup | None = None,
     graphs: CudaGraphs | None = None,
+    stack: bool = True,
 ) -> LoadedModel:
     """The model `spec` names, ready for inference; with world > 1, rank `rank`'s tensor-parallel shard
     (engine.tp), whose forward passes run collectives on `group` (None: the default group, which may be
@@ -268,7 +269,9 @@ def load_model(
     a tensor at a time, identically on every rank, each keeping its slices (`dummy_model`). `args` and `fingerprint` describe the whole model either
     way. A split that does not divide raises engine.tp.check_tp's ValueError before any weight is read.
     With `graphs` (engine.cuda_graphs.graphs_for), the passes (and prefills of up to 128 tokens) replay CUDA
-    graphs; with spec.quantize int8, the linear layers hold int8 weights (engine.quant)."""
+    graphs; with spec.quantize int8, the linear layers hold int8 weights (engine.quant). With `stack`
+    (runtime.stack_projections), each layer's q, k, v and gate, up products come stacked into one matrix each
+    (Transformer.fuse_projections)."""
     device = torch.device(device)
     dtype = TORCH_DTYPES[spec.dtype]
     if spec.is_dummy:
@@ -283,6 +286,8 @@ def load_model(
         _check_fits(args, max_seq_len, spec.model)
         model = load_checkpoint(folder, dtype, device, rank=rank, world=world, group=group, quantize=spec.quantize)
         tokenizer = HFTokenizer(folder, args.eos_token_ids)
+    if stack:  # q/k/v and gate/up as one product each: fewer, larger products per layer
+        model.fuse_projections()
     model.eval().requires_grad_(False)
     # Row-by-row attention buys bfloat16 batch invariance on the CPU (docs/engine.md); on a GPU it would
     # cost a kernel launch per row and layer, and the GPU path makes its own guarantees.

@@ -51,6 +51,27 @@ def test_quantize_replaces_every_layer_product_and_an_untied_head(tiny_args):
     assert isinstance(tied.lm_head, nn.Linear) and tied.lm_head.weight is tied.model.embed_tokens.weight
 
 
+def test_stacking_int8_layers_equals_quantizing_stacked_layers(tiny_args):
+    """Per-output scales: stacking q/k/v and gate/up after quantizing gives the same int8 weights, scales and
+    logits as quantizing the stacked layers, so the loader's order (quantize as it loads, stack last) is
+    free. A row-parallel layer (summed over ranks) cannot be stacked along its outputs."""
+    after = quantize_int8(_model(tiny_args))
+    after.fuse_projections()
+    stacked_first = _model(tiny_args)
+    stacked_first.fuse_projections()
+    before = quantize_int8(stacked_first)
+    want, got = before.state_dict(), after.state_dict()
+    assert list(got) == list(want) and all(torch.equal(got[n], want[n]) for n in want)
+    assert isinstance(after.model.layers[0].self_attn.qkv_proj, Int8Linear)
+    tokens = torch.randint(0, tiny_args.vocab_size, (1, 12), generator=torch.Generator().manual_seed(4))
+    with torch.inference_mode():
+        assert torch.equal(after(tokens, after.new_cache(32))[0], before(tokens, before.new_cache(32))[0])
+    down = after.model.layers[0].mlp.down_proj
+    down.row_parallel = True
+    with pytest.raises(ValueError, match="row-parallel"):
+        Int8Linear.stacked([down, down])
+
+
 @torch.inference_mode()
 def test_quantized_model_stays_close_to_the_original(tiny_args):
     """Teacher-forced over 64 positions: the int8 model's next-token choice is the original's at nearly all,

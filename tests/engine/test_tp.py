@@ -243,6 +243,10 @@ def test_apply_tp_updates_modules_and_args():
     assert (a.num_heads, a.num_kv_heads, a.intermediate_size, a.head_dim, a.hidden_size) == (2, 1, 64, 16, 64)
     with pytest.raises(ValueError, match="already applied"):
         apply_tp(model, 1, WORLD)
+    stacked = _tiny()
+    stacked.fuse_projections()  # q/k/v stacked whole would be split at the wrong features
+    with pytest.raises(ValueError, match="before Transformer.fuse_projections"):
+        apply_tp(stacked, 1, WORLD)
 
 
 def test_world_3_refused_for_4_heads():

@@ -150,7 +150,7 @@ def main() -> None:
         help=(
             "of eager, graphs, compiled (runtime.compile: torch.compile before capture), compiled-int8 (and both "
             "models' weights int8: engine.quant, lossy), compiled-int8-draft (the draft's only); the last runs "
-            "the speculative rows; each also as NAME-unstacked (runtime.stack_projections false)"
+            "the speculative rows; each also as NAME-stacked (runtime.stack_projections true)"
         ),
     )
     ap.add_argument("--rows", default=",".join(map(str, VERIFY_ROWS)), help="tokens per pass for the latency table")
@@ -178,8 +178,8 @@ def main() -> None:
         "compiled-int8": ({"compile": True}, ("int8", "int8")),
         "compiled-int8-draft": ({"compile": True}, ("none", "int8")),
     }
-    # each path with q/k/v and gate/up as the checkpoint has them, for comparison (runtime.stack_projections)
-    every |= {f"{name}-unstacked": ({**rt, "stack_projections": False}, q) for name, (rt, q) in every.items()}
+    # each path with q/k/v and gate/up stacked into one matrix each (runtime.stack_projections), for comparison
+    every |= {f"{name}-stacked": ({**rt, "stack_projections": True}, q) for name, (rt, q) in every.items()}
     variants = {name: every[name] for name in args.paths.split(",")}
     fast = list(variants)[-1]  # the speculative runs use the last path measured (the fastest, in the default order)
     rows = tuple(int(r) for r in args.rows.split(","))

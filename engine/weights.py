@@ -261,7 +261,7 @@ def load_model(
     world: int = 1,
     group: dist.ProcessGroup | None = None,
     graphs: CudaGraphs | None = None,
-    stack: bool = True,
+    stack: bool = False,
 ) -> LoadedModel:
     """The model `spec` names, ready for inference; with world > 1, rank `rank`'s tensor-parallel shard
     (engine.tp), whose forward passes run collectives on `group` (None: the default group, which may be
@@ -286,7 +286,7 @@ def load_model(
         _check_fits(args, max_seq_len, spec.model)
         model = load_checkpoint(folder, dtype, device, rank=rank, world=world, group=group, quantize=spec.quantize)
         tokenizer = HFTokenizer(folder, args.eos_token_ids)
-    if stack:  # q/k/v and gate/up as one product each: fewer, larger products per layer
+    if stack:  # q/k/v and gate/up as one product each: fewer, larger products per layer (runtime.stack_projections)
         model.fuse_projections()
     model.eval().requires_grad_(False)
     # Row-by-row attention buys bfloat16 batch invariance on the CPU (docs/engine.md); on a GPU it would

@@ -71,10 +71,14 @@ def test_greedy_standard_equals_autoregressive(tiny_engine, ar_outputs, k):
     assert accepted > 0, "the draft never agreed with the target: the test exercises nothing"
 
 
-@pytest.fixture(scope="module")
-def bf16_engine() -> Engine:
+@pytest.fixture(scope="module", params=[False, True], ids=["as-loaded", "stacked"])
+def bf16_engine(request) -> Engine:
+    """Also with q/k/v and gate/up stacked (runtime.stack_projections), which the config applies to both models."""
     tiny = Path(__file__).resolve().parents[2] / "config" / "tiny.yaml"
-    return Engine.from_config(load_config(tiny, {"target.dtype": "bfloat16", "draft.dtype": "bfloat16"}))
+    overrides = {"target.dtype": "bfloat16", "draft.dtype": "bfloat16", "runtime.stack_projections": request.param}
+    engine = Engine.from_config(load_config(tiny, overrides))
+    assert engine.target.model.fused == engine.draft.model.fused == request.param
+    return engine
 
 
 @pytest.mark.parametrize("k", [1, 4, 16])

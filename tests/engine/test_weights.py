@@ -150,21 +150,22 @@ def test_load_model_shards_keep_the_whole_models_args_and_fingerprint(checkpoint
 
 
 def test_dummy_shard_is_apply_tp_of_the_whole_dummy():
-    """Dummy weights are drawn whole on every rank (so the ranks agree) and then sliced; the loader then
-    stacks the rank's own q/k/v and gate/up slices."""
+    """Dummy weights are drawn whole on every rank (so the ranks agree) and then sliced; with `stack`
+    (runtime.stack_projections) the loader then stacks the rank's own q/k/v and gate/up slices."""
     spec = ModelSpec(model="dummy:tiny", seed=5)
     whole = load_model(spec, max_seq_len=64)
     shard = load_model(spec, max_seq_len=64, rank=1, world=WORLD)
-    sliced = apply_tp(dummy_model(whole.args, 5, spec.noise, F32, CPU), 1, WORLD)
-    sliced.fuse_projections()
-    want = sliced.state_dict()
+    want = apply_tp(whole.model, 1, WORLD).state_dict()
     got = shard.model.state_dict()
     assert list(got) == list(want) and all(torch.equal(got[n], want[n]) for n in want)
     assert (shard.fingerprint, shard.args) == (whole.fingerprint, whole.args)
-    kept = load_model(spec, max_seq_len=64, rank=1, world=WORLD, stack=False)  # runtime.stack_projections false
-    assert not kept.model.fused and shard.model.fused
-    up = sliced.model.layers[0].mlp.gate_up_proj.weight[64:]  # the rank's 64 gate features, then its 64 up
-    assert torch.equal(kept.model.model.layers[0].mlp.up_proj.weight, up)
+    stacked = load_model(spec, max_seq_len=64, rank=1, world=WORLD, stack=True)
+    assert stacked.model.fused and not shard.model.fused
+    mlp, attn = shard.model.model.layers[0].mlp, shard.model.model.layers[0].self_attn
+    both = stacked.model.model.layers[0]
+    assert torch.equal(both.mlp.gate_up_proj.weight, torch.cat((mlp.gate_proj.weight, mlp.up_proj.weight)))
+    qkv = torch.cat((attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight))
+    assert torch.equal(both.self_attn.qkv_proj.weight, qkv)
 
 
 def test_shape_disagreeing_with_config_refused(checkpoint, tmp_path):

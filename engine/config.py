@@ -153,7 +153,7 @@ class RuntimeConfig(_Section):
     stack_projections: bool = Field(
         False,
         description=(
-            "hold each layer's q/k/v and gate/up weights as one matrix each (Transformer.fuse_projections): 4 "
+            "hold each layer's q/k/v and gate/up weights as one matrix each (Transformer.stack_projections): 4 "
             "products per layer instead of 7, the same results up to rounding. Measured on H200s: passes of 2 to "
             "17 rows (verifications) 5-15% faster, one-row passes (decode, drafting) up to 11% slower, judge "
             "decoding 8B/70B no faster: off by default (docs/performance.md)"

@@ -1,8 +1,8 @@
 """A lean decoder-only transformer for the Llama, Qwen2 and Mistral families, with a preallocated KV cache.
 
 The module tree mirrors Hugging Face's parameter names (`model.layers.N.self_attn.q_proj.weight`, ...), so
-a checkpoint's state dict loads as it is; once loaded (and sharded, and quantized), `fuse_projections` stacks
-q, k and v into one matrix and gate and up into another, so a pass runs 4 products per layer instead of 7.
+a checkpoint's state dict loads as it is; once loaded (and sharded, and quantized), `stack_projections` can
+stack q, k and v into one matrix and gate and up into another, so a pass runs 4 products per layer, not 7.
 One forward call handles every case the engine needs: prefill (T prompt tokens at position 0), one-token
 decode, and the K+1-token verification pass at any position; the cache is rolled back by moving its length,
 because attention only ever reads positions below it.
@@ -253,9 +253,9 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(h, self.n_kv * self.head_dim, bias=bias)
         self.v_proj = nn.Linear(h, self.n_kv * self.head_dim, bias=bias)
         self.o_proj = nn.Linear(self.n_heads * self.head_dim, h, bias=False)
-        self.qkv_proj: nn.Module | None = None  # q, k, v stacked (fuse)
+        self.qkv_proj: nn.Module | None = None  # q, k, v stacked (stack)
 
-    def fuse(self) -> None:
+    def stack(self) -> None:
         self.qkv_proj = stack_outputs(self.q_proj, self.k_proj, self.v_proj)
         del self.q_proj, self.k_proj, self.v_proj
 
@@ -348,9 +348,9 @@ class MLP(nn.Module):
         self.gate_proj = nn.Linear(args.hidden_size, args.intermediate_size, bias=False)
         self.up_proj = nn.Linear(args.hidden_size, args.intermediate_size, bias=False)
         self.down_proj = nn.Linear(args.intermediate_size, args.hidden_size, bias=False)
-        self.gate_up_proj: nn.Module | None = None  # gate and up stacked (fuse)
+        self.gate_up_proj: nn.Module | None = None  # gate and up stacked (stack)
 
-    def fuse(self) -> None:
+    def stack(self) -> None:
         self.gate_up_proj = stack_outputs(self.gate_proj, self.up_proj)
         del self.gate_proj, self.up_proj
 
@@ -370,11 +370,11 @@ def stack_outputs(*parts: nn.Module) -> nn.Module:
         return type(parts[0]).stacked(parts)
     weight = torch.cat([p.weight.detach() for p in parts])
     with torch.device("meta"):
-        fused = nn.Linear(weight.shape[1], weight.shape[0], bias=parts[0].bias is not None)
-    fused.weight = nn.Parameter(weight, requires_grad=False)
-    if fused.bias is not None:
-        fused.bias = nn.Parameter(torch.cat([p.bias.detach() for p in parts]), requires_grad=False)
-    return fused
+        stacked = nn.Linear(weight.shape[1], weight.shape[0], bias=parts[0].bias is not None)
+    stacked.weight = nn.Parameter(weight, requires_grad=False)
+    if stacked.bias is not None:
+        stacked.bias = nn.Parameter(torch.cat([p.bias.detach() for p in parts]), requires_grad=False)
+    return stacked
 
 
 class DecoderLayer(nn.Module):
@@ -432,21 +432,22 @@ class Transformer(nn.Module):
         w = self.model.embed_tokens.weight
         return CacheBlock(self.args, max_len, slots, dtype=w.dtype, device=w.device)
 
-    def fuse_projections(self) -> None:
+    def stack_projections(self) -> None:
         """Stacks each layer's q, k and v weights into one matrix and gate and up into another, in place,
         a layer at a time (the peak is the model plus one layer's stacked copy). Same products, fewer and
-        larger ones: a GPU pass launches 3 fewer per layer, and the small k and v products (a quarter of q's
-        width in Llama-3) no longer run at half the bandwidth (docs/performance.md). Run it on the finished
+        larger ones: a GPU pass launches 3 fewer per layer. That pays for passes of several rows and not for
+        one-row passes (measured on H200s, docs/performance.md), so the loader does it only when
+        runtime.stack_projections asks. Run it on the finished
         model: after tensor-parallel sharding (engine.tp stacks nothing; a rank stacks its own slices) and
         after int8 quantization, or before it (per-output scales: either order gives the same weights).
         Parameter names change (`qkv_proj`, `gate_up_proj`), so load checkpoints before, not after."""
         for layer in self.model.layers:
             if layer.self_attn.qkv_proj is None:
-                layer.self_attn.fuse()
-                layer.mlp.fuse()
+                layer.self_attn.stack()
+                layer.mlp.stack()
 
     @property
-    def fused(self) -> bool:
+    def stacked(self) -> bool:
         return any(layer.self_attn.qkv_proj is not None for layer in self.model.layers)
 
     def forward(

@@ -94,15 +94,15 @@ class Int8Linear(nn.Module):
         and biases stacked along the outputs. Exact: each output feature keeps its own scale."""
         if any(p.row_parallel for p in parts):
             raise ValueError("row-parallel layers sum over the ranks and cannot be stacked along their outputs")
-        fused = cls.__new__(cls)
-        nn.Module.__init__(fused)
-        fused.register_buffer("weight", torch.cat([p.weight for p in parts]))
-        fused.register_buffer("scales", torch.cat([p.scales for p in parts]))
+        layer = cls.__new__(cls)
+        nn.Module.__init__(layer)
+        layer.register_buffer("weight", torch.cat([p.weight for p in parts]))
+        layer.register_buffer("scales", torch.cat([p.scales for p in parts]))
         biases = [p.bias for p in parts]
-        fused.bias = None if biases[0] is None else nn.Parameter(torch.cat(biases).detach(), requires_grad=False)
-        fused.reduce_group, fused.row_parallel = None, False
-        fused.in_features, fused.out_features = parts[0].in_features, sum(p.out_features for p in parts)
-        return fused
+        layer.bias = None if biases[0] is None else nn.Parameter(torch.cat(biases).detach(), requires_grad=False)
+        layer.reduce_group, layer.row_parallel = None, False
+        layer.in_features, layer.out_features = parts[0].in_features, sum(p.out_features for p in parts)
+        return layer
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # The scale multiplies the product, not the weight. One row: the pattern inductor fuses into one

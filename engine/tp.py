@@ -188,8 +188,8 @@ def apply_tp(model: Transformer, rank: int, world: int, group: dist.ProcessGroup
     # First: a sharded model's args are the local ones, which check_tp would judge instead.
     if any(isinstance(layer.self_attn.o_proj, RowParallelLinear) for layer in model.model.layers):
         raise ValueError("apply_tp was already applied to this model")
-    if model.fused:
-        raise ValueError("shard the model before Transformer.fuse_projections, not after")
+    if model.stacked:
+        raise ValueError("shard the model before Transformer.stack_projections, not after")
     check_tp(model.args, rank, world, group)
     if world == 1:
         return model

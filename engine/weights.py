@@ -271,7 +271,7 @@ def load_model(
     With `graphs` (engine.cuda_graphs.graphs_for), the passes (and prefills of up to 128 tokens) replay CUDA
     graphs; with spec.quantize int8, the linear layers hold int8 weights (engine.quant). With `stack`
     (runtime.stack_projections), each layer's q, k, v and gate, up products come stacked into one matrix each
-    (Transformer.fuse_projections)."""
+    (Transformer.stack_projections)."""
     device = torch.device(device)
     dtype = TORCH_DTYPES[spec.dtype]
     if spec.is_dummy:
@@ -287,7 +287,7 @@ def load_model(
         model = load_checkpoint(folder, dtype, device, rank=rank, world=world, group=group, quantize=spec.quantize)
         tokenizer = HFTokenizer(folder, args.eos_token_ids)
     if stack:  # q/k/v and gate/up as one product each: fewer, larger products per layer (runtime.stack_projections)
-        model.fuse_projections()
+        model.stack_projections()
     model.eval().requires_grad_(False)
     # Row-by-row attention buys bfloat16 batch invariance on the CPU (docs/engine.md); on a GPU it would
     # cost a kernel launch per row and layer, and the GPU path makes its own guarantees.

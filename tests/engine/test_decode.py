@@ -77,7 +77,7 @@ def bf16_engine(request) -> Engine:
     tiny = Path(__file__).resolve().parents[2] / "config" / "tiny.yaml"
     overrides = {"target.dtype": "bfloat16", "draft.dtype": "bfloat16", "runtime.stack_projections": request.param}
     engine = Engine.from_config(load_config(tiny, overrides))
-    assert engine.target.model.fused == engine.draft.model.fused == request.param
+    assert engine.target.model.stacked == engine.draft.model.stacked == request.param
     return engine
 
 

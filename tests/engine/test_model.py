@@ -62,13 +62,13 @@ def _hf_model(case: str, folder) -> torch.nn.Module:
 @pytest.mark.parametrize("stacked", [False, True], ids=["as-loaded", "stacked"])
 @pytest.mark.parametrize("case", ["qwen2", "qwen2-tied", "llama3-rope", "mistral"])
 def test_logits_match_transformers(case, stacked, tmp_path):
-    """Also once q/k/v and gate/up are stacked (Transformer.fuse_projections, as engine.weights.load_model
+    """Also once q/k/v and gate/up are stacked (Transformer.stack_projections, as engine.weights.load_model
     serves them): the same products, biases included (qwen2)."""
     hf = _hf_model(case, tmp_path)
     ours = load_checkpoint(tmp_path, torch.float32, CPU).eval()
     if stacked:
-        ours.fuse_projections()
-        assert ours.fused and not hasattr(ours.model.layers[0].mlp, "up_proj")
+        ours.stack_projections()
+        assert ours.stacked and not hasattr(ours.model.layers[0].mlp, "up_proj")
     prompt = torch.randint(0, VOCAB, (1, 40), generator=torch.Generator().manual_seed(7))
     with torch.no_grad():
         expected = hf(prompt).logits.float()
@@ -234,7 +234,7 @@ def test_bf16_decode_bitwise_equals_verification_pass(tiny_args, block_len, seed
     The KV entries matter as much as the logits: a differing value changes every later token's logits."""
     model = dummy_model(tiny_args, seed=0, noise=0.0, dtype=torch.bfloat16, device=CPU).eval()
     if stacked:
-        model.fuse_projections()
+        model.stack_projections()
     prefix, block = _tokens(23, seed), _tokens(block_len, seed + 1)
     end = 23 + block_len
 

@@ -56,9 +56,9 @@ def test_stacking_int8_layers_equals_quantizing_stacked_layers(tiny_args):
     logits as quantizing the stacked layers, so the loader's order (quantize as it loads, stack last) is
     free. A row-parallel layer (summed over ranks) cannot be stacked along its outputs."""
     after = quantize_int8(_model(tiny_args))
-    after.fuse_projections()
+    after.stack_projections()
     stacked_first = _model(tiny_args)
-    stacked_first.fuse_projections()
+    stacked_first.stack_projections()
     before = quantize_int8(stacked_first)
     want, got = before.state_dict(), after.state_dict()
     assert list(got) == list(want) and all(torch.equal(got[n], want[n]) for n in want)

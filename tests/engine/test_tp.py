@@ -244,8 +244,8 @@ def test_apply_tp_updates_modules_and_args():
     with pytest.raises(ValueError, match="already applied"):
         apply_tp(model, 1, WORLD)
     stacked = _tiny()
-    stacked.fuse_projections()  # q/k/v stacked whole would be split at the wrong features
-    with pytest.raises(ValueError, match="before Transformer.fuse_projections"):
+    stacked.stack_projections()  # q/k/v stacked whole would be split at the wrong features
+    with pytest.raises(ValueError, match="before Transformer.stack_projections"):
         apply_tp(stacked, 1, WORLD)
 
 

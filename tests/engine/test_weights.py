@@ -160,7 +160,7 @@ def test_dummy_shard_is_apply_tp_of_the_whole_dummy():
     assert list(got) == list(want) and all(torch.equal(got[n], want[n]) for n in want)
     assert (shard.fingerprint, shard.args) == (whole.fingerprint, whole.args)
     stacked = load_model(spec, max_seq_len=64, rank=1, world=WORLD, stack=True)
-    assert stacked.model.fused and not shard.model.fused
+    assert stacked.model.stacked and not shard.model.stacked
     mlp, attn = shard.model.model.layers[0].mlp, shard.model.model.layers[0].self_attn
     both = stacked.model.model.layers[0]
     assert torch.equal(both.mlp.gate_up_proj.weight, torch.cat((mlp.gate_proj.weight, mlp.up_proj.weight)))

@@ -9,7 +9,8 @@ there is an empirical question per torch version; each candidate is timed on the
 - `bf16`: cuBLAS on a bf16 copy of the weight (the baseline: what the unquantized model does);
 - `widen`: the weight converted to bf16 in memory, then cuBLAS (engine.quant's path for long passes);
 - `compiled`: torch.compile of the expression (one row: the tuned reduction the decode uses);
-- `kernel`: engine.int8_kernel (engine.quant's path for 2-64 rows).
+- `kernel`: engine.int8_kernel (engine.quant's path for 2-64 rows; it takes up to 128, so `--rows 65,128`
+  measures it against `widen` for the rows a 128-row prefill graph of an int8 model now converts weights for).
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ import torch.nn.functional as F
 
 from bench import write_results
 from engine import int8_kernel
-from engine.quant import KERNEL_MAX_ROWS, int8_matmul
+from engine.quant import int8_matmul
 
 # (name, out features, in features): the 8B's projections and MLP matrices, and a 70B TP=2 rank's MLP
 SHAPES = (
@@ -85,7 +86,7 @@ def main() -> None:
                 row["compiled_ms"], row["compiled_max_err"] = time_ms(compiled, x, w, s), err
             except Exception as e:  # a form inductor fails to compile is a result, not a crash
                 row["compiled_ms"], row["compiled_error"] = None, f"{type(e).__name__}: {e}"[:300]
-            if m <= KERNEL_MAX_ROWS:
+            if m <= int8_kernel.MAX_ROWS:
                 err = (int8_matmul(x, w, s).float() - product(x, w, s).float()).abs().max().item()
                 row["kernel_ms"], row["kernel_max_err"] = time_ms(int8_matmul, x, w, s), err
                 row["kernel_int8_tb_per_s"] = n * k / row["kernel_ms"] / 1e9

@@ -1,5 +1,7 @@
 """A Triton kernel for y = (x W_q^T) * s with a few activation rows: int8 weights [out, in] read once, converted
-in registers, multiplied on tensor cores; one bf16/fp16 activation block of up to 64 rows.
+in registers, multiplied on tensor cores; one bf16/fp16 activation block of up to 128 rows (engine.quant
+sends it passes of 2 to its KERNEL_MAX_ROWS, 64; 65 to 128 rows, a prefill graph's top bucket, are for
+bench.int8_matmul to weigh against converting the weight first before the engine sends them here).
 
 A verification pass (K+1 rows) and a draft's first pass after a fully accepted block (2 rows) are bound by
 reading the weights, like a one-token decode, so int8 weights should halve their time too. Neither cuBLAS
@@ -35,9 +37,9 @@ import torch
 import triton
 import triton.language as tl
 
-from engine.quant import KERNEL_MAX_ROWS as MAX_ROWS  # one block of rows; longer passes go to cuBLAS
 
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+MAX_ROWS = 128  # one block of rows (BLOCK_M, a power of two of at least 16)
 SPLIT_TILE = 128  # outputs per program as the split heuristic counts them (configs use 64 to 256)
 STEP = 64  # a split's inputs are a whole number of these
 # Tile shapes tried per (rows block, outputs, inputs, split) on a kernel's first call (Triton's autotuner,

@@ -75,7 +75,9 @@ def _rank(rank: int, world: int, init: str, args: argparse.Namespace) -> None:
         spec = ModelSpec(model=args.model, dtype=args.dtype, quantize=args.quantize)
         graphs = CudaGraphs(compile=args.compile, capture=cuda)
         t = time.perf_counter()
-        loaded = load_model(spec, device=device, max_seq_len=args.max_seq_len, rank=rank, world=world, graphs=graphs)
+        loaded = load_model(
+            spec, device=device, max_seq_len=args.max_seq_len, rank=rank, world=world, graphs=graphs, stack=args.stack
+        )
         load_s = time.perf_counter() - t
         model, hidden = loaded.model, loaded.args.hidden_size
         dtype = model.model.embed_tokens.weight.dtype
@@ -133,7 +135,8 @@ def report(args: argparse.Namespace, world: int, record: dict) -> None:
         "card": card,
         "date": datetime.date.today().isoformat(),
         "command": "python3 -m bench.tp_passes " + shlex.join(args.argv),
-        "shapes": {"target": args.model, "dtype": args.dtype, "quantize": args.quantize, "world": world},
+        "shapes": {"target": args.model, "dtype": args.dtype, "quantize": args.quantize, "world": world,
+                   "stack_projections": args.stack},
         "compile": args.compile,
         **record,
     })
@@ -147,6 +150,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--world", type=int, default=2, help="tensor-parallel ranks (one GPU each)")
     ap.add_argument("--device", default="cuda", choices=("cuda", "cpu"))
     ap.add_argument("--compile", action="store_true", help="runtime.compile: torch.compile before capture")
+    ap.add_argument("--stack", action="store_true", help="runtime.stack_projections: q/k/v and gate/up stacked")
     ap.add_argument("--rows", type=lambda s: [int(r) for r in s.split(",")], default=[1, 2, 17, 33])
     ap.add_argument("--profile", type=lambda s: [int(r) for r in s.split(",")], default=[],
                     help="row counts to profile (GPU only)")

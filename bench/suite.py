@@ -25,7 +25,9 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import os
 import shlex
+import signal
 import subprocess
 import sys
 import tempfile
@@ -103,15 +105,20 @@ class Outcome:
 
 
 def run_step(step: Step, folder: Path, python: str = sys.executable) -> Outcome:
-    """Runs one step in its own process (its output goes to this one's), killed at its time limit."""
+    """Runs one step in its own process (its output goes to this one's), killed at its time limit with every
+    process it started (its own process group: a benchmark's local Ray, whose workers hold the GPUs the next
+    step needs)."""
     out = folder / f"{step.name}.json"
     argv = [python, *step.argv, "--out", str(out)]
     command = shlex.join(["python3", *argv[1:]])
     print(f"== {step.name} (measurement {', '.join(map(str, step.measurements))}): {command}", flush=True)
     t = time.perf_counter()
+    proc = subprocess.Popen(argv, start_new_session=True)
     try:
-        rc: int | None = subprocess.run(argv, timeout=step.timeout_s, check=False).returncode
+        rc: int | None = proc.wait(timeout=step.timeout_s)
     except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
         rc = None
     seconds = time.perf_counter() - t
     results = json.loads(out.read_text()) if out.is_file() else None

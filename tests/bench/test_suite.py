@@ -4,6 +4,7 @@ and its table and JSON read the benchmarks' own result files (recorded device ru
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 import pytest
@@ -61,13 +62,32 @@ def test_a_step_that_fails_or_overruns_is_reported_and_the_others_still_count(tm
         "-c", "import json, sys; open(sys.argv[2], 'w').write(json.dumps({'e2e_over_inprocess': {'ar served': 0.5}}))",
     ), 60)
     fails = suite.Step("gpu", (1, 2, 3), ("-c", "raise SystemExit(3)"), 60)
-    hangs = suite.Step("8b-70b", (6,), ("-c", "import time; time.sleep(60)"), 1)
+    hangs = suite.Step("8b-70b", (6,), (  # and starts a process of its own, as a benchmark's Ray does
+        "-c", (
+            "import subprocess, sys, time; child = subprocess.Popen(['sleep', '60']); "
+            "open(sys.argv[2] + '.pid', 'w').write(str(child.pid)); time.sleep(60)"
+        ),
+    ), 2)
     outcomes = [suite.run_step(s, tmp_path) for s in (fails, hangs, writes)]
     assert [o.rc for o in outcomes] == [3, None, 0] and outcomes[1].seconds < 30
+    child = Path(f"{tmp_path / '8b-70b.json'}.pid").read_text()
+    deadline = time.monotonic() + 10
+    while _running(child) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not _running(child), "the overrunning step's own process outlived it"
     table = suite.table(outcomes)
     assert "no result (gpu: exit status 3" in table and "no result (8b-70b: timed out" in table
     assert "| 4 | >= 0.95 | ar served 0.500 |" in table
     assert suite.record("one-gpu", outcomes, "")["e2e_over_inprocess"] == {"ar served": 0.5}
+
+
+def _running(pid: str) -> bool:
+    """Whether the process exists and is not a zombie (killed, not yet reaped by whoever adopted it)."""
+    status = Path(f"/proc/{pid}/status")
+    try:
+        return "\tZ" not in next(line for line in status.read_text().splitlines() if line.startswith("State:"))
+    except FileNotFoundError:
+        return False
 
 
 def test_unknown_steps_are_refused_with_the_machines_steps(capsys):

@@ -121,7 +121,10 @@ def run_step(step: Step, folder: Path, python: str = sys.executable) -> Outcome:
         proc.wait()
         rc = None
     seconds = time.perf_counter() - t
-    results = json.loads(out.read_text()) if out.is_file() else None
+    try:
+        results = json.loads(out.read_text())
+    except (FileNotFoundError, ValueError):  # none written, or cut off mid-write by the kill
+        results = None
     return Outcome(step, command, rc, round(seconds, 1), results)
 
 

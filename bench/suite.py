@@ -25,9 +25,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import os
 import shlex
-import signal
 import subprocess
 import sys
 import tempfile
@@ -36,6 +34,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from bench import write_results
+from training.sandbox import wait_killing_group
 
 # absolute: the served steps' actors read the trace in Ray workers, whose working folder is not this one
 TRACES = tuple(
@@ -105,21 +104,15 @@ class Outcome:
 
 
 def run_step(step: Step, folder: Path, python: str = sys.executable) -> Outcome:
-    """Runs one step in its own process (its output goes to this one's), killed at its time limit with every
-    process it started (its own process group: a benchmark's local Ray, whose workers hold the GPUs the next
-    step needs)."""
+    """Runs one step in its own process (its output goes to this one's). At its time limit, and at its end,
+    every process it started in its group goes too (a benchmark's local Ray, whose workers hold the GPUs the
+    next step needs)."""
     out = folder / f"{step.name}.json"
     argv = [python, *step.argv, "--out", str(out)]
     command = shlex.join(["python3", *argv[1:]])
     print(f"== {step.name} (measurement {', '.join(map(str, step.measurements))}): {command}", flush=True)
     t = time.perf_counter()
-    proc = subprocess.Popen(argv, start_new_session=True)
-    try:
-        rc: int | None = proc.wait(timeout=step.timeout_s)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
-        rc = None
+    rc = wait_killing_group(subprocess.Popen(argv, start_new_session=True), step.timeout_s)
     seconds = time.perf_counter() - t
     try:
         results = json.loads(out.read_text())

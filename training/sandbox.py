@@ -135,6 +135,23 @@ def _classify(returncode: int, stderr: str) -> Status:
     return Status.ERROR
 
 
+def wait_killing_group(proc: subprocess.Popen, timeout_s: float) -> int | None:
+    """Waits for `proc` (started with start_new_session=True, so it leads a process group) up to `timeout_s`;
+    then kills its whole group, and so whatever it left running too. Its exit status, or None if the
+    limit was reached."""
+    try:
+        returncode: int | None = proc.wait(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+        returncode = None
+    try:  # whatever the program left running in its group goes too
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    return returncode
+
+
 def run(code: str, limits: Limits = DEFAULT_LIMITS, isolation: Isolation | None = None) -> Result:
     """Runs `code` as a program in a child process under `limits`; never raises for what the code does."""
     isolation = isolation or available_isolation()
@@ -154,16 +171,7 @@ def run(code: str, limits: Limits = DEFAULT_LIMITS, isolation: Isolation | None 
                 start_new_session=True,  # its own process group, so that a kill reaches its children too
                 preexec_fn=functools.partial(_set_limits, limits),  # noqa: PLW1509 (setrlimit only)
             )
-            try:
-                returncode: int | None = proc.wait(timeout=limits.wall_s)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
-                returncode = None
-            try:  # whatever the program left running in its group goes too
-                os.killpg(proc.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+            returncode = wait_killing_group(proc, limits.wall_s)
         stdout = (folder / "stdout").read_bytes()[: limits.output_bytes].decode("utf-8", errors="replace")
         stderr = (folder / "stderr").read_bytes()[-2000:].decode("utf-8", errors="replace")
     status = Status.TIMEOUT if returncode is None else _classify(returncode, stderr)

@@ -23,6 +23,7 @@ Not for: the CPU (bench.gpu needs CUDA; the CPU figures come from bench.engine_c
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import json
 import shlex
@@ -195,6 +196,9 @@ def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--machine", choices=sorted(PLANS), required=True)
     ap.add_argument("--steps", help="a comma-separated subset, in the order to run (default: all, as listed)")
+    ap.add_argument(
+        "--limit-s", type=int, help="each chosen step's time limit (default: the plan's, which fit 600 s in all)"
+    )
     ap.add_argument("--out", type=Path, default=Path("suite.json"))
     args = ap.parse_args(argv)
     plan = {s.name: s for s in PLANS[args.machine]}
@@ -202,8 +206,9 @@ def main(argv: list[str] | None = None) -> None:
     unknown = [n for n in names if n not in plan]
     if unknown:
         ap.error(f"--machine {args.machine} has no step {', '.join(unknown)} (its steps: {', '.join(plan)})")
+    steps = [plan[n] if args.limit_s is None else dataclasses.replace(plan[n], timeout_s=args.limit_s) for n in names]
     with tempfile.TemporaryDirectory() as tmp:
-        outcomes = [run_step(plan[n], Path(tmp)) for n in names]
+        outcomes = [run_step(step, Path(tmp)) for step in steps]
     print(table(outcomes))
     command = shlex.join(["python3", "-m", "bench.suite", *(sys.argv[1:] if argv is None else argv)])
     write_results(args.out, record(args.machine, outcomes, command))

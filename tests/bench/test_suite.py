@@ -94,3 +94,20 @@ def test_unknown_steps_are_refused_with_the_machines_steps(capsys):
     with pytest.raises(SystemExit):
         suite.main(["--machine", "one-gpu", "--steps", "gpu,pipeline"])
     assert "--machine one-gpu has no step pipeline (its steps: gpu, served)" in capsys.readouterr().err
+
+
+def test_main_runs_the_chosen_steps_under_the_given_limit_and_writes_the_record(tmp_path, monkeypatch):
+    ran = []
+
+    def fake_run(step, folder):
+        ran.append(step)
+        return suite.Outcome(step, "python3 ...", None, float(step.timeout_s), None)
+
+    monkeypatch.setattr(suite, "run_step", fake_run)
+    out = tmp_path / "suite.json"
+    suite.main(["--machine", "two-gpu", "--steps", "pipeline", "--limit-s", "580", "--out", str(out)])
+    assert [(s.name, s.timeout_s) for s in ran] == [("pipeline", 580)]
+    record = json.loads(out.read_text())
+    assert record["machine"] == "two-gpu" and record["steps"][0]["rc"] is None and record["card"] is None
+    want = f"python3 -m bench.suite --machine two-gpu --steps pipeline --limit-s 580 --out {out}"
+    assert record["command"] == want

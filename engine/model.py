@@ -257,6 +257,8 @@ class Attention(nn.Module):
 
     def stack(self) -> None:
         self.qkv_proj = stack_outputs(self.q_proj, self.k_proj, self.v_proj)
+        # the widths to split its output at, fixed now (after TP sharding set the rank's head counts)
+        self.qkv_widths = [self.q_proj.out_features, self.k_proj.out_features, self.v_proj.out_features]
         del self.q_proj, self.k_proj, self.v_proj
 
     def forward(
@@ -269,7 +271,7 @@ class Attention(nn.Module):
         if self.qkv_proj is None:
             q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
         else:
-            q, k, v = self.qkv_proj(x).split([self.n_heads * self.head_dim, *[self.n_kv * self.head_dim] * 2], -1)
+            q, k, v = self.qkv_proj(x).split(self.qkv_widths, -1)
         q = q.view(b, t, self.n_heads, self.head_dim).transpose(1, 2)
         k = k.view(b, t, self.n_kv, self.head_dim).transpose(1, 2)
         v = v.view(b, t, self.n_kv, self.head_dim).transpose(1, 2)

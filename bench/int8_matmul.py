@@ -9,8 +9,8 @@ there is an empirical question per torch version; each candidate is timed on the
 - `bf16`: cuBLAS on a bf16 copy of the weight (the baseline: what the unquantized model does);
 - `widen`: the weight converted to bf16 in memory, then cuBLAS (engine.quant's path for long passes);
 - `compiled`: torch.compile of the expression (one row: the tuned reduction the decode uses);
-- `kernel`: engine.int8_kernel (engine.quant's path for 2-64 rows; it takes up to 128, so `--rows 65,128`
-  measures it against `widen` for the rows a 128-row prefill graph of an int8 model now converts weights for).
+- `kernel`: engine.int8_kernel (engine.quant's path for 2-128 rows: `--rows 65,128` measures it against
+  `widen` for a prefill graph's top bucket, which converted the weights until 2026-11-27).
 """
 
 from __future__ import annotations

@@ -75,7 +75,7 @@ class ModelSpec(_Section):
             "bytes a decode pass reads. LOSSY: the model's output changes slightly (docs/performance.md "
             "measures it) for this model; on a draft it changes only acceptance, not what standard verification "
             "outputs. Faster on a GPU with runtime.compile: one-token passes (decode, drafting) about 1.5x; passes "
-            "of 2-64 rows run a Triton kernel (engine.int8_kernel), an 8B verification about 0.8x bf16's time"
+            "of 2-128 rows run a Triton kernel (engine.int8_kernel), an 8B verification about 0.8x bf16's time"
         ),
     )
     seed: int = Field(0, ge=0, description="dummy weights only: the random seed")

@@ -1,7 +1,6 @@
 """A Triton kernel for y = (x W_q^T) * s with a few activation rows: int8 weights [out, in] read once, converted
 in registers, multiplied on tensor cores; one bf16/fp16 activation block of up to 128 rows (engine.quant
-sends it passes of 2 to its KERNEL_MAX_ROWS, 64; 65 to 128 rows, a prefill graph's top bucket, are for
-bench.int8_matmul to weigh against converting the weight first before the engine sends them here).
+sends it every pass of 2 to 128 rows on a GPU: verifications, and prefill graphs up to their top bucket).
 
 A verification pass (K+1 rows) and a draft's first pass after a fully accepted block (2 rows) are bound by
 reading the weights, like a one-token decode, so int8 weights should halve their time too. Neither cuBLAS
@@ -25,8 +24,12 @@ one opaque kernel). The CPU tests run this same kernel in Triton's interpreter (
 where the product is done in float32 since numpy has no bfloat16 (as it is for a float32 model, without
 TF32, so that its passes agree with its one-row passes).
 
-Not for: a prefill (hundreds of rows, bound by compute: cuBLAS on a converted weight is the better
-product there), CPUs outside tests.
+At 65-128 rows (a prefill graph's top bucket) it still beats converting the weight to bf16 first, 3.2x
+on a 70B rank's MLP matrices (bench/results/int8_matmul_128rows_h200.json: 0.117 against 0.376 ms), though
+there it is half as fast as bf16 on the same card: tensor cores, not the weight reads, set its pace.
+
+Not for: a prefill of more than 128 rows (bound by compute: cuBLAS on a converted weight), CPUs outside
+tests.
 """
 
 from __future__ import annotations

@@ -6,10 +6,10 @@ feature (symmetric, round to nearest, as gpt-fast's int8 mode) halves those byte
 cache, norms and the embedding stay in the model's dtype. `Int8Linear.forward` is written in the one
 form inductor turns into a fused kernel: under torch.compile (runtime.compile) with coordinate-descent
 tuning, a product with a single row becomes one reduction that reads the int8 weight and scales on the
-fly (engine.cuda_graphs sets that up). On a GPU a pass of 2 to 64 rows (a K+1 verification, a draft's
-first pass after a fully accepted block) runs engine.int8_kernel's Triton kernel, which reads the int8
-weight once; a longer pass (a prefill), or any pass on a CPU, converts the weight to the model's dtype in
-memory first and multiplies as usual.
+fly (engine.cuda_graphs sets that up). On a GPU a pass of 2 to 128 rows (a K+1 verification, a draft's
+first pass after a fully accepted block, a prefill graph's bucket) runs engine.int8_kernel's Triton kernel,
+which reads the int8 weight once; a longer pass (an eager prefill), or any pass on a CPU, converts the
+weight to the model's dtype in memory first and multiplies as usual.
 
 Lossy: the quantized model is another model, close to the original but not equal (docs/performance.md
 measures how close on the real pair). Every exactness guarantee of the engine (greedy speculative output
@@ -36,7 +36,7 @@ from engine.tp import RowParallelLinear
 QMAX = 127  # symmetric: -127 .. 127, so a weight and its negation round alike
 
 
-KERNEL_MAX_ROWS = 64  # passes of 2..KERNEL_MAX_ROWS rows on a GPU run engine.int8_kernel
+KERNEL_MAX_ROWS = 128  # passes of 2..KERNEL_MAX_ROWS rows on a GPU run engine.int8_kernel (all it takes)
 
 
 @torch.library.custom_op("judgeserve::int8_partials", mutates_args=())

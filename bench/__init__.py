@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import shlex
 import statistics
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -27,6 +29,12 @@ def median_ms(run: Callable[[], None], device: torch.device, repeats: int = 12, 
         sync(device)
         times.append(time.perf_counter() - t)
     return round(1e3 * statistics.median(times[skip:]), 3)
+
+
+def command_line(module: str, argv: list[str] | None = None) -> str:
+    """The command a result file records: the benchmark's module and its arguments as given (sys.argv's
+    unless a caller passed its own), quoted so that it can be pasted into a shell."""
+    return shlex.join(["python3", "-m", module, *(sys.argv[1:] if argv is None else argv)])
 
 
 def write_results(out: Path, record: dict) -> None:

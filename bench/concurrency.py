@@ -40,7 +40,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import platform
-import shlex
 import sys
 import tempfile
 import threading
@@ -54,7 +53,7 @@ import torch
 import yaml
 from tqdm import tqdm
 
-from bench import write_results
+from bench import command_line, write_results
 from bench.serve_cpu import Tally, _Loop, served, synthetic_prompts
 from cluster.client import Final, JudgeserveClient
 from engine.config import Config, Mode, load_config
@@ -342,7 +341,7 @@ def main(argv: list[str] | None = None) -> None:
         "benchmark": "bench.concurrency",
         "card": f"{gpus} x {card}" if gpus > 1 else card,
         "date": datetime.date.today().isoformat(),
-        "command": shlex.join(["python3", "-m", "bench.concurrency", *argv]),
+        "command": command_line("bench.concurrency", argv),
         "config": args.config,
         "overrides": args.set,
         "shapes": {"target": config.target.model, "draft": config.draft.model, "dtype": config.target.dtype.value},

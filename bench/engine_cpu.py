@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from bench import write_results
+from bench import command_line, write_results
 from engine.config import Mode, load_config
 from engine.decode import Engine
 from engine.sampling import SamplingParams
@@ -176,8 +176,7 @@ def main() -> None:
     record = {
         "card": "CPU (this machine: 2 cores, no GPU)",
         "date": datetime.date.today().isoformat(),
-        "command": "python3 -m bench.engine_cpu " + " ".join(
-            f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if k not in ("skip_hf",) and v is not None),
+        "command": command_line("bench.engine_cpu"),
         "shapes": {"target": config.target.model, "draft": config.draft.model, "dtype": config.target.dtype.value,
                    "hf_dtype": args.hf_dtype},
         "prompts": {"humaneval": args.humaneval, "gsm8k": args.gsm8k, "max_tokens": args.max_tokens},

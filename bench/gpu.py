@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from bench import median_ms, write_results
+from bench import command_line, median_ms, write_results
 from engine.config import Mode, parse_config
 from engine.decode import Engine
 from engine.model import Transformer
@@ -235,7 +235,7 @@ def main() -> None:
     record = {
         "card": card,
         "date": datetime.date.today().isoformat(),
-        "command": "python3 -m bench.gpu " + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items()),
+        "command": command_line("bench.gpu"),
         "shapes": {"target": args.target, "draft": args.draft, "dtype": "bfloat16", "weights": "dummy"},
         "quantize_by_path": {name: dict(zip(("target", "draft"), variants[name][1])) for name in variants},
         "copy_bandwidth_tb_per_s": round(bw / 1e12, 3),

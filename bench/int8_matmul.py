@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from bench import write_results
+from bench import command_line, write_results
 from engine import int8_kernel
 from engine.quant import int8_matmul
 
@@ -101,7 +101,7 @@ def main() -> None:
         write_results(args.out, {
             "card": torch.cuda.get_device_name(),
             "date": datetime.date.today().isoformat(),
-            "command": f"python3 -m bench.int8_matmul --rows {args.rows}",
+            "command": command_line("bench.int8_matmul"),
             "torch": torch.__version__,
             "products": results,
         })

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from bench import write_results
+from bench import command_line, write_results
 from engine.config import load_config
 from engine.weights import TORCH_DTYPES, load_checkpoint, resolve_checkpoint
 
@@ -58,7 +58,7 @@ def main() -> None:
     record = {
         "card": "CPU (this machine: 2 cores, no GPU)",
         "date": datetime.date.today().isoformat(),
-        "command": f"python3 -m bench.pass_latency --config {args.config}",
+        "command": command_line("bench.pass_latency"),
         "median_ms_per_pass": table,
     }
     write_results(args.out, record)

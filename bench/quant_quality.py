@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from bench import write_results
+from bench import command_line, write_results
 from engine.config import Config, Mode, Quantize, load_config
 from engine.decode import Engine
 from engine.model import Transformer
@@ -130,8 +130,7 @@ def main() -> None:
         {
             "card": "CPU (quality only: int8 runs eagerly here)",
             "date": datetime.date.today().isoformat(),
-            "command": f"python3 -m bench.quant_quality --config {args.config} --offset {args.offset} --n {args.n} "
-            f"--answers {args.answers} --max-tokens {args.max_tokens}",
+            "command": command_line("bench.quant_quality"),
             "data": f"GSM8K-train reference solutions {args.offset}..{args.offset + len(rows) - 1}, teacher-forced",
             **results,
         },

@@ -27,8 +27,6 @@ import asyncio
 import datetime
 import os
 import platform
-import shlex
-import sys
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,7 +36,7 @@ import torch
 import yaml
 from tqdm import tqdm
 
-from bench import write_results
+from bench import command_line, write_results
 from bench.engine_cpu import add_prompt_arguments, prompts
 from cluster.client import Final, JudgeserveClient
 from cluster.ray_backend import RayBackend
@@ -213,7 +211,7 @@ def main() -> None:
     result = {
         "benchmark": "bench.serve_cpu",
         "date": datetime.date.today().isoformat(),
-        "command": shlex.join(["python3", "-m", "bench.serve_cpu", *sys.argv[1:]]),
+        "command": command_line("bench.serve_cpu"),
         # served tokens/s over in-process tokens/s per mode and served path (the GPU issue's key)
         "e2e_over_inprocess": {f"{r['mode']} {r['path']}": r["ratio_to_in_process"] for r in rows if r["path"] in PATHS},
         # the same prompts through the same actors, pipelined and not (each against its own in-process run)

@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import gc
-import shlex
 import sys
 import tempfile
 import time
@@ -28,7 +27,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from bench import median_ms, sync, write_results
+from bench import command_line, median_ms, sync, write_results
 from engine.config import ModelSpec
 from engine.cuda_graphs import CudaGraphs
 from engine.weights import load_model
@@ -134,7 +133,7 @@ def report(args: argparse.Namespace, world: int, record: dict) -> None:
         "benchmark": "bench.tp_passes",
         "card": card,
         "date": datetime.date.today().isoformat(),
-        "command": "python3 -m bench.tp_passes " + shlex.join(args.argv),
+        "command": command_line("bench.tp_passes", args.argv),
         "shapes": {"target": args.model, "dtype": args.dtype, "quantize": args.quantize, "world": world,
                    "stack_projections": args.stack},
         "compile": args.compile,

@@ -99,7 +99,7 @@ def test_compiled_int8_passes_give_the_eager_int8_greedy_output():
     assert len(compiled.target.model.graphs) >= 1
 
 
-@pytest.mark.parametrize("rows", [2, 17, 33, 64])
+@pytest.mark.parametrize("rows", [2, 17, 33, 64, 100, 128])
 def test_int8_kernel_equals_the_converted_weight_product(rows):
     """engine.int8_kernel compiled for the GPU, at the 8B's shapes, against cuBLAS on the converted weight."""
     from engine.quant import int8_matmul

@@ -15,7 +15,7 @@ there is an empirical question per torch version; each candidate is timed on the
 `--rows 1 --splits 1,4,8` weighs one-row products split over their inputs (each row of the weight summed in
 S slices, then the slices summed: two reductions, the first with S times as many outputs in flight), the
 question a one-row pass's profile left (docs/performance.md: the 4,096-output products run at 40-70% of the
-bandwidth the wide ones reach), in bf16 (`reduction` is S=1, the one-row pass's form today) and int8.
+bandwidth the wide ones reach), in bf16 and int8; S=1 is the unsplit one-row reduction, the passes' form today.
 """
 
 from __future__ import annotations

@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from engine import quant
 from engine.config import ConfigError, Mode, load_config
 from engine.decode import Engine
 from engine.quant import QMAX, Int8Linear, int8_matmul, quantize_int8
@@ -169,7 +170,7 @@ def interpreted_kernel():
 def test_int8_kernel_equals_the_product_of_the_dequantized_weight(interpreted_kernel, rows, n, k):
     """Outputs past a tile's edge (n = 200, 96), inputs split over programs (k = 1024, 2048: split-K; 2048
     in whole tiles, without masks) or not a whole number of steps (k = 300), and row counts up to a full
-    block (128: more than engine.quant sends it yet), in bfloat16 as the GPU runs it."""
+    block (128: the most engine.quant sends it), in bfloat16 as the GPU runs it."""
     gen = torch.Generator().manual_seed(rows * n + k)
     linear = nn.Linear(k, n, bias=False).requires_grad_(False)
     linear.weight.copy_(torch.randn(n, k, generator=gen) * 0.02)
@@ -182,6 +183,7 @@ def test_int8_kernel_equals_the_product_of_the_dequantized_weight(interpreted_ke
     assert torch.equal(got, int8_matmul(x, q.weight, q.scales))  # no atomics: repeatable
     with pytest.raises(ValueError, match="at most 128 rows"):
         interpreted_kernel.partial_products(torch.zeros(129, k, dtype=torch.bfloat16), q.weight)
+    assert quant.KERNEL_MAX_ROWS <= interpreted_kernel.MAX_ROWS  # engine.quant never sends it more
 
 
 def test_int8_kernel_splits_the_inputs_when_the_outputs_are_few(interpreted_kernel):

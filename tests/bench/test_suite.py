@@ -31,6 +31,7 @@ def test_plans_cover_all_six_measurements_with_the_commands_the_docs_give():
     for plan in suite.PLANS.values():
         for step in plan:
             assert step.argv[:2] == ("-m", f"bench.{step.argv[1].split('.')[1]}") and "--out" not in step.argv
+        assert sum(step.timeout_s for step in plan) <= 590  # one device command: 600 s, the suite's own start too
     assert all(Path(t).is_file() for t in suite.TRACES)  # absolute: Ray workers read them elsewhere
 
 

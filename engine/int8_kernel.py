@@ -26,7 +26,8 @@ TF32, so that its passes agree with its one-row passes).
 
 At 65-128 rows (a prefill graph's top bucket) it still beats converting the weight to bf16 first, 3.2x
 on a 70B rank's MLP matrices (bench/results/int8_matmul_128rows_h200.json: 0.117 against 0.376 ms), though
-there it is half as fast as bf16 on the same card: tensor cores, not the weight reads, set its pace.
+there it takes about twice bf16's time on the same card: its conversions and products, not the weight
+reads, set its pace (26% of the card's bf16 peak at 128 rows, against cuBLAS's 50%).
 
 Not for: a prefill of more than 128 rows (bound by compute: cuBLAS on a converted weight), CPUs outside
 tests.

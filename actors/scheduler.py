@@ -42,7 +42,7 @@ import logging
 import secrets
 import time
 from dataclasses import dataclass, field
-from typing import AsyncIterator, Sequence
+from typing import AsyncIterator, Sequence, TypeVar
 
 import ray
 import torch
@@ -361,6 +361,41 @@ class StepBatcher:
                     done.set_result(result)
 
 
+T = TypeVar("T")
+
+
+async def run_ahead(source: AsyncIterator[T]) -> AsyncIterator[T]:
+    """`source`'s items, `source` iterated in a task of its own that runs on as soon as it has yielded one.
+
+    A served request's steps are the source and Ray's report of each streamed record the consumer's work
+    on an item: without this, the report of step t ran before step t+1 was planned, and with many streams
+    every request's report before the batch could leave. Each item is handed over one event-loop turn
+    after the source yields it, so what the source starts on resuming (the next step's submission, and the
+    batcher's loop that sends it) is scheduled first. `source`'s exception is raised after the items before
+    it; closing or cancelling this iterator cancels the task and waits for it to end.
+    """
+    loop = asyncio.get_running_loop()
+    items: asyncio.Queue = asyncio.Queue()
+    end = object()
+
+    async def produce() -> None:
+        try:
+            async for item in source:
+                loop.call_soon(items.put_nowait, item)
+        finally:
+            loop.call_soon(items.put_nowait, end)
+
+    task = asyncio.ensure_future(produce())
+    try:
+        while (item := await items.get()) is not end:
+            yield item
+        await task  # the source's exception, if it raised
+    finally:
+        if not task.done():
+            task.cancel()
+            await asyncio.wait({task})
+
+
 def capped_draft_length(k: int, running: int, caps: dict[int, int]) -> int:
     """K under load (serve.draft_tokens_by_load): the cap of the largest threshold <= running, if any."""
     cap = max((n for n in caps if n <= running), default=None)
@@ -464,7 +499,7 @@ class Scheduler:
             self.batcher.join()
             try:
                 state.started = time.perf_counter()  # wall time excludes the queue, as LocalBackend's does
-                async for event in self._run(state):
+                async for event in run_ahead(self._run(state)):
                     yield event_record(event).to_bytes()
                 done = state.completion()
             except (ray.exceptions.RayError, StepFailed) as err:

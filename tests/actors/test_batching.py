@@ -16,7 +16,7 @@ import pytest
 import ray
 
 from actors.messages import StepPlan
-from actors.scheduler import StepBatcher, capped_draft_length
+from actors.scheduler import StepBatcher, capped_draft_length, run_ahead
 from cluster.ray_backend import RayBackend
 from engine.config import Config, Mode
 from engine.decode import Completion, Engine
@@ -109,6 +109,57 @@ def test_a_release_rides_along_and_a_failure_reaches_every_request_of_the_batch(
     assert graph.batches == [["old/release", "a", "b"]]  # the release did not count as a running request's step
     assert all(isinstance(o, RuntimeError) for o in outcomes)
     assert (batcher.batches, batcher.batched_steps) == (1, 2)
+
+
+def test_each_streamed_step_is_handed_over_after_the_next_step_left():
+    """run_ahead: while the consumer handles step t (Ray reporting its record), step t+1 is in the graph."""
+    async def run():
+        graph = FakeGraph()
+        batcher = StepBatcher(graph, wait_s=5.0)
+        batcher.join()
+
+        async def steps():
+            for i in range(3):
+                yield await batcher.run(_plan(f"r{i}"), None)
+
+        plain = [(result, len(graph.batches)) async for result in steps()]
+        ahead = [(result, len(graph.batches) - 3) async for result in run_ahead(steps())]
+        return plain, ahead
+
+    plain, ahead = asyncio.run(run())
+    assert [r for r, _ in ahead] == [r for r, _ in plain] == ["result of r0", "result of r1", "result of r2"]
+    assert [n for _, n in plain] == [1, 2, 3]  # iterated directly: step t+1 waits for the consumer
+    assert [n for _, n in ahead] == [2, 3, 3]
+
+
+def test_run_ahead_raises_the_sources_error_after_its_items_and_closing_it_stops_the_source():
+    ended = []
+
+    async def source(fail: bool):
+        try:
+            for i in range(3):
+                await asyncio.sleep(0.01)
+                yield i
+            if fail:
+                raise ValueError("step failed")
+            await asyncio.sleep(60)  # a step in flight when the consumer goes
+        finally:
+            ended.append(fail)
+
+    async def run():
+        got = []
+        with pytest.raises(ValueError, match="step failed"):
+            async for item in run_ahead(source(fail=True)):
+                got.append(item)
+        stream = run_ahead(source(fail=False))
+        first = await stream.__anext__()
+        started = time.perf_counter()
+        await stream.aclose()  # the client went: the source is cancelled and waited for, not left sleeping
+        return got, first, time.perf_counter() - started
+
+    got, first, closing_s = asyncio.run(run())
+    assert got == [0, 1, 2] and first == 0
+    assert ended == [True, False] and closing_s < 1.0
 
 
 @pytest.mark.parametrize(

@@ -30,7 +30,8 @@ batch of draft passes drafts every block and one target pass verifies them all, 
 its own n (ragged acceptance; each cache is rolled back on its own). Requests join and leave between
 batches. Under load K may be capped (serve.draft_tokens_by_load): verification stops being nearly free
 once the batch's rows make the target compute-bound. `abort(request_id)` stops a request at the next
-step boundary; its caches are released in every actor when its loop ends, however it ends.
+step boundary; its caches are released in every actor when its loop ends, however it ends. A request's
+loop runs ahead of its stream (run_ahead): step t+1 is in the step graph while Ray reports step t's record.
 
 Not for: tokenizing or checking requests (cluster.ray_backend, with engine.decode's rules), the gRPC edge.
 """

@@ -39,6 +39,7 @@ Not for: tokenizing or checking requests (cluster.ray_backend, with engine.decod
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import secrets
 import time
@@ -500,8 +501,10 @@ class Scheduler:
             self.batcher.join()
             try:
                 state.started = time.perf_counter()  # wall time excludes the queue, as LocalBackend's does
-                async for event in run_ahead(self._run(state)):
-                    yield event_record(event).to_bytes()
+                # closed before the release below, however this generator ends: no step may follow it
+                async with contextlib.aclosing(run_ahead(self._run(state))) as steps:
+                    async for event in steps:
+                        yield event_record(event).to_bytes()
                 done = state.completion()
             except (ray.exceptions.RayError, StepFailed) as err:
                 # A worker actor failed: the driver answers UNAVAILABLE and the backend restarts the set.

@@ -109,9 +109,10 @@ def main() -> None:
                 row["kernel_int8_tb_per_s"] = n * k / row["kernel_ms"] / 1e9
                 row["kernel_config"] = str(int8_kernel._int8_matmul_kernel.best_config)
             if m == 1:
+                wants = {"bf16": F.linear(x, wb), "int8": product(x, w, s)}
                 for n_split in splits:
                     for dtype, weight, scales in (("bf16", wb, None), ("int8", w, s)):
-                        want = F.linear(x, wb) if scales is None else product(x, w, s)
+                        want = wants[dtype]
                         err = (split(x, weight, scales, n_split).float() - want.float()).abs().max().item()
                         ms = time_ms(split, x, weight, scales, n_split)
                         row[f"split{n_split}_{dtype}_ms"], row[f"split{n_split}_{dtype}_max_err"] = ms, err

@@ -34,7 +34,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from bench import write_results
+from bench import command_line, write_results
 from training.sandbox import wait_killing_group
 
 # absolute: the served steps' actors read the trace in Ray workers, whose working folder is not this one
@@ -213,8 +213,7 @@ def main(argv: list[str] | None = None) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         outcomes = [run_step(step, Path(tmp)) for step in steps]
     print(table(outcomes))
-    command = shlex.join(["python3", "-m", "bench.suite", *(sys.argv[1:] if argv is None else argv)])
-    write_results(args.out, record(args.machine, outcomes, command))
+    write_results(args.out, record(args.machine, outcomes, command_line("bench.suite", argv)))
 
 
 if __name__ == "__main__":

@@ -11,10 +11,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from engine import quant
 from engine.config import ConfigError, Mode, load_config
 from engine.decode import Engine
-from engine.quant import QMAX, Int8Linear, int8_matmul, quantize_int8
+from engine.quant import KERNEL_MAX_ROWS, QMAX, Int8Linear, int8_matmul, quantize_int8
 from engine.sampling import SamplingParams
 from engine.weights import dummy_model
 from tests.conftest import TINY_YAML
@@ -183,7 +182,7 @@ def test_int8_kernel_equals_the_product_of_the_dequantized_weight(interpreted_ke
     assert torch.equal(got, int8_matmul(x, q.weight, q.scales))  # no atomics: repeatable
     with pytest.raises(ValueError, match="at most 128 rows"):
         interpreted_kernel.partial_products(torch.zeros(129, k, dtype=torch.bfloat16), q.weight)
-    assert quant.KERNEL_MAX_ROWS <= interpreted_kernel.MAX_ROWS  # engine.quant never sends it more
+    assert KERNEL_MAX_ROWS <= interpreted_kernel.MAX_ROWS  # engine.quant never sends it more
 
 
 def test_int8_kernel_splits_the_inputs_when_the_outputs_are_few(interpreted_kernel):

@@ -30,6 +30,7 @@ import torch.multiprocessing as mp
 from bench import command_line, median_ms, sync, write_results
 from engine.config import ModelSpec
 from engine.cuda_graphs import CudaGraphs
+from engine.tp import exit_rank
 from engine.weights import load_model
 
 
@@ -115,6 +116,7 @@ def _rank(rank: int, world: int, init: str, args: argparse.Namespace) -> None:
         dist.barrier()
     finally:
         dist.destroy_process_group()
+    exit_rank()  # its report written, its group destroyed: skip the interpreter's teardown (gloo's exit race)
 
 
 def report(args: argparse.Namespace, world: int, record: dict) -> None:

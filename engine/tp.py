@@ -34,7 +34,10 @@ do); training (the in-place all-reduce has no backward).
 from __future__ import annotations
 
 import dataclasses
+import os
+import sys
 from collections.abc import Callable
+from typing import NoReturn
 
 import torch
 import torch.distributed as dist
@@ -206,3 +209,14 @@ def apply_tp(model: Transformer, rank: int, world: int, group: dist.ProcessGroup
 
     shard_modules(model, world, group, fill)
     return model
+
+
+def exit_rank() -> NoReturn:
+    """Ends a spawned rank's process (torch.multiprocessing.spawn) once its work is done and its process group
+    destroyed, without the interpreter's teardown: there gloo's threads can still abort the process
+    ("terminate called without an active exception", SIGABRT, after the work: seen once in a CI run of
+    tests/engine/test_tp.py; pytorch/pytorch#179291 describes the race), which spawn reports as a failed
+    rank. Call it on the success path only, so that an error still fails the spawn."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)

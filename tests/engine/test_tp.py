@@ -15,7 +15,7 @@ import torch.multiprocessing as mp
 from engine.model import ModelArgs, Transformer
 from engine.quant import quantize_int8
 from engine.shapes import SHAPES
-from engine.tp import RowParallelLinear, apply_tp, shard_dim
+from engine.tp import RowParallelLinear, apply_tp, exit_rank, shard_dim
 from engine.weights import dummy_model, load_checkpoint
 
 CPU = torch.device("cpu")
@@ -76,6 +76,7 @@ def _worker(
         dist.barrier()  # no rank tears its connections down while the other still reads from them
     finally:
         dist.destroy_process_group()
+    exit_rank()  # results saved, group destroyed: skip the interpreter's teardown (gloo's exit race)
 
 
 def _spawn(tmp: Path, checkpoint: Path | None, world: int = WORLD, shape: str = "tiny", quantize: bool = False) -> list[dict]:

@@ -37,6 +37,13 @@ from engine.verify import (
 from engine.weights import LoadedModel, load_model
 
 
+# Greedy autoregressive tokens one step decodes where passes run asynchronously (CUDA graphs): each pass is
+# fed the argmax of the one before on the device, and the host reads the run back once, so the GPU does not
+# wait for the host between tokens (the served path's serve.ar_tokens_per_call does the same per Ray call).
+# A run that meets a stop wastes at most AR_RUN - 1 passes; the first token after the prompt is never in one.
+AR_RUN = 8
+
+
 class RequestError(ValueError):
     """A request that cannot run as given (the message names the field); maps to INVALID_ARGUMENT."""
 
@@ -215,6 +222,8 @@ class Engine:
         self._target_cache = target.model.new_cache(self.max_seq_len)
         self._draft_cache = draft.model.new_cache(self.max_seq_len) if draft is not None else None
         self.device = self._target_cache.k.device
+        # tokens per greedy autoregressive step (AR_RUN): on a CPU each pass ends before the host goes on anyway
+        self.ar_run = AR_RUN if target.model.graphs is not None else 1
         # engine.trace.TraceRecorder or TraceReplayer: sees (and a replayer replaces) each speculative step's
         # verdicts (matched, judged) before acceptance; None in normal serving
         self.acceptance_hook: AcceptanceHook | None = None
@@ -313,7 +322,7 @@ class Engine:
         while out.finish is None:
             k = self._draft_length(request, seq, out)
             if not request.mode.is_speculative or k == 0 or seq.target_cache.length == 0:
-                step = self._target_step(seq, request.params, gen, timings)
+                step = self._target_step(seq, request.params, gen, timings, self._run_length(request, seq, out))
             else:
                 step = self._speculative_step(seq, request, k, gen, timings)
                 stats.speculative_steps += 1
@@ -338,20 +347,38 @@ class Engine:
         room = self.max_seq_len - len(seq.ids)
         return max(0, min(request.draft_tokens, left - 1, room))
 
+    def _run_length(self, request: Request, seq: _Sequence, out: Output) -> int:
+        """Tokens an autoregressive step decodes: up to ar_run for a greedy AR request past its prompt,
+        clipped so that the run cannot overrun max_tokens or the cache; else 1."""
+        if request.mode is not Mode.AR or not request.params.greedy or seq.target_cache.length == 0:
+            return 1
+        left = request.params.max_tokens - len(out.token_ids)
+        return max(1, min(self.ar_run, left, self.max_seq_len - len(seq.ids)))
+
     # ---- the steps ----------------------------------------------------------------------------------
 
-    def _target_step(self, seq: _Sequence, params: SamplingParams, gen: torch.Generator, timings: Timings) -> Accepted:
-        """One target pass over what its cache lacks (the prompt, or the last token): autoregressive."""
+    def _target_step(
+        self, seq: _Sequence, params: SamplingParams, gen: torch.Generator, timings: Timings, run: int = 1
+    ) -> Accepted:
+        """Target passes over what its cache lacks (the prompt, or the last token), then `run` - 1 more, each
+        fed the argmax before it on the device (greedy only): autoregressive."""
         t, prefill = time.perf_counter(), seq.target_cache.length == 0
         pending = seq.ids[seq.target_cache.length :]
         ((logits, _),) = target_passes(self.target.model, [seq.target_cache], [pending], last_only=True)
-        token = next_token(logits[-1], params, gen)
+        if run == 1:
+            tokens = [next_token(logits[-1], params, gen)]
+        else:
+            tops = [logits[-1].argmax()]
+            for _ in range(run - 1):
+                ((logits, _),) = self.target.model.forward_batch([tops[-1].view(1)], [seq.target_cache], last_only=True)
+                tops.append(logits[-1].argmax())
+            tokens = torch.stack(tops).tolist()  # the run's one read-back
         seconds = time.perf_counter() - t
         timings.verify_s += seconds
         if prefill:
             timings.prefill_s += seconds
-        self._advance(seq, [token])
-        return Accepted([token], [Provenance.TARGET])
+        self._advance(seq, tokens)
+        return Accepted(tokens, [Provenance.TARGET] * len(tokens))
 
     def _speculative_step(
         self, seq: _Sequence, request: Request, k: int, gen: torch.Generator, timings: Timings

@@ -56,6 +56,44 @@ def test_autoregressive_provenance_and_steps(ar_outputs):
     assert 0 < out.timings.prefill_s < out.timings.verify_s  # the prompt's pass, of the 80 target passes
 
 
+@pytest.fixture(scope="module", params=[2, 8], ids=["run2", "run8"])
+def run_engine(request, tiny_engine) -> Engine:
+    """The tiny pair with greedy autoregressive steps of `run` tokens chained on the device (as with CUDA
+    graphs; engine.decode.AR_RUN), in its own caches."""
+    engine = Engine(tiny_engine.config, tiny_engine.target, tiny_engine.draft, None)
+    engine.ar_run = request.param
+    return engine
+
+
+def test_greedy_autoregressive_runs_equal_one_token_steps(run_engine, ar_outputs):
+    for prompt in PROMPTS:
+        out = _run(run_engine, prompt, _greedy(), Mode.AR)
+        assert out.token_ids == ar_outputs[prompt].token_ids
+        assert out.provenance == [Provenance.TARGET] * 80
+        assert out.steps == 1 + -(-79 // run_engine.ar_run)  # the prompt's token alone, then runs
+    # the cache holds every emitted token but the last, as after one-token steps
+    prompt_len = len(run_engine.make_request(prompt=prompt).prompt_ids)
+    assert run_engine._target_cache.length == prompt_len + len(out.token_ids) - 1
+
+
+def test_greedy_autoregressive_runs_stop_where_one_token_steps_stop(run_engine, ar_outputs):
+    reference = ar_outputs[PROMPTS[2]]
+    stop_id = reference.token_ids[10]
+    out = _run(run_engine, PROMPTS[2], _greedy(stop_token_ids=(stop_id,)), Mode.AR)
+    assert out.token_ids == reference.token_ids[: reference.token_ids.index(stop_id) + 1]
+    out = _run(run_engine, PROMPTS[2], _greedy(max_tokens=13), Mode.AR)
+    assert out.token_ids == reference.token_ids[:13] and out.finish_reason is FinishReason.LENGTH
+    stop, index = _stop_string_case(reference)
+    events, completion = _stream(run_engine, PROMPTS[2], _greedy(stop=(stop,)), Mode.AR, 1)
+    assert "".join(e.text for e in events) == completion.text == reference.text[:index]
+    assert max(len(e.tokens) for e in events) <= run_engine.ar_run
+
+
+def test_sampled_autoregressive_steps_stay_one_token(run_engine):
+    out = _run(run_engine, PROMPTS[0], SamplingParams(max_tokens=12, ignore_eos=True, temperature=0.8, seed=3), Mode.AR)
+    assert out.steps == 12
+
+
 @pytest.mark.parametrize("k", [1, 4, 16, 64])
 def test_greedy_standard_equals_autoregressive(tiny_engine, ar_outputs, k):
     accepted = 0

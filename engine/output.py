@@ -3,6 +3,7 @@
 Stop rules, in order: a stop token id (kept), EOS (kept in ids, never in text; unless ignore_eos),
 max_tokens, then stop strings (the text ends before the stop string; ids end with the token that
 completed it). Text deltas never end inside a UTF-8 character, so the deltas joined equal the final text.
+A step decodes only its own ids and a few before them (`Output._decoded`), not the whole output.
 Not for: choosing tokens (engine.verify, engine.sampling).
 """
 
@@ -23,6 +24,11 @@ class FinishReason(str, enum.Enum):
     ERROR = "error"
 
 
+# Ids decoded again before a step's new ones, so that a tokenizer whose text for a token depends on the one
+# before it (SentencePiece's leading space) decodes the new ones as it would in the whole sequence.
+CONTEXT = 4
+
+
 @dataclass
 class Output:
     tokenizer: Tokenizer
@@ -31,6 +37,9 @@ class Output:
     provenance: list[Provenance] = field(default_factory=list)
     text: str = ""  # the text streamed so far: the concatenation of every delta
     finish: FinishReason | None = None
+    # token_ids[:_anchor] decode to _anchor_text, which ends on a whole character (see _decoded)
+    _anchor: int = field(default=0, repr=False)
+    _anchor_text: str = field(default="", repr=False)
 
     def extend(self, tokens: list[int], provenance: list[Provenance]) -> str:
         """Appends one step's tokens; returns the new text (possibly empty). Sets `finish` when done."""
@@ -45,10 +54,11 @@ class Output:
             if len(self.token_ids) >= p.max_tokens:
                 self.finish = FinishReason.LENGTH
                 break
-        full = self.tokenizer.decode(self.token_ids)
-        if p.stop:
-            full = self._cut_at_stop_string(full)
+        decoded = self._decoded()
+        full = self._cut_at_stop_string(decoded) if p.stop else decoded
         if self.finish is None:
+            if not decoded.endswith("\ufffd"):  # whole characters: the next step decodes from here
+                self._anchor, self._anchor_text = len(self.token_ids), decoded
             full = full.rstrip("\ufffd")  # an incomplete UTF-8 character: wait for its other bytes
             full = full[: len(full) - self._stop_prefix_len(full)]
         if not full.startswith(self.text):
@@ -57,6 +67,16 @@ class Output:
         delta = full[len(self.text) :]
         self.text = full
         return delta
+
+    def _decoded(self) -> str:
+        """tokenizer.decode(token_ids), decoding only the ids past the anchor (an earlier step's end on a whole
+        character) and CONTEXT before them: a step costs its own tokens, not the whole output's (4,096
+        one-token steps of the Qwen tokenizer decoded whole took 1.76 s on a 2-core CPU, 0.86 ms a step at
+        the end). A tokenizer whose text of the window does not begin with the context's is decoded whole."""
+        ids, at = self.token_ids, self._anchor
+        start = max(0, at - CONTEXT)
+        head, tail = self.tokenizer.decode(ids[start:at]), self.tokenizer.decode(ids[start:])
+        return self._anchor_text + tail[len(head) :] if tail.startswith(head) else self.tokenizer.decode(ids)
 
     def _stop_prefix_len(self, full: str) -> int:
         """The length of the longest tail of `full` that begins a stop string: held back from the stream

@@ -38,8 +38,8 @@ class Output:
     text: str = ""  # the text streamed so far: the concatenation of every delta
     finish: FinishReason | None = None
     # token_ids[:_anchor] decode to _anchor_text, which ends on a whole character (see _decoded)
-    _anchor: int = field(default=0, repr=False)
-    _anchor_text: str = field(default="", repr=False)
+    _anchor: int = field(default=0, init=False, repr=False)
+    _anchor_text: str = field(default="", init=False, repr=False)
 
     def extend(self, tokens: list[int], provenance: list[Provenance]) -> str:
         """Appends one step's tokens; returns the new text (possibly empty). Sets `finish` when done."""

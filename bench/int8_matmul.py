@@ -16,6 +16,8 @@ there is an empirical question per torch version; each candidate is timed on the
 S slices, then the slices summed: two reductions, the first with S times as many outputs in flight), the
 question a one-row pass's profile left (docs/performance.md: the 4,096-output products run at 40-70% of the
 bandwidth the wide ones reach), in bf16 and int8; S=1 is the unsplit one-row reduction, the passes' form today.
+Its answer on an H100 (2026-11-27, bench/results/int8_matmul_one_row_splits_h100.json): only the bf16 square
+products ran faster split, and splitting them in the engine's pass made it slower (docs/performance.md).
 """
 
 from __future__ import annotations

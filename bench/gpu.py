@@ -148,8 +148,9 @@ def main() -> None:
     ap.add_argument(
         "--paths", default="eager,graphs",
         help=(
-            "of eager, graphs, compiled (runtime.compile: torch.compile before capture), compiled-int8 (and both "
-            "models' weights int8: engine.quant, lossy), compiled-int8-draft (the draft's only); the last runs "
+            "of eager, graphs, compiled (runtime.compile: torch.compile before capture), compiled-sdpa (and "
+            "runtime.attention_kernel false), compiled-int8 (and both models' weights int8: engine.quant, lossy), "
+            "compiled-int8-draft (the draft's only); the last runs "
             "the speculative rows; each also as NAME-stacked (runtime.stack_projections true)"
         ),
     )
@@ -175,6 +176,8 @@ def main() -> None:
         "eager": ({"cuda_graphs": False}, ("none", "none")),
         "graphs": ({"cuda_graphs": True}, ("none", "none")),
         "compiled": ({"compile": True}, ("none", "none")),
+        # one-token passes' attention through SDPA, as before engine.attention_kernel
+        "compiled-sdpa": ({"compile": True, "attention_kernel": False}, ("none", "none")),
         "compiled-int8": ({"compile": True}, ("int8", "int8")),
         "compiled-int8-draft": ({"compile": True}, ("none", "int8")),
     }

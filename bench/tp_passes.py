@@ -73,7 +73,7 @@ def _rank(rank: int, world: int, init: str, args: argparse.Namespace) -> None:
                             timeout=timedelta(minutes=5), **({"device_id": device} if cuda else {}))
     try:
         spec = ModelSpec(model=args.model, dtype=args.dtype, quantize=args.quantize)
-        graphs = CudaGraphs(compile=args.compile, capture=cuda)
+        graphs = CudaGraphs(compile=args.compile, capture=cuda, attention_kernel=cuda and args.attention_kernel)
         t = time.perf_counter()
         loaded = load_model(
             spec, device=device, max_seq_len=args.max_seq_len, rank=rank, world=world, graphs=graphs, stack=args.stack
@@ -152,6 +152,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--device", default="cuda", choices=("cuda", "cpu"))
     ap.add_argument("--compile", action="store_true", help="runtime.compile: torch.compile before capture")
     ap.add_argument("--stack", action="store_true", help="runtime.stack_projections: q/k/v and gate/up stacked")
+    ap.add_argument("--attention-kernel", action=argparse.BooleanOptionalAction, default=True,
+                    help="runtime.attention_kernel: one-row passes attend through engine.attention_kernel (GPU)")
     ap.add_argument("--rows", type=lambda s: [int(r) for r in s.split(",")], default=[1, 2, 17, 33])
     ap.add_argument("--profile", type=lambda s: [int(r) for r in s.split(",")], default=[],
                     help="row counts to profile (GPU only)")

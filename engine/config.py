@@ -150,6 +150,14 @@ class RuntimeConfig(_Section):
         ),
     )
 
+    attention_kernel: bool = Field(
+        True,
+        description=(
+            "graphed one-token passes (decode, drafting) compute the new token's rotary, cache write and attention "
+            "in two Triton kernels (engine.attention_kernel) instead of eight small ones around SDPA; false: SDPA, as "
+            "passes of more rows do (docs/performance.md)"
+        ),
+    )
     stack_projections: bool = Field(
         False,
         description=(

@@ -72,8 +72,9 @@ class CudaGraphs:
     tokens run eagerly (run returns None). With `capture` False the same inputs, outputs and bookkeeping run the pass
     without a graph: how the CPU tests check this path."""
 
-    def __init__(self, max_rows: int = 129, *, capture: bool = True, compile: bool = False):
+    def __init__(self, max_rows: int = 129, *, capture: bool = True, compile: bool = False, attention_kernel: bool = False):
         self.max_rows, self.capture, self.compile = max_rows, capture, compile
+        self.attention_kernel = attention_kernel  # one-token passes attend through engine.attention_kernel
         self._graphs: dict[tuple[int, int, int], _Graph] = {}
         self._pool = None  # one memory pool for all: replays never overlap
         self._compiled: SlotSteps | None = None  # torch.compile of each of SLOT_STEPS, made at the first capture
@@ -199,10 +200,12 @@ class CudaGraphs:
         # weight's conversion into the product (engine.quant). Passes of more rows keep cuBLAS, and skip the
         # tuning, which tripled an 8B shape's compile time (docs/performance.md).
         with torch._inductor.config.patch(coordinate_descent_tuning=self.compile and batch * t == 1):
-            replay, logits, hidden = self._record(lambda: model.forward_slots(tokens, cache, start, steps, keys), device)
+            replay, logits, hidden = self._record(
+                lambda: model.forward_slots(tokens, cache, start, steps, keys, self.attention_kernel), device
+            )
         return _Graph(replay, cache, tokens, start, logits, hidden)
 
 
 def graphs_for(runtime: RuntimeConfig) -> CudaGraphs | None:
     """A model's CudaGraphs as the runtime section asks (one per model), or None: eager passes."""
-    return CudaGraphs(compile=runtime.compile) if runtime.graphed else None
+    return CudaGraphs(compile=runtime.compile, attention_kernel=runtime.attention_kernel) if runtime.graphed else None

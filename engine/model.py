@@ -128,6 +128,30 @@ def _write_kv_fake(keys, values, positions, k, v) -> None:
     return None
 
 
+@torch.library.custom_op("judgeserve::decode_attention", mutates_args=("keys", "values"))
+def decode_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    keys: torch.Tensor,
+    values: torch.Tensor,
+    positions: torch.Tensor,
+    length: int,
+) -> torch.Tensor:
+    """A one-row graph-safe pass's rotary, cache write and attention in two Triton kernels
+    (engine.attention_kernel.decode_attention, which says what each argument is)."""
+    from engine import attention_kernel  # Triton: imported where a GPU pass first needs it
+
+    return attention_kernel.decode_attention(q, k, v, cos, sin, keys, values, positions, length)
+
+
+@decode_attention.register_fake
+def _decode_attention_fake(q, k, v, cos, sin, keys, values, positions, length) -> torch.Tensor:
+    return torch.empty_like(q)
+
+
 class KVCache:
     """Preallocated keys and values for every layer of one model: [layers, batch, kv_heads, max_len, head_dim].
 
@@ -216,6 +240,7 @@ class Slots:
     values: torch.Tensor
     positions: torch.Tensor
     mask: torch.Tensor
+    kernel: bool = False  # a pass of one row that attends through decode_attention (runtime.attention_kernel)
 
 
 @dataclass(frozen=True)
@@ -272,6 +297,13 @@ class Attention(nn.Module):
             q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
         else:
             q, k, v = self.qkv_proj(x).split(self.qkv_widths, -1)
+        if isinstance(where, Slots) and where.kernel:  # one row: rotary, write and attention in one op
+            heads = (self.n_heads, self.head_dim), (self.n_kv, self.head_dim)
+            out = decode_attention(
+                q.view(heads[0]), k.view(heads[1]), v.view(heads[1]), cos[0], sin[0],
+                where.keys, where.values, where.positions, where.mask.shape[-1],
+            )
+            return self.o_proj(out.view(b, t, -1))
         q = q.view(b, t, self.n_heads, self.head_dim).transpose(1, 2)
         k = k.view(b, t, self.n_kv, self.head_dim).transpose(1, 2)
         v = v.view(b, t, self.n_kv, self.head_dim).transpose(1, 2)
@@ -572,20 +604,23 @@ class Transformer(nn.Module):
         start: torch.Tensor,
         steps: SlotSteps | None = None,
         length: int | None = None,
+        kernel: bool = False,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """The graph-safe pass: tokens [batch, T] at positions start .. start + T - 1, `start` a 0-d tensor on
         the device, all below `length` (default: the cache's max_len); attends over the cache's first `length`
         positions through a mask and leaves cache.length to the caller.
         Returns logits [batch, T, vocab] in float32 and hidden [batch, T, hidden], every row. `steps`: the
-        pass's three pieces (engine.cuda_graphs passes compiled ones); by default SLOT_STEPS, run eagerly."""
+        pass's three pieces (engine.cuda_graphs passes compiled ones); by default SLOT_STEPS, run eagerly.
+        `kernel`: a pass of one token attends through decode_attention (Triton) instead of SDPA."""
         embed, layer_step, head = steps or SLOT_STEPS
+        kernel = kernel and tokens.numel() == 1
         x, cos, sin, positions = embed(self, tokens, start)
         mask = torch.arange(length or cache.max_len, device=tokens.device)[None, :] <= positions[:, None]
         # The key length is a symbolic size to torch.compile: one compiled layer step serves every bucket
         # (the whole cache's length, where the slice is the tensor itself, compiles apart).
         torch._dynamo.maybe_mark_dynamic(mask, 1)
         for i, layer in enumerate(self.model.layers):
-            x = layer_step(layer, x, cos, sin, Slots(cache.k[i], cache.v[i], positions, mask))
+            x = layer_step(layer, x, cos, sin, Slots(cache.k[i], cache.v[i], positions, mask, kernel))
         return head(self, x)
 
     def _embed(self, tokens: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, ...]:

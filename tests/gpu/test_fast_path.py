@@ -112,3 +112,27 @@ def test_int8_kernel_equals_the_converted_weight_product(rows):
         want = (x.float() @ w.float().T) * s.float()
         got = int8_matmul(x, w, s)
         torch.testing.assert_close(got.float(), want, rtol=2e-2, atol=2e-2 * float(want.abs().max()))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dim,heads,kv_heads", [(128, 32, 8), (128, 32, 4), (64, 14, 2)])
+def test_decode_attention_kernel_equals_the_rotary_write_and_sdpa(dtype, dim, heads, kv_heads):
+    """engine.attention_kernel compiled for the GPU at the 8B's, a 70B TP=2 rank's and Qwen2.5-0.5B's head
+    shapes, against the rotary, write_kv and masked SDPA in float32: the output within the dtype's rounding,
+    the new key and value written at the position and nothing else."""
+    from engine.model import decode_attention
+    from tests.engine.test_attention_kernel import inputs, reference
+
+    tol = 1e-4 if dtype == torch.float32 else 2e-2
+    for pos, length in ((0, 64), (31, 64), (32, 64), (383, 512), (1000, 1024)):
+        q, k, v, cos, sin, keys, values = inputs(dim, heads, kv_heads, 1024, dtype, "cuda", seed=pos)
+        positions = torch.tensor([pos], device="cuda")
+        want, want_keys, want_values = reference(q, k, v, cos, sin, keys, values, positions, length)
+        before = keys.clone(), values.clone()
+        got = decode_attention(q, k, v, cos, sin, keys, values, positions, length)
+        torch.testing.assert_close(got.float(), want, rtol=tol, atol=tol)
+        torch.testing.assert_close(keys[:, :, pos].float(), want_keys[:, :, pos], rtol=tol, atol=tol)
+        assert torch.equal(values[:, :, pos], v[None])
+        others = torch.arange(1024, device="cuda") != pos
+        assert torch.equal(keys[:, :, others], before[0][:, :, others])
+        assert torch.equal(values[:, :, others], before[1][:, :, others])

@@ -298,11 +298,8 @@ class Attention(nn.Module):
         else:
             q, k, v = self.qkv_proj(x).split(self.qkv_widths, -1)
         if isinstance(where, Slots) and where.kernel:  # one row: rotary, write and attention in one op
-            heads = (self.n_heads, self.head_dim), (self.n_kv, self.head_dim)
-            out = decode_attention(
-                q.view(heads[0]), k.view(heads[1]), v.view(heads[1]), cos[0], sin[0],
-                where.keys, where.values, where.positions, where.mask.shape[-1],
-            )
+            q, k, v = q.view(self.n_heads, -1), k.view(self.n_kv, -1), v.view(self.n_kv, -1)
+            out = decode_attention(q, k, v, cos[0], sin[0], where.keys, where.values, where.positions, where.mask.shape[-1])
             return self.o_proj(out.view(b, t, -1))
         q = q.view(b, t, self.n_heads, self.head_dim).transpose(1, 2)
         k = k.view(b, t, self.n_kv, self.head_dim).transpose(1, 2)

@@ -19,7 +19,9 @@ Called through the op `judgeserve::decode_attention` (engine.model, one-row Slot
 runtime.attention_kernel), which torch.compile and CUDA graphs take whole. The CPU tests run these kernels
 in Triton's interpreter (TRITON_INTERPRET=1) against the rotary, write and SDPA they replace.
 
-Not for: passes of more than one row (verifications and prefills keep SDPA), batches, CPUs outside tests.
+Not for: passes of more than one row (verifications and prefills keep SDPA), batches, key buckets of more
+than engine.cuda_graphs.ATTENTION_KERNEL_MAX_KEYS (a program per block and one combining program per head
+holding every block's partial sums: fine at 64 blocks, not at thousands), CPUs outside tests.
 """
 
 from __future__ import annotations

@@ -153,9 +153,9 @@ class RuntimeConfig(_Section):
     attention_kernel: bool = Field(
         True,
         description=(
-            "graphed one-token passes (decode, drafting) compute the new token's rotary, cache write and attention "
-            "in two Triton kernels (engine.attention_kernel) instead of eight small ones around SDPA; false: SDPA, as "
-            "passes of more rows do (docs/performance.md)"
+            "graphed one-token passes (decode, drafting) over up to 2,048 keys compute the new token's rotary, cache "
+            "write and attention in two Triton kernels (engine.attention_kernel) instead of eight small ones around "
+            "SDPA; false: SDPA, as passes of more rows or keys do (docs/performance.md)"
         ),
     )
     stack_projections: bool = Field(

@@ -37,6 +37,10 @@ from engine.model import SLOT_STEPS, CacheBlock, KVCache, SlotSteps, Transformer
 WARMUP_PASSES = 2  # before capture, on a side stream: lets cuBLAS and the allocator settle (torch's advice)
 KEY_FLOOR = 64  # the smallest key bucket: shorter sequences share one graph per pass shape
 PREFILL_FLOOR = 16  # the smallest prefill: shorter prompts share its graph (a few padding rows cost little)
+# The longest key bucket whose one-token passes attend through engine.attention_kernel: its first kernel
+# takes a program per 32 keys and its second holds all their partial sums at once (64 x head_dim here).
+# Longer buckets attend through SDPA, as passes did before the kernel. Measured up to 1,024 on GPUs.
+ATTENTION_KERNEL_MAX_KEYS = 2048
 
 
 @dataclass
@@ -199,9 +203,10 @@ class CudaGraphs:
         # the copy bandwidth (8B decode on an H100: 155 tokens/s, gpt-fast sets it too) and fuses an int8
         # weight's conversion into the product (engine.quant). Passes of more rows keep cuBLAS, and skip the
         # tuning, which tripled an 8B shape's compile time (docs/performance.md).
+        kernel = self.attention_kernel and keys <= ATTENTION_KERNEL_MAX_KEYS
         with torch._inductor.config.patch(coordinate_descent_tuning=self.compile and batch * t == 1):
             replay, logits, hidden = self._record(
-                lambda: model.forward_slots(tokens, cache, start, steps, keys, self.attention_kernel), device
+                lambda: model.forward_slots(tokens, cache, start, steps, keys, kernel), device
             )
         return _Graph(replay, cache, tokens, start, logits, hidden)
 

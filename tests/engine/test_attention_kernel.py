@@ -49,7 +49,9 @@ def reference(q, k, v, cos, sin, keys, values, positions, length):
 
 
 SHAPES = [(16, 4, 2), (64, 14, 2)]  # (head_dim, heads, kv_heads): the tiny pair's; Qwen2.5-0.5B's
-POSITIONS = [(0, 64), (31, 64), (32, 64), (63, 64), (70, 128)]  # (position, key bucket) about BLOCK = 32
+# (position, key bucket) about BLOCK = 32; a bucket may be the whole cache, of any length (80: then the
+# position is below it, as the cache's last one is)
+POSITIONS = [(0, 64), (31, 64), (32, 64), (63, 64), (70, 128), (79, 80), (127, 128)]
 
 
 @pytest.mark.parametrize("dim,heads,kv_heads", SHAPES)
@@ -88,15 +90,19 @@ def test_decode_attention_in_bfloat16_rounds_like_the_cache():
 
 
 def test_a_position_past_the_key_bucket_writes_nothing_and_attends_over_the_bucket():
-    """A graph's warm-up runs at the cache's last position, which may lie past the bucket: the pass then
-    reads the bucket's keys only, as the masked SDPA does, and writes no key (none is valid there)."""
+    """A graph's warm-up runs at the cache's last position, which may lie past the bucket (a power of two
+    of at least 64 keys when it is shorter than the cache: whole blocks): the pass then reads the bucket's
+    keys only, as the masked SDPA does (NaN past it would show), and writes no key (none is valid there)."""
+    pos, length = 150, 64
     q, k, v, cos, sin, keys, values = inputs(16, 4, 2, 160, torch.float32, seed=9)
-    positions = torch.tensor([150])
-    want, _, _ = reference(q, k, v, cos, sin, keys, values, positions, 64)
+    keys[:, :, length:], values[:, :, length:] = float("nan"), float("nan")
+    positions = torch.tensor([pos])
+    want, _, _ = reference(q, k, v, cos, sin, keys, values, positions, length)
     before = keys.clone(), values.clone()
-    got = decode_attention(q, k, v, cos, sin, keys, values, positions, 64)
+    got = decode_attention(q, k, v, cos, sin, keys, values, positions, length)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
-    assert torch.equal(keys, before[0]) and torch.equal(values, before[1])
+    assert torch.equal(keys.nan_to_num(), before[0].nan_to_num())  # a write would put a number for a NaN
+    assert torch.equal(values.nan_to_num(), before[1].nan_to_num())
 
 
 @torch.inference_mode()
@@ -143,3 +149,31 @@ def test_greedy_output_through_graphs_with_the_kernel_equals_the_plain_path(mode
     plain, fused = outs
     assert fused.token_ids == plain.token_ids and len(plain.token_ids) == 10
     assert fused.steps == plain.steps
+
+
+@torch.inference_mode()
+def test_buckets_past_the_kernels_bound_attend_through_sdpa(tiny_args, monkeypatch):
+    """CudaGraphs takes one-token passes through the kernel for key buckets of up to
+    ATTENTION_KERNEL_MAX_KEYS keys, and longer ones through SDPA (the kernel holds a bucket's partial sums
+    at once)."""
+    import engine.model
+    from engine.cuda_graphs import ATTENTION_KERNEL_MAX_KEYS
+
+    calls = []
+
+    def counted(*args):
+        calls.append(args[-1])  # the pass's key bucket
+        return decode_attention(*args)
+
+    monkeypatch.setattr(engine.model, "decode_attention", counted)
+    model = dummy_model(tiny_args, 0, 0.0, torch.float32, torch.device("cpu")).eval()
+    model.exact_rows = False
+    model.graphs = CudaGraphs(capture=False, attention_kernel=True)
+    cache = model.new_cache(ATTENTION_KERNEL_MAX_KEYS + 64)
+    model(torch.tensor([[1, 2, 3]]), cache)
+    model(torch.tensor([[4]]), cache)
+    assert calls and set(calls) == {64}
+    calls.clear()
+    cache.length = ATTENTION_KERNEL_MAX_KEYS  # the next pass's bucket is the whole cache, past the bound
+    model(torch.tensor([[5]]), cache)
+    assert calls == [] and cache.length == ATTENTION_KERNEL_MAX_KEYS + 1

@@ -4,17 +4,18 @@ and SDPA over the key bucket through a mask), and the graph-safe pass with it ag
 
 from __future__ import annotations
 
+import functools
+
 import pytest
 import torch
 import torch.nn.functional as F
 
 from engine.config import Mode, load_config
 from engine.cuda_graphs import CudaGraphs
-from engine.decode import Engine
 from engine.model import apply_rope, decode_attention, write_kv
-from engine.sampling import SamplingParams
 from engine.weights import dummy_model
 from tests.conftest import TINY_YAML
+from tests.engine.test_cuda_graphs import plain_and_graphed
 
 
 def inputs(dim: int, heads: int, kv_heads: int, max_len: int, dtype: torch.dtype, device: str = "cpu", seed: int = 0):
@@ -135,18 +136,8 @@ def test_greedy_output_through_graphs_with_the_kernel_equals_the_plain_path(mode
     """The engine with every pass through CudaGraphs (no capture on a CPU) and its one-token passes (the
     target's decodes, the draft's proposals) through the kernel, against the plain engine: the same
     greedy tokens and steps. Short: the interpreter takes about 0.1 s a kernel call."""
-    engines = []
-    for kernel in (False, True):
-        engine = Engine.from_config(load_config(TINY_YAML))
-        for loaded in (engine.target, engine.draft):
-            loaded.model.exact_rows = False
-            loaded.model.graphs = CudaGraphs(capture=False, attention_kernel=True) if kernel else None
-        engines.append(engine)
-    outs = []
-    for engine in engines:
-        request = engine.make_request(prompt="def f(x):", mode=mode, params=SamplingParams(max_tokens=10))
-        outs.append(engine.generate(request))
-    plain, fused = outs
+    graphs = functools.partial(CudaGraphs, capture=False, attention_kernel=True)
+    _, [(plain, fused)] = plain_and_graphed(load_config(TINY_YAML), graphs, ["def f(x):"], mode, 10)
     assert fused.token_ids == plain.token_ids and len(plain.token_ids) == 10
     assert fused.steps == plain.steps
 

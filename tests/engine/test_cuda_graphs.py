@@ -3,6 +3,8 @@ bookkeeping, run without capture (the same inputs, outputs and cache moves; test
 
 from __future__ import annotations
 
+import functools
+
 import pytest
 import torch
 
@@ -188,28 +190,33 @@ def test_one_compiled_layer_step_serves_every_key_bucket(tiny_args):
     assert [c.frame_count for c in counters] == [1, 1, 1]
 
 
-@pytest.mark.parametrize("mode", [Mode.AR, Mode.STANDARD, Mode.JUDGE])
-def test_greedy_output_through_the_graph_path_equals_the_plain_path(judge_config, mode):
-    """Every pass, prefills included, goes through CudaGraphs (no capture on a CPU) in one engine, eagerly in the
-    other; both use the masked attention of the GPU path (exact_rows off)."""
+def plain_and_graphed(config, graphs, prompts, mode: Mode, max_tokens: int):
+    """One engine runs every pass eagerly, the other through `graphs()` (a CudaGraphs per model; no capture
+    on a CPU); both use the masked attention of the GPU path (exact_rows off). -> the graphed engine, and
+    (plain, graphed) outputs per prompt."""
     engines = []
     for graphed in (False, True):
-        engine = Engine.from_config(judge_config)
+        engine = Engine.from_config(config)
         for loaded in (engine.target, engine.draft):
             loaded.model.exact_rows = False
-            loaded.model.graphs = CudaGraphs(capture=False) if graphed else None
+            loaded.model.graphs = graphs() if graphed else None
         engines.append(engine)
-    for prompt in ("The quick", "def f(x):", "Once upon a time"):
-        outs = []
-        for engine in engines:
-            request = engine.make_request(prompt=prompt, mode=mode, params=SamplingParams(max_tokens=40))
-            outs.append(engine.generate(request))
-        plain, graphed = outs
+    params = SamplingParams(max_tokens=max_tokens)
+    outs = [[e.generate(e.make_request(prompt=p, mode=mode, params=params)) for e in engines] for p in prompts]
+    return engines[1], outs
+
+
+@pytest.mark.parametrize("mode", [Mode.AR, Mode.STANDARD, Mode.JUDGE])
+def test_greedy_output_through_the_graph_path_equals_the_plain_path(judge_config, mode):
+    """Every pass, prefills included, goes through CudaGraphs in one engine, eagerly in the other."""
+    prompts = ("The quick", "def f(x):", "Once upon a time")
+    engine, outs = plain_and_graphed(judge_config, functools.partial(CudaGraphs, capture=False), prompts, mode, 40)
+    for prompt, (plain, graphed) in zip(prompts, outs):
         assert graphed.token_ids == plain.token_ids, prompt
         assert graphed.steps == plain.steps
-    assert len(engines[1].target.model.graphs) >= 1
+    assert len(engine.target.model.graphs) >= 1
     if mode.is_speculative:
-        assert len(engines[1].draft.model.graphs) >= 1
+        assert len(engine.draft.model.graphs) >= 1
 
 
 def test_the_runtime_section_picks_the_attention_kernel():

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import functools
 import types
 import typing
 from dataclasses import dataclass
@@ -74,39 +75,79 @@ def step_generator(seed: int, role: Role, step: int, device: torch.device | str 
 # ---- the record base --------------------------------------------------------------------------------
 
 
-def _decode(value: Any, tp: Any, where: str) -> Any:
-    """A msgpack-decoded value checked against its annotated type (the few types records use); nested
+Decoder = typing.Callable[[Any, str], Any]  # (msgpack-decoded value, where it is for errors) -> checked value
+
+
+@functools.cache
+def _decoder(tp: Any) -> Decoder:
+    """The checker of one annotated field type (the few types records use), built once per type: a record's
+    fields are decoded on every step in every actor, so the type is read here and not per value. Nested
     records are rebuilt from their maps."""
     origin = typing.get_origin(tp)
     if origin in (typing.Union, types.UnionType):
-        for option in typing.get_args(tp):
-            try:
-                return _decode(value, option, where)
-            except RecordError:
-                pass
-        raise RecordError(f"{where}: expected {tp}, got {type(value).__name__}")
+        options = typing.get_args(tp)
+        nullable, rest = type(None) in options, [_decoder(o) for o in options if o is not type(None)]
+
+        def union(value: Any, where: str) -> Any:
+            if value is None and nullable:
+                return None
+            for option in rest:
+                try:
+                    return option(value, where)
+                except RecordError:
+                    pass
+            raise RecordError(f"{where}: expected {tp}, got {type(value).__name__}")
+
+        return union
     if origin is list:
         (item,) = typing.get_args(tp)
-        if not isinstance(value, list):
-            raise RecordError(f"{where}: expected a list, got {type(value).__name__}")
-        if item in (int, bool, str, float):  # the common case, checked without a call per element
-            if not all(_is(v, item) for v in value):
-                raise RecordError(f"{where}: expected {tp}")
-            return value
-        return [_decode(v, item, f"{where}[{i}]") for i, v in enumerate(value)]
+        if item in _SCALARS:  # the common case, checked without a call per element
+            is_item = _SCALARS[item]
+
+            def scalars(value: Any, where: str) -> Any:
+                if not isinstance(value, list):
+                    raise RecordError(f"{where}: expected a list, got {type(value).__name__}")
+                if not all(map(is_item, value)):
+                    raise RecordError(f"{where}: expected {tp}")
+                return value
+
+            return scalars
+        decode_item = _decoder(item)
+
+        def items(value: Any, where: str) -> Any:
+            if not isinstance(value, list):
+                raise RecordError(f"{where}: expected a list, got {type(value).__name__}")
+            return [decode_item(v, f"{where}[{i}]") for i, v in enumerate(value)]
+
+        return items
     if isinstance(tp, type) and issubclass(tp, Record):
-        return tp._from_map(value)
-    if tp is type(None) and value is None or tp in (int, bool, str, float) and _is(value, tp):
-        return float(value) if tp is float else value
-    raise RecordError(f"{where}: expected {getattr(tp, '__name__', tp)}, got {type(value).__name__}")
+        return lambda value, where: tp._from_map(value)
+    if tp in _SCALARS:
+        is_tp = _SCALARS[tp]
+
+        def scalar(value: Any, where: str) -> Any:
+            if not is_tp(value):
+                raise RecordError(f"{where}: expected {tp.__name__}, got {type(value).__name__}")
+            return float(value) if tp is float else value
+
+        return scalar
+    if tp is type(None):
+
+        def none(value: Any, where: str) -> Any:
+            if value is not None:
+                raise RecordError(f"{where}: expected None, got {type(value).__name__}")
+            return None
+
+        return none
+    raise TypeError(f"records do not carry fields of type {tp}")
 
 
-def _is(value: Any, tp: type) -> bool:
-    if tp is int:
-        return isinstance(value, int) and not isinstance(value, bool)
-    if tp is float:
-        return isinstance(value, (int, float)) and not isinstance(value, bool)
-    return isinstance(value, tp)
+_SCALARS: dict[type, typing.Callable[[Any], bool]] = {
+    int: lambda v: isinstance(v, int) and not isinstance(v, bool),
+    float: lambda v: isinstance(v, (int, float)) and not isinstance(v, bool),
+    bool: lambda v: isinstance(v, bool),
+    str: lambda v: isinstance(v, str),
+}
 
 
 def _encode(value: Any) -> Any:
@@ -119,7 +160,7 @@ def _encode(value: Any) -> Any:
 class Record:
     """A msgpack record: `to_bytes`, and `from_bytes` with an explicit size cap and a type check."""
 
-    _types: ClassVar[dict[type, dict[str, Any]]] = {}
+    _fields: ClassVar[dict[type, dict[str, Decoder]]] = {}
 
     def to_bytes(self) -> bytes:
         return msgpack.packb(self._to_map(), use_bin_type=True)
@@ -137,19 +178,21 @@ class Record:
         if not isinstance(raw, dict) or raw.get("record") != cls.__name__:
             tag = raw.get("record") if isinstance(raw, dict) else type(raw).__name__
             raise RecordError(f"expected a {cls.__name__} record, got {tag!r}")
-        hints = cls._field_types()
+        decoders = cls._decoders()
         fields = {k: v for k, v in raw.items() if k != "record"}
-        if fields.keys() != hints.keys():
-            missing, extra = sorted(hints.keys() - fields.keys()), sorted(fields.keys() - hints.keys())
+        if fields.keys() != decoders.keys():
+            missing, extra = sorted(decoders.keys() - fields.keys()), sorted(fields.keys() - decoders.keys())
             raise RecordError(f"{cls.__name__}: missing fields {missing}, unknown fields {extra}")
-        return cls(**{name: _decode(fields[name], tp, f"{cls.__name__}.{name}") for name, tp in hints.items()})
+        name = cls.__name__
+        return cls(**{field: decode(fields[field], f"{name}.{field}") for field, decode in decoders.items()})
 
     @classmethod
-    def _field_types(cls) -> dict[str, Any]:
-        if cls not in Record._types:
+    def _decoders(cls) -> dict[str, Decoder]:
+        """Field name -> its decoder, built on the class's first record."""
+        if cls not in Record._fields:
             hints = typing.get_type_hints(cls)
-            Record._types[cls] = {f.name: hints[f.name] for f in dataclasses.fields(cls)}
-        return Record._types[cls]
+            Record._fields[cls] = {f.name: _decoder(hints[f.name]) for f in dataclasses.fields(cls)}
+        return Record._fields[cls]
 
 
 def _unpack(data: bytes, max_bytes: int) -> Any:

@@ -71,7 +71,7 @@ from engine.output import FinishReason, Output
 from engine.sampling import SamplingParams
 from engine.tokenizer import ByteTokenizer, HFTokenizer, Tokenizer
 from engine.trace import TraceReplayer, replayer_for
-from engine.verify import Accepted, DraftBlock, Provenance, accept, accepted_length
+from engine.verify import Accepted, DraftBlock, Provenance, Verdicts, accept, accepted_length
 from engine.weights import resolve_checkpoint
 
 log = logging.getLogger("judgeserve.scheduler")
@@ -675,11 +675,10 @@ class Scheduler:
         self, state: RequestState, block: list[int], verdict: VerifyOutput, judged: list[bool] | None, result: StepResult
     ) -> Accepted:
         """n leading draft tokens that pass (matched or judged), then the candidate for that n."""
-        matched = torch.tensor(verdict.matched, dtype=torch.bool)  # [K]
-        judged_t = torch.tensor(judged, dtype=torch.bool) if judged is not None else None  # [K]
+        matched: Verdicts = verdict.matched  # [K]
         if state.replay is not None:
-            matched, judged_t = state.replay(matched, judged_t)
-        n = accepted_length(matched, judged_t)
+            matched, judged = state.replay(matched, judged)
+        n = accepted_length(matched, judged)
         last = verdict.final_candidates[n]
         if result.speculated is not None and n == len(block) and state.replay is not None and state.replay.guess_is_right():
             last = result.speculated.guess  # replayed agreement on the bonus (decoding.replay_guesses)
@@ -687,7 +686,7 @@ class Scheduler:
             # used at the next step if the draft guessed this bonus; otherwise dropped (the draft rolls back)
             k_next = len(result.speculated.tokens)
             state.speculation = Speculation(k_next, result.speculated, result.speculated_q, bonus=last)
-        return accept(DraftBlock(torch.tensor(block), None), matched, judged_t, last)
+        return accept(DraftBlock(torch.tensor(block), None), matched, judged, last)
 
     # ---- queue and clean-up --------------------------------------------------------------------------
 

@@ -7,15 +7,20 @@ instead of one per phase of each):
 
     drafted    = draft.step(batch)                      # per plan: DraftOutput and q, or nothing
     speculated = draft.speculate(batch, drafted)        # pipelining: next blocks, during verification
-    verified_r = shard_r.step(batch, drafted, qs)       # every rank: verifications and target tokens
+    begun_r    = shard_r.begin(batch, qs)               # every rank: what needs no drafted block, at once
+    verified_r = shard_r.finish(begun_r, drafted)       # every rank: verifications and target tokens
     judged     = judge.step(batch, verified_0)          # on rank 0's hidden states of the blocks
+
+An autoregressive step or a prefill therefore runs on the shards as soon as the batch arrives, beside the
+draft worker's idle node instead of after it (begin_r -> finish_r stays in the shard's process).
 
 A plain Ray actor call costs about 1 ms on the GPU machine (measured there: two chained calls 2.1 ms, the
 same two hops as a Compiled Graph 0.27 ms); a Compiled Graph sets up its channels once and reuses them for
 every step. Ray allows one compiled graph per actor, so this one graph carries every kind of step (a plan
 tells each node what to do, or to pass). The plain path runs the same methods with ObjectRefs for the
-edges, skipping the nodes a plan leaves idle: the default on CPU, where the compiled graph's polling
-threads cost more than its saved round trips (serve.compiled_graph; both measured in docs/performance.md).
+edges (a shard's begin and finish as one call, `step`), skipping the nodes a plan leaves idle: the default
+on CPU, where the compiled graph's polling threads cost more than its saved round trips
+(serve.compiled_graph; both measured in docs/performance.md).
 
 Both keep the target's ranks in step (each runs its nodes in graph order; plain calls from one caller
 run in submission order) and deliver a step's results only when every node finished, so a failure on any
@@ -90,7 +95,9 @@ class StepGraph:
             plan, qs = inp[0], inp[1]
             drafted = self.draft.step.bind(plan)
             speculated = self.draft.speculate.bind(plan, drafted)
-            verified = [shard.step.bind(plan, drafted, qs if rank == 0 else None) for rank, shard in enumerate(self.shards)]
+            # each rank reads the batch (and runs what needs no drafted block) while the draft drafts
+            begun = [shard.begin.bind(plan, qs if rank == 0 else None) for rank, shard in enumerate(self.shards)]
+            verified = [shard.finish.bind(b, drafted) for shard, b in zip(self.shards, begun)]
             judged = [self.judge.step.bind(plan, verified[0])] if self.judge is not None else []
             graph = MultiOutputNode([drafted, speculated, *verified, *judged])
         self._dag = graph.experimental_compile(enable_asyncio=True, _max_inflight_executions=MAX_INFLIGHT)

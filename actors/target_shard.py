@@ -33,6 +33,7 @@ from actors.messages import (
     DraftOutput,
     Role,
     StepBatch,
+    StepPlan,
     TargetInput,
     TargetOutput,
     VerifyInput,
@@ -48,6 +49,17 @@ from engine.weights import load_model
 
 Drafted = tuple[bytes | None, torch.Tensor | None]  # the draft worker's (DraftOutput, q) of a plan
 Verified = tuple[bytes | None, torch.Tensor | None]  # rank 0's (TargetOutput or VerifyOutput, hidden) of a plan
+Row = tuple[int, TargetInput | VerifyInput, torch.Tensor | None]  # (plan index, its pass, rank 0's q)
+
+
+@dataclasses.dataclass
+class Begun:
+    """A step between TargetShard.begin and .finish (it stays in the actor: the compiled graph hands it
+    from one node to the next in process)."""
+
+    plans: list[StepPlan]
+    results: list[Verified]  # per plan, filled as its pass runs
+    rows: list[Row]  # the passes left for `finish`: those of a batch where a verification needs the draft's block
 
 # A rank whose peer died waits this long in a collective before failing (torch's default is 30 minutes).
 COLLECTIVE_TIMEOUT = timedelta(minutes=5)
@@ -128,46 +140,65 @@ class TargetShard:
     # ---- passes ------------------------------------------------------------------------------------------
 
     def step(self, rec: bytes, drafted: list[Drafted], qs: list[torch.Tensor | None] | None) -> list[Verified]:
-        """Step-graph node (actors.step_graph): StepBatch -> per plan (TargetOutput or VerifyOutput, hidden) on
-        rank 0, (None, None) on the others and for releases.
+        """StepBatch -> per plan (TargetOutput or VerifyOutput, hidden) on rank 0, (None, None) on the others
+        and for releases: `begin` and `finish` in one call (the step graph's plain calls; its compiled graph
+        runs them as two nodes)."""
+        return self.finish(self.begin(rec, qs), drafted)
 
-        The releases go first, then the prefills in one batched pass, then every other plan's pass
-        (autoregressive tokens and verifications) in another. A verification takes its block from `drafted` (the
-        draft worker's outputs in this step; rank 0 also its q) or from the plan (a block drafted ahead;
-        rank 0 gets its q in `qs`). The hidden states of d_1..d_K are the judge's input (StepPlan.judge):
-        not vocab-sized, they go as a CPU tensor.
-        """
+    def begin(self, rec: bytes, qs: list[torch.Tensor | None] | None) -> Begun:
+        """Step-graph node, before the draft worker's block arrives: reads the batch, frees the released
+        caches, and runs the passes of every plan that needs no block from the draft worker this step: the
+        prefills (in one batched pass) and, where no verification waits on such a block, every other pass
+        too. So an autoregressive step does not wait on the draft worker's idle node, and a speculative
+        one has its batch read while the draft drafts."""
         plans = StepBatch.from_bytes(rec, self.max_bytes).plans
-        results: list[Verified] = [(None, None)] * len(plans)
+        begun = Begun(plans, [(None, None)] * len(plans), [])
         for plan in plans:
             if plan.release:
                 self.caches.release(plan.request_id)
-        rows: list[tuple[int, TargetInput | VerifyInput, torch.Tensor | None]] = []
-        prefills: list[tuple[int, TargetInput, None]] = []
+        prefills: list[Row] = []
         for i, plan in enumerate(plans):
             if plan.target is not None and plan.target.keep == 0:
                 prefills.append((i, plan.target, None))
             elif plan.target is not None:
-                rows.append((i, plan.target, None))
-            elif plan.verify is not None:
-                inp, q = plan.verify, (qs[i] if qs is not None else None)  # qs goes to rank 0 alone
-                if plan.draft is not None:
-                    inp = dataclasses.replace(inp, draft=DraftOutput.from_bytes(drafted[i][0], self.max_bytes).tokens)
-                    q = drafted[i][1]
-                rows.append((i, inp, q))
+                begun.rows.append((i, plan.target, None))
+            elif plan.verify is not None:  # a block drafted ahead has its q in qs (rank 0 alone gets them)
+                begun.rows.append((i, plan.verify, qs[i] if qs is not None else None))
         # prompts apart: a prompt's length would pad every one-token row; and only their last logits are needed.
-        # Autoregressive rows decode more than one token only in a batch of nothing else (the others would wait).
-        decoding_only = not prefills and all(isinstance(inp, TargetInput) for _, inp, _ in rows)
-        for batch, last_only in ((prefills, True), (rows, False)):
-            if batch:
-                stops = [frozenset(plans[i].stop_ids) for i, _, _ in batch]
-                for (i, *_), out in zip(batch, self._pass(batch, last_only, stops, decoding_only)):
-                    results[i] = out
-        return results
+        self._run(begun, prefills, last_only=True)
+        if not any(plans[i].draft is not None for i, _, _ in begun.rows):
+            # autoregressive rows decode more than one token only in a batch of nothing else (the others would wait)
+            decoding_only = not prefills and all(isinstance(inp, TargetInput) for _, inp, _ in begun.rows)
+            self._run(begun, begun.rows, last_only=False, decoding_only=decoding_only)
+            begun.rows = []
+        return begun
+
+    def finish(self, begun: Begun, drafted: list[Drafted]) -> list[Verified]:
+        """Step-graph node, after `begin` and the draft worker's node: the passes `begin` left, their
+        verifications taking the block from `drafted` (the draft worker's outputs in this step; rank 0 also
+        its q) or from the plan (a block drafted ahead, its q from `begin`). Returns per plan (TargetOutput
+        or VerifyOutput, hidden) on rank 0, (None, None) on the others and for releases. The hidden states
+        of d_1..d_K are the judge's input (StepPlan.judge): not vocab-sized, they go as a CPU tensor."""
+        rows: list[Row] = []
+        for i, inp, q in begun.rows:
+            if begun.plans[i].draft is not None:
+                inp = dataclasses.replace(inp, draft=DraftOutput.from_bytes(drafted[i][0], self.max_bytes).tokens)
+                q = drafted[i][1]
+            rows.append((i, inp, q))
+        self._run(begun, rows, last_only=False)
+        return begun.results
+
+    def _run(self, begun: Begun, rows: list[Row], last_only: bool, decoding_only: bool = False) -> None:
+        """One batched pass over `rows` (none: nothing), its results into begun.results."""
+        if not rows:
+            return
+        stops = [frozenset(begun.plans[i].stop_ids) for i, _, _ in rows]
+        for (i, *_), out in zip(rows, self._pass(rows, last_only, stops, decoding_only)):
+            begun.results[i] = out
 
     def _pass(
         self,
-        rows: list[tuple[int, TargetInput | VerifyInput, torch.Tensor | None]],
+        rows: list[Row],
         last_only: bool,
         stops: list[frozenset[int]],
         decoding_only: bool,
@@ -224,7 +255,7 @@ class TargetShard:
 
     def _decode_more(
         self,
-        rows: list[tuple[int, TargetInput | VerifyInput, torch.Tensor | None]],
+        rows: list[Row],
         caches: list,
         wanted: list[int],
         stops: list[frozenset[int]],

@@ -22,10 +22,8 @@ import random
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
-
 from engine.config import DecodingConfig
-from engine.verify import accepted_length
+from engine.verify import Verdicts, accepted_length, verdict_list
 
 FORMAT = "judgeserve-acceptance-trace/1"
 
@@ -120,10 +118,10 @@ class TraceRecorder:
     def start(self) -> None:
         """A request begins (nothing to do: steps are appended in the order they run)."""
 
-    def __call__(self, matched: torch.Tensor, judged: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def __call__(self, matched: Verdicts, judged: Verdicts | None) -> tuple[Verdicts, Verdicts | None]:
         n = accepted_length(matched, judged)
         self.trace.accepted.append(n)
-        self.trace.judged.append(int((~matched[:n]).sum()))
+        self.trace.judged.append(sum(not m for m in verdict_list(matched)[:n]))
         return matched, judged
 
 
@@ -163,15 +161,14 @@ class TraceReplayer:
         guesses = f"; pipelined guesses right at {self.trace.token_acceptance:.3f}" if self.guesses else ""
         return f"replayed acceptance ({self.trace.mode} trace: {self.trace.source}{guesses})"
 
-    def __call__(self, matched: torch.Tensor, judged: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def __call__(self, matched: Verdicts, judged: Verdicts | None) -> tuple[list[bool], list[bool]]:
         i = self.position % len(self.trace.accepted)
         self.position += 1
         self.steps += 1
-        k = matched.shape[0]
+        k = len(matched)
         n = min(self.trace.accepted[i], k)
         j = min(self.trace.judged[i], n)
-        index = torch.arange(k)
-        return index < n - j, (index >= n - j) & (index < n)
+        return [d < n - j for d in range(k)], [n - j <= d < n for d in range(k)]
 
 
 AcceptanceHook = TraceRecorder | TraceReplayer

@@ -13,7 +13,8 @@ One step, as DESIGN.md section 1 gives it (Bachmann et al. 2025; Leviathan et al
   n = the number of leading draft tokens with (standard_i OR judge_i)
   emit d_1..d_n, then the correction (n < K) or the bonus (n == K)
 
-Pure tensor functions, no model calls: tested on their own, and used unchanged by the actors.
+Pure functions of tensors (and of verdict lists), no model calls: tested on their own, and used
+unchanged by the actors.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from __future__ import annotations
 import enum
 import math
 from dataclasses import dataclass
+from typing import Sequence
 
 import torch
 
@@ -84,10 +86,21 @@ def judge_accept(scores: torch.Tensor, threshold: float) -> torch.Tensor:
     return scores > math.log(threshold / (1.0 - threshold))
 
 
-def accepted_length(matched: torch.Tensor, judged: torch.Tensor | None) -> int:
+Verdicts = torch.Tensor | Sequence[bool]  # [K] bool: a tensor in the engine, a record's list in the scheduler
+
+
+def verdict_list(verdicts: Verdicts) -> list[bool]:
+    """[K] verdicts as a list: a step's K flags are read on the host once, not a tensor op (or element
+    read) each."""
+    return verdicts.tolist() if isinstance(verdicts, torch.Tensor) else list(verdicts)
+
+
+def accepted_length(matched: Verdicts, judged: Verdicts | None) -> int:
     """n: the number of leading draft tokens that pass (matched OR judged); matched, judged: [K] bool."""
-    ok = matched | judged if judged is not None else matched
-    return int(torch.cumprod(ok.to(torch.int64), 0).sum())
+    ok = verdict_list(matched)
+    if judged is not None:
+        ok = [m or j for m, j in zip(ok, verdict_list(judged))]
+    return next((i for i, passed in enumerate(ok) if not passed), len(ok))
 
 
 def final_token(
@@ -114,11 +127,11 @@ def final_token(
     return int(sample(dist, gen))
 
 
-def accept(block: DraftBlock, matched: torch.Tensor, judged: torch.Tensor | None, last: int) -> Accepted:
+def accept(block: DraftBlock, matched: Verdicts, judged: Verdicts | None, last: int) -> Accepted:
     """Assembles a step's emitted tokens with their provenance; `last` is final_token's result."""
     n = accepted_length(matched, judged)
     k = block.tokens.shape[0]
     tokens = block.tokens[:n].tolist() + [last]
-    prov = [Provenance.MATCHED if bool(matched[i]) else Provenance.JUDGE for i in range(n)]
+    prov = [Provenance.MATCHED if m else Provenance.JUDGE for m in verdict_list(matched)[:n]]
     prov.append(Provenance.BONUS if n == k else Provenance.CORRECTION)
     return Accepted(tokens, prov)

@@ -1,11 +1,13 @@
 """The target shard's pure parts (no Ray, TP=1): engine.decode.target_passes and actors.target_shard.verdicts
-give the engine's target token and verification verdicts."""
+give the engine's target token and verification verdicts; the shard's two step-graph nodes split a step's
+passes by what they wait on."""
 
 from __future__ import annotations
 
 import torch
 
-from actors.target_shard import verdicts
+from actors import messages as m
+from actors.target_shard import TargetShard, verdicts
 from engine.decode import Timings, _Sequence, target_passes
 from engine.sampling import SamplingParams, next_token
 from engine.verify import DraftBlock, final_token, standard_accept
@@ -73,3 +75,34 @@ def test_greedy_verdicts_from_the_argmax_equal_engine_verify(tiny_engine):
     matched, candidates = verdicts(DRAFT, None, logits, SamplingParams(), None)
     top = logits.argmax(-1).tolist()
     assert [d == t for d, t in zip(DRAFT, top)] == matched and top == candidates
+
+
+def test_begin_runs_the_passes_that_need_no_drafted_block_and_finish_the_rest(tiny_config, tiny_engine):
+    """The compiled step graph runs `begin` as soon as the batch arrives and `finish` once the draft worker's
+    node has answered: a prefill or autoregressive step is done in `begin`, a verification of this step's
+    drafted block waits for `finish`, and the results are the engine's."""
+    shard = TargetShard.__ray_actor_class__(tiny_config, 0, 1)  # the actor's class itself: no Ray
+    limit, greedy = tiny_config.serve.max_record_bytes, m.Sampling(0.0, 0, 1.0, 7)
+
+    def plan(**kw) -> bytes:
+        fields = dict(request_id="a", draft=None, target=None, verify=None, judge=False, threshold=0.5,
+                      speculate=None, stop_ids=[], release=False)
+        return m.StepBatch([m.StepPlan(**(fields | kw))]).to_bytes()
+
+    seq, first = _prefilled(tiny_engine)
+    begun = shard.begin(plan(target=m.TargetInput("a", 0, PROMPT, 0, greedy)), None)
+    assert begun.rows == []
+    (out, _), = begun.results
+    assert m.TargetOutput.from_bytes(out, limit).tokens == [first]
+    assert shard.finish(begun, [(None, None)]) is begun.results
+
+    draft = m.DraftInput("a", 0, PROMPT, len(DRAFT), False, 1, greedy)
+    begun = shard.begin(plan(draft=draft, verify=m.VerifyInput("a", len(PROMPT), [first], [], False, 1, greedy)), None)
+    assert begun.results == [(None, None)] and len(begun.rows) == 1  # waits for the block
+    drafted = [(m.DraftOutput(DRAFT, None, len(PROMPT) + len(DRAFT), 0.0).to_bytes(), None)]
+    (out, _), = shard.finish(begun, drafted)
+    logits, _ = tiny_engine._verify(seq, DraftBlock(torch.tensor(DRAFT), None))
+    want_matched, want_candidates = verdicts(DRAFT, None, logits, SamplingParams(), None)
+    verdict = m.VerifyOutput.from_bytes(out, limit)
+    assert (verdict.matched, verdict.final_candidates) == (want_matched, want_candidates)
+    assert verdict.cache_len == len(PROMPT) + 1 + len(DRAFT)

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from engine.sampling import SamplingParams, next_token, probabilities, sample
 from engine.verify import (
@@ -131,6 +133,21 @@ def test_judge_rejecting_first_token_gives_correction_only():
     block = DraftBlock(torch.tensor([5, 6]), None)
     step = accept(block, torch.tensor([False, True]), torch.tensor([False, True]), last=1)
     assert step.tokens == [1] and step.provenance == [Provenance.CORRECTION]
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.tuples(st.booleans(), st.booleans()), min_size=1, max_size=12), st.booleans())
+def test_verdicts_as_lists_accept_as_the_tensors_do(flags, with_judge):
+    """The scheduler passes a record's lists (engine.verify.Verdicts), the engine tensors: same n, tokens and
+    provenance. The reference is the rule itself: the first position where neither verdict holds."""
+    matched, judged = [m for m, _ in flags], [j for _, j in flags] if with_judge else None
+    ok = [m or (judged is not None and judged[i]) for i, m in enumerate(matched)]
+    n = ok.index(False) if False in ok else len(ok)
+    block = DraftBlock(torch.arange(len(flags)), None)
+    as_tensors = (torch.tensor(matched), torch.tensor(judged) if judged is not None else None)
+    assert accepted_length(matched, judged) == accepted_length(*as_tensors) == n
+    assert accept(block, matched, judged, last=99) == accept(block, *as_tensors, last=99)
+    assert accept(block, matched, judged, last=99).tokens == list(range(n)) + [99]
 
 
 # ---- speculative sampling follows the target distribution ------------------------------------------------

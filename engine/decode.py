@@ -387,6 +387,8 @@ class Engine:
         block = self._draft(seq, k, request.params, gen)
         t1 = time.perf_counter()
         target_logits, hidden = self._verify(seq, block)
+        if not request.params.greedy:  # sampling reads whole distributions on the host; greedy, K+1 argmaxes
+            target_logits = target_logits.cpu()
         matched, target_probs = standard_accept(block, target_logits, request.params, gen)
         t2 = time.perf_counter()
         judged = self._judge(hidden, request) if request.mode is Mode.JUDGE else None
@@ -409,11 +411,12 @@ class Engine:
         return DraftBlock(torch.tensor(tokens), q)
 
     def _verify(self, seq: _Sequence, block: DraftBlock) -> tuple[torch.Tensor, torch.Tensor]:
-        """One target pass over [t_last, d_1..d_K] -> logits [K+1, vocab], hidden of d_1..d_K [K, hidden]."""
+        """One target pass over [t_last, d_1..d_K] -> logits [K+1, vocab], hidden of d_1..d_K [K, hidden], on the
+        model's device."""
         k = block.tokens.shape[0]
         pending = seq.ids[seq.target_cache.length :] + block.tokens.tolist()
         ((logits, hidden),) = target_passes(self.target.model, [seq.target_cache], [pending])
-        return logits[-(k + 1) :].cpu(), hidden[-k:]
+        return logits[-(k + 1) :], hidden[-k:]
 
     def _judge(self, hidden: torch.Tensor, request: Request) -> torch.Tensor:
         """hidden: [K, hidden] -> [K] bool: the judge's verdict on each draft token."""

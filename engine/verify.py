@@ -60,12 +60,13 @@ def standard_accept(
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """target_logits: [K+1, vocab]; row i predicts the token after d_i (row 0: after the last emitted token).
 
-    Returns (matched [K] bool, target probs [K+1, vocab] or None when greedy). Greedy: d_i == argmax.
-    Sampling: accept d_i with probability min(1, p_i(d_i) / q_i(d_i)), i.e. when u < p / q.
+    Returns (matched [K] bool, target probs [K+1, vocab] or None when greedy). Greedy: d_i == argmax, the
+    argmaxes taken where the logits are (a GPU's: K ints read back, not K+1 vocab-sized rows).
+    Sampling: accept d_i with probability min(1, p_i(d_i) / q_i(d_i)), i.e. when u < p / q (on the host).
     """
     k = block.tokens.shape[0]
     if params.greedy:
-        return block.tokens == target_logits[:k].argmax(-1), None
+        return block.tokens == target_logits[:k].argmax(-1).cpu(), None
     p = probabilities(target_logits, params)
     idx = torch.arange(k)
     p_d, q_d = p[idx, block.tokens], block.probs[idx, block.tokens]

@@ -81,7 +81,9 @@ def test_begin_runs_the_passes_that_need_no_drafted_block_and_finish_the_rest(ti
     """The compiled step graph runs `begin` as soon as the batch arrives and `finish` once the draft worker's
     node has answered: a prefill or autoregressive step is done in `begin`, a verification of this step's
     drafted block waits for `finish`, and the results are the engine's."""
+    threads = torch.get_num_threads()
     shard = TargetShard.__ray_actor_class__(tiny_config, 0, 1)  # the actor's class itself: no Ray
+    torch.set_num_threads(threads)  # the actor sets serve.cpus_per_actor for its process, here the tests'
     limit, greedy = tiny_config.serve.max_record_bytes, m.Sampling(0.0, 0, 1.0, 7)
 
     def plan(**kw) -> bytes:

@@ -15,16 +15,24 @@ import dataclasses
 import time
 
 import ray
-import torch
 
 from actors.caches import RequestCaches, actor_device, cache_limit, set_threads
-from actors.messages import DraftInput, DraftOutput, Role, StepBatch, step_generator
+from actors.messages import (
+    DraftInput,
+    DraftOutput,
+    Edge,
+    Item,
+    Role,
+    from_edge,
+    read_step_input,
+    step_generator,
+    to_edge,
+)
 from engine.config import Config
 from engine.cuda_graphs import graphs_for
 from engine.decode import DraftAsk, draft_blocks
 from engine.weights import load_model
 
-Drafted = tuple[bytes | None, torch.Tensor | None]  # a plan's (DraftOutput, q), or (None, None)
 
 
 @ray.remote
@@ -48,36 +56,38 @@ class DraftWorker:
         """The loaded model, for ModelInfo (cluster.backend.describe's keys) and the vocabulary check."""
         return {"name": self.loaded.name, "fingerprint": self.loaded.fingerprint, "args": self.loaded.args}
 
-    def step(self, rec: bytes) -> list[Drafted]:
-        """Step-graph node (actors.step_graph): StepBatch -> per plan (DraftOutput, q) when it drafts, else
-        (None, None); the releases first, then every block in one batch of passes.
+    def step(self, inp: Edge) -> Edge:
+        """Step-graph node (actors.step_graph): the step's input -> per plan (DraftOutput, q) when it drafts,
+        else (None, None), as one edge value (actors.messages.to_edge); the releases first, then every block
+        in one batch of passes.
 
         q is the draft's distribution [K, vocab] (float32, CPU) over the block's positions in sampling mode
         and None when greedy: vocab-sized, so it travels as a tensor to target rank 0, never in a record.
         """
-        plans = StepBatch.from_bytes(rec, self.max_bytes).plans
+        plans, _ = read_step_input(inp, self.max_bytes)
         for plan in plans:
             if plan.release:
                 self.caches.release(plan.request_id)
-        return self._propose([plan.draft for plan in plans])
+        return to_edge(self._propose([plan.draft for plan in plans]))
 
-    def speculate(self, rec: bytes, drafted: list[Drafted]) -> list[Drafted]:
+    def speculate(self, inp: Edge, drafted: Edge) -> Edge:
         """Step-graph node, after `step`: drafts each plan's next block while the target verifies this one
         (StepPlan.speculate), fed this block's last token; (None, None) where not asked or where the block
         holds a stop token."""
+        plans, _ = read_step_input(inp, self.max_bytes)
         asks: list[DraftInput | None] = []
-        for plan, (out, _) in zip(StepBatch.from_bytes(rec, self.max_bytes).plans, drafted):
-            inp = plan.speculate
-            if inp is not None and plan.draft is not None:  # drafted in this step: continue from this cache
+        for plan, (out, _) in zip(plans, from_edge(drafted, self.max_bytes * len(plans))):
+            ask = plan.speculate
+            if ask is not None and plan.draft is not None:  # drafted in this step: continue from this cache
                 block = DraftOutput.from_bytes(out, self.max_bytes)
-                inp = dataclasses.replace(inp, keep=block.cache_len, feed=block.tokens[-1:])
+                ask = dataclasses.replace(ask, keep=block.cache_len, feed=block.tokens[-1:])
                 tokens = block.tokens
             else:
-                tokens = plan.verify.draft if inp is not None else []
-            asks.append(None if inp is None or any(t in plan.stop_ids for t in tokens) else inp)
-        return self._propose(asks)
+                tokens = plan.verify.draft if ask is not None else []
+            asks.append(None if ask is None or any(t in plan.stop_ids for t in tokens) else ask)
+        return to_edge(self._propose(asks))
 
-    def _propose(self, inputs: list[DraftInput | None]) -> list[Drafted]:
+    def _propose(self, inputs: list[DraftInput | None]) -> list[Item]:
         """Drafts the blocks asked for, all in one batch of passes; (None, None) where none is."""
         t0 = time.perf_counter()
         asks = {}
@@ -89,7 +99,7 @@ class DraftWorker:
                 asks[i] = DraftAsk(cache, inp.feed, inp.k, params, gen, inp.guess)
         blocks = dict(zip(asks, draft_blocks(self.loaded.model, list(asks.values()))))
         compute_s = time.perf_counter() - t0  # the batch's: every request in it waited for all of it
-        results: list[Drafted] = []
+        results: list[Item] = []
         for i in range(len(inputs)):
             if i not in blocks:
                 results.append((None, None))

@@ -23,7 +23,7 @@ import time
 import ray
 import torch
 
-from actors.messages import JudgeOutput, StepBatch
+from actors.messages import Edge, Item, JudgeOutput, from_edge, read_step_input, to_edge
 from engine.config import Config
 from engine.judge import JudgeHead, load_judge
 from engine.verify import judge_accept
@@ -54,18 +54,22 @@ class JudgeScorer:
             "default_threshold": self.default_threshold,
         }
 
-    def step(self, rec: bytes, verified: list[tuple[bytes | None, torch.Tensor | None]]) -> list[bytes | None]:
-        """Step-graph node (actors.step_graph): StepBatch and target rank 0's outputs -> per plan a JudgeOutput
-        on the hidden states [K, hidden] of d_1..d_K where the plan asks (StepPlan.judge), else None."""
-        results: list[bytes | None] = []
-        for plan, (_, hidden) in zip(StepBatch.from_bytes(rec, self.max_bytes).plans, verified):
+    def step(self, inp: Edge, verified: Edge) -> Edge:
+        """Step-graph node (actors.step_graph): the step's input and target rank 0's outputs -> per plan a
+        JudgeOutput on the hidden states [K, hidden] of d_1..d_K where the plan asks (StepPlan.judge), else
+        None, as one edge value (actors.messages.to_edge)."""
+        plans, _ = read_step_input(inp, self.max_bytes)
+        if not any(plan.judge for plan in plans):
+            return to_edge([(None, None)] * len(plans))
+        results: list[Item] = []
+        for plan, (_, hidden) in zip(plans, from_edge(verified, self.max_bytes * len(plans))):
             if not plan.judge:
-                results.append(None)
+                results.append((None, None))
                 continue
             t0 = time.perf_counter()
             verdicts = judge_verdicts(self.head, hidden, plan.threshold)
-            results.append(JudgeOutput(verdicts, time.perf_counter() - t0).to_bytes())
-        return results
+            results.append((JudgeOutput(verdicts, time.perf_counter() - t0).to_bytes(), None))
+        return to_edge(results)
 
     def active(self) -> list[str]:
         """The judge holds no per-request state; here for symmetry with the other actors' checks."""

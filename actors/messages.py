@@ -6,8 +6,9 @@ data over `max_bytes` (ServeConfig.max_record_bytes) before unpacking it and eve
 so a record never unpickles anything and a confused sender fails loudly at the receiver.
 
 Vocab-sized or hidden-sized tensors never go through msgpack: the draft's q (sampling only) and the
-target's hidden states for the judge travel as torch tensors in separate Ray return values, so the
-scheduler passes their ObjectRefs on without fetching them.
+target's hidden states for the judge travel as torch tensors beside the records. Each step-graph node
+sends one value (`to_edge`): its per-plan records packed into one msgpack array, with the tensors only
+where a plan has one, since Ray moves a lone bytes value faster than a list of tuples.
 
 One step of one request is one StepPlan; the steps of the running requests travel together as one
 StepBatch, sent once to every actor of the step graph (actors.step_graph), whose data flows between the
@@ -353,6 +354,53 @@ class StepBatch(Record):
     pass (a prefill runs alone: its length would pad every other row)."""
 
     plans: list[StepPlan]
+
+
+# ---- what the step graph's edges carry --------------------------------------------------------------------
+
+Item = tuple[bytes | None, torch.Tensor | None]  # one plan's record (or None) and its tensor (or None)
+Edge = bytes | tuple[bytes, list[torch.Tensor | None]]  # one step-graph value: records, tensors where any
+
+
+def to_edge(items: list[Item]) -> Edge:
+    """A node's per-plan items as one step-graph value: the records in one msgpack array, and the tensors
+    beside it only where a plan has one (sampling's q, judge mode's hidden states). Ray's compiled-graph
+    channels move a lone bytes value 1.5-2.5x faster than a list of tuples (a one-off microbenchmark of
+    this graph's shape on the CPU: docs/performance.md)."""
+    data = msgpack.packb([record for record, _ in items], use_bin_type=True)
+    tensors = [tensor for _, tensor in items]
+    return data if all(t is None for t in tensors) else (data, tensors)
+
+
+def from_edge(value: Edge, max_bytes: int) -> list[Item]:
+    """to_edge's items back, checked: a list of records (bytes or None) under `max_bytes` in all, and as
+    many tensors (or none)."""
+    data, tensors = value if isinstance(value, tuple) else (value, None)
+    records = _unpack(data, max_bytes)
+    if not isinstance(records, list) or not all(r is None or isinstance(r, bytes) for r in records):
+        raise RecordError("a step-graph value is a list of records (bytes or None)")
+    if tensors is None:
+        tensors = [None] * len(records)
+    elif not isinstance(tensors, list) or len(tensors) != len(records):
+        raise RecordError(f"{len(records)} records came with {len(tensors)} tensors")
+    return list(zip(records, tensors))
+
+
+def step_input(batch: bytes, qs: list[torch.Tensor | None]) -> Edge:
+    """The step graph's input: a StepBatch record, with qs (per plan, a reused block's draft distribution
+    when sampling) only where any plan has one."""
+    return batch if all(q is None for q in qs) else (batch, qs)
+
+
+def read_step_input(value: Edge, max_bytes: int) -> tuple[list[StepPlan], list[torch.Tensor | None]]:
+    """step_input's plans and qs (None for each plan where none was sent)."""
+    batch, qs = value if isinstance(value, tuple) else (value, None)
+    plans = StepBatch.from_bytes(batch, max_bytes).plans
+    if qs is None:
+        qs = [None] * len(plans)
+    elif not isinstance(qs, list) or len(qs) != len(plans):
+        raise RecordError(f"{len(plans)} plans came with {len(qs)} draft distributions")
+    return plans, qs
 
 
 # ---- judge scorer --------------------------------------------------------------------------------------

@@ -1,9 +1,9 @@
 """One step's dataflow across the actors, run as a Ray Compiled Graph (the default) or as plain actor calls.
 
 The scheduler sends one StepBatch per execution: the StepPlans of every running request whose next step
-is ready (continuous batching). The data then flows between the actors directly, a list per node with one
-entry per plan, and the scheduler gets everything back at once (one round trip per batch of steps
-instead of one per phase of each):
+is ready (continuous batching). The data then flows between the actors directly, one value per node
+holding an entry per plan (actors.messages.to_edge), and the scheduler gets everything back at once (one
+round trip per batch of steps instead of one per phase of each):
 
     drafted    = draft.step(batch)                      # per plan: DraftOutput and q, or nothing
     speculated = draft.speculate(batch, drafted)        # pipelining: next blocks, during verification
@@ -43,7 +43,19 @@ import torch
 from ray.actor import ActorHandle
 from ray.dag import InputNode, MultiOutputNode
 
-from actors.messages import DraftOutput, JudgeOutput, StepBatch, StepPlan, TargetOutput, VerifyOutput
+from actors.messages import (
+    DraftOutput,
+    Edge,
+    Item,
+    JudgeOutput,
+    StepBatch,
+    StepPlan,
+    TargetOutput,
+    VerifyOutput,
+    from_edge,
+    step_input,
+    to_edge,
+)
 
 # Executions a compiled graph holds at once (the scheduler runs one batch at a time; more only while a
 # cancelled batch's execution drains). Each costs a shared-memory buffer per channel, so the bound is
@@ -92,52 +104,55 @@ class StepGraph:
         if not self.compiled or self._dag is not None:
             return
         with InputNode() as inp:
-            plan, qs = inp[0], inp[1]
-            drafted = self.draft.step.bind(plan)
-            speculated = self.draft.speculate.bind(plan, drafted)
+            drafted = self.draft.step.bind(inp)
+            speculated = self.draft.speculate.bind(inp, drafted)
             # each rank reads the batch (and runs what needs no drafted block) while the draft drafts
-            begun = [shard.begin.bind(plan, qs if rank == 0 else None) for rank, shard in enumerate(self.shards)]
+            begun = [shard.begin.bind(inp) for shard in self.shards]
             verified = [shard.finish.bind(b, drafted) for shard, b in zip(self.shards, begun)]
-            judged = [self.judge.step.bind(plan, verified[0])] if self.judge is not None else []
+            judged = [self.judge.step.bind(inp, verified[0])] if self.judge is not None else []
             graph = MultiOutputNode([drafted, speculated, *verified, *judged])
         self._dag = graph.experimental_compile(enable_asyncio=True, _max_inflight_executions=MAX_INFLIGHT)
 
     async def run(self, plans: list[StepPlan], qs: list[torch.Tensor | None]) -> list[StepResult]:
         """One execution for a batch of steps (actors.messages.StepBatch); qs[i] is plan i's reused block's
         [K, vocab] draft distribution (sampling), else None. Results in the plans' order."""
-        rec = StepBatch(plans).to_bytes()
+        inp = step_input(StepBatch(plans).to_bytes(), qs)
         async with self._turns:
             try:
-                outs = await (self._run_compiled(rec, qs) if self.compiled else self._run_calls(plans, rec, qs))
+                outs = await (self._run_compiled(inp) if self.compiled else self._run_calls(plans, inp))
             except Exception as err:
                 ids = ", ".join(p.request_id for p in plans)
                 raise StepFailed(f"step of requests {ids} failed: {type(err).__name__}: {err}") from err
-        return [self._decode(i, plan, outs) for i, plan in enumerate(plans)]
+        # the nodes whose results the scheduler reads: the draft worker's two, rank 0's, the judge's
+        limit = self.max_bytes * len(plans)
+        judged = outs[2 + len(self.shards)] if self.judge is not None else None
+        items = [from_edge(out, limit) if out is not None else None for out in (outs[0], outs[1], outs[2], judged)]
+        return [self._decode(i, plan, *items) for i, plan in enumerate(plans)]
 
     def teardown(self) -> None:
         if self._dag is not None:
             self._dag.teardown()
             self._dag = None
 
-    async def _run_compiled(self, rec: bytes, qs: list[torch.Tensor | None]) -> list[Any]:
+    async def _run_compiled(self, inp: Edge) -> list[Any]:
         if self._dag is None:
             self.compile()
-        futures = await self._dag.execute_async(rec, qs)
+        futures = await self._dag.execute_async(inp)
         outs = [await f for f in futures]
         for out in outs:  # a node's failure (a dead actor's closed channel) can arrive as a value
             if isinstance(out, Exception):
                 raise out
         return outs
 
-    async def _run_calls(self, plans: list[StepPlan], rec: bytes, qs: list[torch.Tensor | None]) -> list[Any]:
+    async def _run_calls(self, plans: list[StepPlan], inp: Edge) -> list[Any]:
         """The graph's nodes as plain calls; a node no plan gives anything to do is not called (each call
         costs a round trip: a batch of autoregressive steps is one call per shard)."""
-        nothing = [(None, None)] * len(plans)
-        drafted = self.draft.step.remote(rec) if any(p.draft is not None or p.release for p in plans) else nothing
-        speculated = self.draft.speculate.remote(rec, drafted) if any(p.speculate is not None for p in plans) else nothing
-        verified = [shard.step.remote(rec, drafted, qs if rank == 0 else None) for rank, shard in enumerate(self.shards)]
+        nothing = to_edge([(None, None)] * len(plans))
+        drafted = self.draft.step.remote(inp) if any(p.draft is not None or p.release for p in plans) else nothing
+        speculated = self.draft.speculate.remote(inp, drafted) if any(p.speculate is not None for p in plans) else nothing
+        verified = [shard.step.remote(inp, drafted) for shard in self.shards]
         judging = self.judge is not None and any(p.judge for p in plans)
-        judged = [self.judge.step.remote(rec, verified[0]) if judging else None] if self.judge is not None else []
+        judged = [self.judge.step.remote(inp, verified[0]) if judging else None] if self.judge is not None else []
         outs = [drafted, speculated, *verified, *judged]
         calls = [i for i, out in enumerate(outs) if isinstance(out, ray.ObjectRef)]
         # gather: a failure on any rank surfaces at once, not after rank 0's collective times out
@@ -145,11 +160,12 @@ class StepGraph:
             outs[i] = value
         return outs
 
-    def _decode(self, i: int, plan: StepPlan, outs: list[Any]) -> StepResult:
-        """Plan i's results out of the nodes' lists."""
-        (drafted, q), (speculated, speculated_q), (leader, _) = outs[0][i], outs[1][i], outs[2][i]
-        judged = outs[2 + len(self.shards)] if self.judge is not None else None
-        judged = judged[i] if judged is not None else None
+    def _decode(
+        self, i: int, plan: StepPlan, drafts: list[Item], ahead: list[Item], leaders: list[Item], judges: list[Item] | None
+    ) -> StepResult:
+        """Plan i's results out of the nodes' items (judges None where the judge was not called)."""
+        (drafted, q), (speculated, speculated_q), (leader, _) = drafts[i], ahead[i], leaders[i]
+        judged = judges[i][0] if judges is not None else None
         limit = self.max_bytes
         return StepResult(
             drafted=DraftOutput.from_bytes(drafted, limit) if drafted is not None else None,

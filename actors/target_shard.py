@@ -31,14 +31,18 @@ import torch.distributed as dist
 from actors.caches import RequestCaches, actor_device, cache_limit, set_threads
 from actors.messages import (
     DraftOutput,
+    Edge,
+    Item,
     Role,
-    StepBatch,
     StepPlan,
     TargetInput,
     TargetOutput,
     VerifyInput,
     VerifyOutput,
+    from_edge,
+    read_step_input,
     step_generator,
+    to_edge,
 )
 from engine.config import Config
 from engine.cuda_graphs import graphs_for
@@ -47,8 +51,7 @@ from engine.sampling import SamplingParams, next_token
 from engine.verify import DraftBlock, final_token, standard_accept
 from engine.weights import load_model
 
-Drafted = tuple[bytes | None, torch.Tensor | None]  # the draft worker's (DraftOutput, q) of a plan
-Verified = tuple[bytes | None, torch.Tensor | None]  # rank 0's (TargetOutput or VerifyOutput, hidden) of a plan
+Verified = Item  # rank 0's (TargetOutput or VerifyOutput, hidden) of a plan
 Row = tuple[int, TargetInput | VerifyInput, torch.Tensor | None]  # (plan index, its pass, rank 0's q)
 
 
@@ -139,19 +142,19 @@ class TargetShard:
 
     # ---- passes ------------------------------------------------------------------------------------------
 
-    def step(self, rec: bytes, drafted: list[Drafted], qs: list[torch.Tensor | None] | None) -> list[Verified]:
-        """StepBatch -> per plan (TargetOutput or VerifyOutput, hidden) on rank 0, (None, None) on the others
-        and for releases: `begin` and `finish` in one call (the step graph's plain calls; its compiled graph
-        runs them as two nodes)."""
-        return self.finish(self.begin(rec, qs), drafted)
+    def step(self, inp: Edge, drafted: Edge) -> Edge:
+        """The step's input -> per plan (TargetOutput or VerifyOutput, hidden) on rank 0, (None, None) on the
+        others and for releases, as one edge value (actors.messages.to_edge): `begin` and `finish` in one
+        call (the step graph's plain calls; its compiled graph runs them as two nodes)."""
+        return self.finish(self.begin(inp), drafted)
 
-    def begin(self, rec: bytes, qs: list[torch.Tensor | None] | None) -> Begun:
+    def begin(self, inp: Edge) -> Begun:
         """Step-graph node, before the draft worker's block arrives: reads the batch, frees the released
         caches, and runs the passes of every plan that needs no block from the draft worker this step: the
         prefills (in one batched pass) and, where no verification waits on such a block, every other pass
         too. So an autoregressive step does not wait on the draft worker's idle node, and a speculative
         one has its batch read while the draft drafts."""
-        plans = StepBatch.from_bytes(rec, self.max_bytes).plans
+        plans, qs = read_step_input(inp, self.max_bytes)
         begun = Begun(plans, [(None, None)] * len(plans), [])
         for plan in plans:
             if plan.release:
@@ -162,8 +165,8 @@ class TargetShard:
                 prefills.append((i, plan.target, None))
             elif plan.target is not None:
                 begun.rows.append((i, plan.target, None))
-            elif plan.verify is not None:  # a block drafted ahead has its q in qs (rank 0 alone gets them)
-                begun.rows.append((i, plan.verify, qs[i] if qs is not None else None))
+            elif plan.verify is not None:  # a block drafted ahead has its q in qs (rank 0 alone uses them)
+                begun.rows.append((i, plan.verify, qs[i] if self.rank == 0 else None))
         # prompts apart: a prompt's length would pad every one-token row; and only their last logits are needed.
         self._run(begun, prefills, last_only=True)
         if not any(plans[i].draft is not None for i, _, _ in begun.rows):
@@ -173,20 +176,22 @@ class TargetShard:
             begun.rows = []
         return begun
 
-    def finish(self, begun: Begun, drafted: list[Drafted]) -> list[Verified]:
+    def finish(self, begun: Begun, drafted: Edge) -> Edge:
         """Step-graph node, after `begin` and the draft worker's node: the passes `begin` left, their
         verifications taking the block from `drafted` (the draft worker's outputs in this step; rank 0 also
         its q) or from the plan (a block drafted ahead, its q from `begin`). Returns per plan (TargetOutput
         or VerifyOutput, hidden) on rank 0, (None, None) on the others and for releases. The hidden states
         of d_1..d_K are the judge's input (StepPlan.judge): not vocab-sized, they go as a CPU tensor."""
         rows: list[Row] = []
-        for i, inp, q in begun.rows:
-            if begun.plans[i].draft is not None:
-                inp = dataclasses.replace(inp, draft=DraftOutput.from_bytes(drafted[i][0], self.max_bytes).tokens)
-                q = drafted[i][1]
-            rows.append((i, inp, q))
+        if begun.rows:
+            blocks = from_edge(drafted, self.max_bytes * len(begun.plans))
+            for i, inp, q in begun.rows:
+                if begun.plans[i].draft is not None:
+                    inp = dataclasses.replace(inp, draft=DraftOutput.from_bytes(blocks[i][0], self.max_bytes).tokens)
+                    q = blocks[i][1]
+                rows.append((i, inp, q))
         self._run(begun, rows, last_only=False)
-        return begun.results
+        return to_edge(begun.results)
 
     def _run(self, begun: Begun, rows: list[Row], last_only: bool, decoding_only: bool = False) -> None:
         """One batched pass over `rows` (none: nothing), its results into begun.results."""

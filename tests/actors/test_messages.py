@@ -6,6 +6,7 @@ import msgpack
 import pytest
 import torch
 
+from actors import messages as m
 from actors.messages import (
     DraftInput,
     DraftOutput,
@@ -125,3 +126,35 @@ def test_a_step_batch_round_trips_its_plans():
     batch = StepBatch(plans)
     assert StepBatch.from_bytes(batch.to_bytes(), 1 << 20) == batch
     assert StepBatch.from_bytes(StepBatch([]).to_bytes(), 1 << 20).plans == []
+
+
+def test_an_edge_is_one_bytes_value_unless_a_plan_has_a_tensor():
+    """The step graph's values (actors.messages.to_edge): the per-plan records in one msgpack array, alone
+    (the fast case for Ray's channels) or with the tensors where any plan has one; read back checked."""
+    rec = m.DraftOutput([1, 2], None, 5, 0.0).to_bytes()
+    items = [(rec, None), (None, None)]
+    edge = m.to_edge(items)
+    assert isinstance(edge, bytes) and m.from_edge(edge, 1 << 20) == items
+    q = torch.ones(2, 3)
+    edge = m.to_edge([(rec, q), (None, None)])
+    assert isinstance(edge, tuple)
+    (got, got_q), rest = m.from_edge(edge, 1 << 20)
+    assert got == rec and got_q is q and rest == (None, None)
+    with pytest.raises(m.RecordError, match="list of records"):
+        m.from_edge(msgpack.packb([1, 2]), 1 << 20)
+    with pytest.raises(m.RecordError, match="2 records came with 1 tensors"):
+        m.from_edge((edge[0], [q]), 1 << 20)
+    with pytest.raises(m.RecordError, match="exceeds the limit"):
+        m.from_edge(m.to_edge(items), 8)
+
+
+def test_the_step_input_sends_qs_only_where_a_plan_has_one():
+    batch = m.StepBatch([]).to_bytes()
+    assert m.step_input(batch, []) == batch and m.read_step_input(batch, 1 << 20) == ([], [])
+    plan = m.StepPlan("a", None, None, None, False, 0.5, None, [], True)
+    batch, q = m.StepBatch([plan]).to_bytes(), torch.zeros(1, 4)
+    assert m.read_step_input(m.step_input(batch, [None]), 1 << 20) == ([plan], [None])
+    plans, qs = m.read_step_input(m.step_input(batch, [q]), 1 << 20)
+    assert plans == [plan] and qs[0] is q
+    with pytest.raises(m.RecordError, match="1 plans came with 2"):
+        m.read_step_input((batch, [q, q]), 1 << 20)

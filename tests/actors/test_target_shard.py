@@ -86,23 +86,23 @@ def test_begin_runs_the_passes_that_need_no_drafted_block_and_finish_the_rest(ti
     torch.set_num_threads(threads)  # the actor sets serve.cpus_per_actor for its process, here the tests'
     limit, greedy = tiny_config.serve.max_record_bytes, m.Sampling(0.0, 0, 1.0, 7)
 
-    def plan(**kw) -> bytes:
+    def plan(**kw) -> m.Edge:
         fields = dict(request_id="a", draft=None, target=None, verify=None, judge=False, threshold=0.5,
                       speculate=None, stop_ids=[], release=False)
-        return m.StepBatch([m.StepPlan(**(fields | kw))]).to_bytes()
+        return m.step_input(m.StepBatch([m.StepPlan(**(fields | kw))]).to_bytes(), [None])
 
     seq, first = _prefilled(tiny_engine)
-    begun = shard.begin(plan(target=m.TargetInput("a", 0, PROMPT, 0, greedy)), None)
+    begun = shard.begin(plan(target=m.TargetInput("a", 0, PROMPT, 0, greedy)))
     assert begun.rows == []
     (out, _), = begun.results
     assert m.TargetOutput.from_bytes(out, limit).tokens == [first]
-    assert shard.finish(begun, [(None, None)]) is begun.results
+    assert m.from_edge(shard.finish(begun, m.to_edge([(None, None)])), limit) == begun.results
 
     draft = m.DraftInput("a", 0, PROMPT, len(DRAFT), False, 1, greedy)
-    begun = shard.begin(plan(draft=draft, verify=m.VerifyInput("a", len(PROMPT), [first], [], False, 1, greedy)), None)
+    begun = shard.begin(plan(draft=draft, verify=m.VerifyInput("a", len(PROMPT), [first], [], False, 1, greedy)))
     assert begun.results == [(None, None)] and len(begun.rows) == 1  # waits for the block
-    drafted = [(m.DraftOutput(DRAFT, None, len(PROMPT) + len(DRAFT), 0.0).to_bytes(), None)]
-    (out, _), = shard.finish(begun, drafted)
+    drafted = m.to_edge([(m.DraftOutput(DRAFT, None, len(PROMPT) + len(DRAFT), 0.0).to_bytes(), None)])
+    (out, _), = m.from_edge(shard.finish(begun, drafted), limit)
     logits, _ = tiny_engine._verify(seq, DraftBlock(torch.tensor(DRAFT), None))
     want_matched, want_candidates = verdicts(DRAFT, None, logits, SamplingParams(), None)
     verdict = m.VerifyOutput.from_bytes(out, limit)

@@ -9,8 +9,9 @@ one-gpu (a Llama-3.2-1B draft and a Llama-3.1-8B target, one H100 or H200): meas
 autoregressive tokens/s against the card's ceiling and HF generate, verification latency by rows, judge
 and standard decoding with the recorded real traces replayed) and 4 (bench.serve_cpu: served over
 in-process). two-gpu (2 x H100 or H200): measurement 6 (bench.concurrency: 8B/70B, both int8, TP=2, the
-paper's mean acceptance 19.7 replayed) and 5 (bench.concurrency: a 1B draft on its own GPU for a 70B int8
-target, pipelined against sequential). The commands are those of docs/performance.md. Weights are dummy
+paper's mean acceptance 19.7 replayed) and 5 (bench.concurrency: a 3B int8 draft on its own GPU for a 70B
+int8 target, pipelined against sequential; `--steps pipeline-8b` and `pipeline-1b` run the same with the
+paper's 8B draft and with a 1B). The commands are those of docs/performance.md. Weights are dummy
 at real shapes and acceptance is replayed: every table row says which.
 
 A step that fails or outlasts its limit is a row that says so; the others still run, and the JSON keeps
@@ -78,6 +79,7 @@ _PIPELINE_70B = (
     "--set", "decoding.max_seq_len=1024", "--set", "decoding.replay_guesses=true", "--max-tokens", "256",
     "--modes", "standard", "--draft-tokens", "12", "--standard-trace", "11.5:12:runs", "--pipeline", "on,off",
 )
+_INT8_DRAFT = ("--set", "draft.quantize=int8")
 # Step limits from the first whole runs (2026-11-27, fresh machines, bench/results/suite_*.json): gpu 387 s,
 # served 59 s (H100); 8b-70b 222 s; pipeline 147 s with its shapes compiled, about 290 s on a fresh machine
 # (its own command's run there). Each plan's limits add up to 580 s, under a device command's 600.
@@ -92,13 +94,16 @@ PLANS: dict[str, tuple[Step, ...]] = {
     ),
     "two-gpu": (
         Step("8b-70b", (6,), (
-            *_LLAMA_70B, "--set", "draft.model=dummy:llama-3.1-8b", "--set", "draft.quantize=int8",
+            *_LLAMA_70B, *_INT8_DRAFT, "--set", "draft.model=dummy:llama-3.1-8b",
             "--max-tokens", "512", "--modes", "ar,judge", "--draft-tokens", "16", "--judge-trace", "19.7:32",
         ), 265),
-        # The paper's pair: an 8B draft (int8, its own GPU) for a 70B int8 target (TP=1, all of the other GPU)
-        Step("pipeline", (5,), (*_PIPELINE_70B, "--set", "draft.model=dummy:llama-3.1-8b", "--set", "draft.quantize=int8"), 315),
-        # A 1B draft, whose 12 passes are a small share of a step: the most pipelining can hide (not in the plan)
-        Step("pipeline-1b", (5,), (*_PIPELINE_70B, "--set", "draft.model=dummy:llama-3.2-1b"), 315, default=False),
+        # A 3B draft (int8, its own GPU) for a 70B int8 target (TP=1, all of the other GPU): its 12 passes
+        # take about as long as the 70B's verification, so a step has the most to hide (docs/performance.md)
+        Step("pipeline", (5,), (*_PIPELINE_70B, *_INT8_DRAFT, "--set", "draft.model=dummy:llama-3.2-3b"), 315),
+        # Run when named: the paper's 8B draft, whose drafting outlasts the verification (a wrong guess waits
+        # for the block drafted ahead), and a 1B draft, whose drafting is a small share of a step
+        Step("pipeline-8b", (5,), (*_PIPELINE_70B, *_INT8_DRAFT, "--set", "draft.model=dummy:llama-3.1-8b"), 315, False),
+        Step("pipeline-1b", (5,), (*_PIPELINE_70B, "--set", "draft.model=dummy:llama-3.2-1b"), 315, False),
     ),
 }
 

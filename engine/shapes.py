@@ -55,11 +55,12 @@ def _qwen2(hidden: int, inter: int, layers: int, heads: int, kv: int, vocab: int
 
 SHAPES: dict[str, dict] = {
     "llama-3.2-1b": _llama(2048, 8192, 16, 32, 8, tie=True, rope_factor=32.0),
+    "llama-3.2-3b": _llama(3072, 8192, 28, 24, 8, tie=True, rope_factor=32.0),
     "llama-3.1-8b": _llama(4096, 14336, 32, 32, 8),
     "llama-3.1-70b": _llama(8192, 28672, 80, 64, 8),
     "llama-3.1-405b": _llama(16384, 53248, 126, 128, 8),
     "qwen2.5-coder-0.5b": _qwen2(896, 4864, 24, 14, 2, 151936, tie=True),
-    "qwen2.5-coder-1.5b": _qwen2(1536, 8960, 28, 12, 2, 151936, tie=False),
+    "qwen2.5-coder-1.5b": _qwen2(1536, 8960, 28, 12, 2, 151936, tie=True),
     # Tests: a byte vocabulary (256 bytes + eos + spares) so the byte tokenizer drives them with text.
     "tiny": {**_qwen2(64, 128, 4, 4, 2, 272, tie=False), "eos_token_id": 256},
     "tiny-llama": {**_llama(64, 160, 3, 4, 1, vocab=272), "eos_token_id": 256},

@@ -336,3 +336,15 @@ def test_batched_pass_over_cache_blocks_equals_each_request_alone(tiny_f32, layo
         torch.testing.assert_close(slots[i].v[:, :, :, :n], alone[i].v[:, :, :, :n], atol=1e-5, rtol=0)
     others = [c.k for b in blocks for c in b.caches if c not in slots]
     assert all(torch.equal(a, b) for a, b in zip(others, untouched))
+
+
+@pytest.mark.parametrize("name, billions", [
+    ("llama-3.2-1b", 1.24), ("llama-3.2-3b", 3.21), ("llama-3.1-8b", 8.03), ("llama-3.1-70b", 70.55),
+    ("llama-3.1-405b", 405.85), ("qwen2.5-coder-0.5b", 0.49), ("qwen2.5-coder-1.5b", 1.54),
+])
+def test_named_shapes_have_their_models_published_sizes(name, billions):
+    """Benchmarks on dummy weights stand for the real models only if the shapes are theirs (model cards'
+    parameter counts, to 10 million)."""
+    from engine.shapes import SHAPES
+
+    assert round(ModelArgs.from_hf(SHAPES[name]).num_parameters / 1e9, 2) == billions

@@ -48,7 +48,7 @@ from engine.config import Config
 from engine.cuda_graphs import graphs_for
 from engine.decode import target_passes
 from engine.sampling import SamplingParams, next_token
-from engine.verify import DraftBlock, final_token, standard_accept
+from engine.verify import DraftBlock, final_token, greedy_matched, standard_accept
 from engine.weights import load_model
 
 Verified = Item  # rank 0's (TargetOutput or VerifyOutput, hidden) of a plan
@@ -243,7 +243,7 @@ class TargetShard:
             gen = None if params[i].greedy else step_generator(inp.sampling.seed, Role.TARGET, inp.step)
             k = len(inp.draft)
             if params[i].greedy:  # engine.verify's greedy rule: d_j matched iff it is the argmax; n -> argmax at n
-                matched, candidates = [d == t for d, t in zip(inp.draft, tops[i])], tops[i]
+                matched, candidates = greedy_matched(inp.draft, tops[i]), tops[i]
             else:
                 matched, candidates = verdicts(inp.draft, q, decided[i].cpu(), params[i], gen)
             out = VerifyOutput(matched, candidates, cache.length, compute_s)

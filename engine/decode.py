@@ -31,6 +31,7 @@ from engine.verify import (
     accept,
     accepted_length,
     final_token,
+    greedy_matched,
     judge_accept,
     standard_accept,
 )
@@ -387,16 +388,20 @@ class Engine:
         block = self._draft(seq, k, request.params, gen)
         t1 = time.perf_counter()
         target_logits, hidden = self._verify(seq, block)
-        if not request.params.greedy:  # sampling reads whole distributions on the host; greedy, K+1 argmaxes
+        tops = None
+        if request.params.greedy:  # K+1 argmaxes read back at once: the verdicts and each n's next token
+            tops = target_logits.argmax(-1).tolist()
+            matched, target_probs = greedy_matched(block.tokens.tolist(), tops), None
+        else:  # sampling reads whole distributions on the host
             target_logits = target_logits.cpu()
-        matched, target_probs = standard_accept(block, target_logits, request.params, gen)
+            matched, target_probs = standard_accept(block, target_logits, request.params, gen)
         t2 = time.perf_counter()
         judged = self._judge(hidden, request) if request.mode is Mode.JUDGE else None
         if self.acceptance_hook is not None:
             matched, judged = self.acceptance_hook(matched, judged)
         t3 = time.perf_counter()
         n = accepted_length(matched, judged)
-        last = final_token(n, block, target_logits, target_probs, request.params, gen)
+        last = tops[n] if tops is not None else final_token(n, block, target_logits, target_probs, request.params, gen)
         step = accept(block, matched, judged, last)
         self._advance(seq, step.tokens)
         timings.draft_s += t1 - t0

@@ -74,6 +74,12 @@ def standard_accept(
     return u * q_d < p_d, p  # strict: a token the target gives probability 0 is never kept
 
 
+def greedy_matched(draft: Sequence[int], tops: Sequence[int]) -> list[bool]:
+    """standard_accept's greedy rule on the host: d_i is kept iff it is the target's argmax there. tops: the
+    verification's K+1 argmaxes, read back at once (top n is also the token after d_1..d_n)."""
+    return [d == t for d, t in zip(draft, tops)]
+
+
 def judge_accept(scores: torch.Tensor, threshold: float) -> torch.Tensor:
     """scores: [K] judge logits w . h_i + b -> [K] bool, sigmoid(score) > threshold.
 
@@ -87,7 +93,7 @@ def judge_accept(scores: torch.Tensor, threshold: float) -> torch.Tensor:
     return scores > math.log(threshold / (1.0 - threshold))
 
 
-Verdicts = torch.Tensor | Sequence[bool]  # [K] bool: a tensor in the engine, a record's list in the scheduler
+Verdicts = torch.Tensor | Sequence[bool]  # [K] bool: a tensor (sampling, the judge) or a list (greedy, records)
 
 
 def verdict_list(verdicts: Verdicts) -> list[bool]:

@@ -242,7 +242,7 @@ class TargetShard:
                 continue
             gen = None if params[i].greedy else step_generator(inp.sampling.seed, Role.TARGET, inp.step)
             k = len(inp.draft)
-            if params[i].greedy:  # engine.verify's greedy rule: d_j matched iff it is the argmax; n -> argmax at n
+            if params[i].greedy:  # the K+1 argmaxes: the verdicts, and top n the token after d_1..d_n
                 matched, candidates = greedy_matched(inp.draft, tops[i]), tops[i]
             else:
                 matched, candidates = verdicts(inp.draft, q, decided[i].cpu(), params[i], gen)

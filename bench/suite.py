@@ -102,8 +102,9 @@ PLANS: dict[str, tuple[Step, ...]] = {
         Step("pipeline", (5,), (*_PIPELINE_70B, *_INT8_DRAFT, "--set", "draft.model=dummy:llama-3.2-3b"), 315),
         # Run when named: the paper's 8B draft, whose drafting outlasts the verification (a wrong guess waits
         # for the block drafted ahead), and a 1B draft, whose drafting is a small share of a step
-        Step("pipeline-8b", (5,), (*_PIPELINE_70B, *_INT8_DRAFT, "--set", "draft.model=dummy:llama-3.1-8b"), 315, False),
-        Step("pipeline-1b", (5,), (*_PIPELINE_70B, "--set", "draft.model=dummy:llama-3.2-1b"), 315, False),
+        Step("pipeline-8b", (5,), (*_PIPELINE_70B, *_INT8_DRAFT, "--set", "draft.model=dummy:llama-3.1-8b"), 315,
+             default=False),
+        Step("pipeline-1b", (5,), (*_PIPELINE_70B, "--set", "draft.model=dummy:llama-3.2-1b"), 315, default=False),
     ),
 }
 

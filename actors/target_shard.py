@@ -51,7 +51,6 @@ from engine.sampling import SamplingParams, next_token
 from engine.verify import DraftBlock, final_token, greedy_matched, standard_accept
 from engine.weights import load_model
 
-Verified = Item  # rank 0's (TargetOutput or VerifyOutput, hidden) of a plan
 Row = tuple[int, TargetInput | VerifyInput, torch.Tensor | None]  # (plan index, its pass, rank 0's q)
 
 
@@ -61,7 +60,7 @@ class Begun:
     from one node to the next in process)."""
 
     plans: list[StepPlan]
-    results: list[Verified]  # per plan, filled as its pass runs
+    results: list[Item]  # per plan, rank 0's (TargetOutput or VerifyOutput, hidden), filled as its pass runs
     rows: list[Row]  # the passes left for `finish`: those of a batch where a verification needs the draft's block
 
 # A rank whose peer died waits this long in a collective before failing (torch's default is 30 minutes).
@@ -207,7 +206,7 @@ class TargetShard:
         last_only: bool,
         stops: list[frozenset[int]],
         decoding_only: bool,
-    ) -> list[Verified]:
+    ) -> list[Item]:
         """One batched target pass over every row: a prefill, an autoregressive token or a verification each;
         with `decoding_only`, then the autoregressive rows' further tokens (`_decode_more`)."""
         t0 = time.perf_counter()
@@ -235,7 +234,7 @@ class TargetShard:
         if max(wanted) > 1:
             self._decode_more(rows, caches, wanted, stops, params, tokens)
         compute_s = time.perf_counter() - t0  # the batch's passes: every request in it waited for all of them
-        results: list[Verified] = []
+        results: list[Item] = []
         for i, ((_, inp, q), cache, (_, hidden)) in enumerate(zip(rows, caches, passes)):
             if isinstance(inp, TargetInput):
                 results.append((TargetOutput(tokens[i], cache.length, compute_s).to_bytes(), None))

@@ -1,0 +1,122 @@
+"""What a Ray Compiled Graph hop costs on this machine, by what the actors do between hops.
+
+The step graph (actors.step_graph) in miniature, with the nodes' work replaced by a body of a fixed length:
+the driver writes a step's input; the draft's place reads it and works (its second node, speculate's place,
+follows), the shard's place reads the input in one node (begin's) and the draft's output in another
+(finish's) and works, and the driver reads the outputs in the step graph's order. Each working node stamps
+time.time() on entry and exit (one host, one clock), so a step splits into three hops with the work taken
+out: driver -> draft, draft -> shard, shard -> driver (medians over the steps after the first few).
+
+Bodies: none (the hops alone, back to back), sleep (the process idles, as a node waiting on its GPU may),
+spin (Python busy, holding the GIL) and cuda (products of a 2048 x 2048 matrix, each read back: a decode
+loop's syncs; only with a GPU). A Compiled Graph channel's reader polls shared memory (Ray's
+PlasmaObjectHeader::ReadAcquire: yield, try the semaphore, look again) rather than sleeping, and
+docs/performance.md (measurement 4) records how much a hop costs once its reader has waited a body long.
+
+    python3 -m bench.hops --body-ms 12 --steps 60 --out bench/results/hops.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import statistics
+import time
+from pathlib import Path
+
+import ray
+import torch
+from ray.dag import InputNode, MultiOutputNode
+
+from bench import command_line, write_results
+
+BODIES = ("none", "sleep", "spin", "cuda")
+HOPS = ("driver -> draft", "draft -> shard", "shard -> driver")
+
+
+def work(body: str, ms: float) -> None:
+    if body == "sleep":
+        time.sleep(ms / 1e3)
+    elif body in ("spin", "cuda"):
+        end = time.perf_counter() + ms / 1e3
+        x = torch.randn(2048, 2048, device="cuda") if body == "cuda" else None
+        while time.perf_counter() < end:
+            if x is not None:
+                (x @ x).sum().item()
+
+
+@ray.remote
+class Draft:
+    def step(self, inp: list) -> list:
+        """inp: [body, ms, sent]; returns it with this node's entry and exit stamps."""
+        start = time.time()
+        work(inp[0], inp[1])
+        return [*inp, start, time.time()]
+
+    def speculate(self, inp: list, drafted: list) -> None:
+        return None
+
+
+@ray.remote
+class Shard:
+    def begin(self, inp: list) -> list:
+        return inp
+
+    def finish(self, begun: list, drafted: list) -> list:
+        start = time.time()
+        work(drafted[0], drafted[1])
+        return [*drafted, start, time.time()]
+
+
+def measure(dag, body: str, ms: float, steps: int, skip: int = 5) -> dict:
+    """Median ms of each hop (and their sum) over the steps after the first `skip`."""
+    rows = []
+    for _ in range(steps + skip):
+        *_, verified = ray.get(dag.execute([body, ms, time.time()]))  # read as the scheduler reads: all three
+        rows.append([*verified[2:], time.time()])  # sent, draft in, draft out, shard in, shard out, back
+    spans = {hop: [(r[i + 1] - r[i]) * 1e3 for r in rows[skip:]] for hop, i in zip(HOPS, (0, 2, 4))}
+    out = {hop: round(statistics.median(v), 3) for hop, v in spans.items()}
+    out["sum"] = round(statistics.median(sum(vs) for vs in zip(*spans.values())), 3)
+    return out
+
+
+def main(argv: list[str] | None = None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--body-ms", type=float, default=12.0, help="each working node's body, ms")
+    ap.add_argument("--steps", type=int, default=60)
+    ap.add_argument("--bodies", default=",".join(BODIES), help="of " + ", ".join(BODIES) + " (cuda needs a GPU)")
+    ap.add_argument("--out", type=Path, default=Path("bench/results/hops.json"))
+    args = ap.parse_args(argv)
+    gpu = torch.cuda.is_available()
+    bodies = [b for b in args.bodies.split(",") if b != "cuda" or gpu]
+    ray.init(num_gpus=int(gpu), include_dashboard=False, _node_ip_address="127.0.0.1", logging_level="warning")
+    try:
+        share = {"num_cpus": 0, "num_gpus": 0.5 if gpu else 0}  # both on one GPU, as serve.draft_placement=share_gpu
+        draft, shard = Draft.options(**share).remote(), Shard.options(**share).remote()
+        with InputNode() as inp:
+            drafted = draft.step.bind(inp)
+            speculated = draft.speculate.bind(inp, drafted)
+            verified = shard.finish.bind(shard.begin.bind(inp), drafted)
+            dag = MultiOutputNode([drafted, speculated, verified]).experimental_compile()
+        hops = {}
+        for body in bodies:
+            hops[body] = measure(dag, body, 0.0 if body == "none" else args.body_ms, args.steps)
+            print(f"{body:6s}", "  ".join(f"{k} {v:.3f}" for k, v in hops[body].items()), "ms", flush=True)
+        dag.teardown()
+    finally:
+        ray.shutdown()
+    record = {
+        "benchmark": "bench.hops",
+        "card": torch.cuda.get_device_name() if gpu else "CPU",
+        "date": datetime.date.today().isoformat(),
+        "command": command_line("bench.hops", argv),
+        "body_ms": args.body_ms,
+        "steps": args.steps,
+        "hop_ms": hops,
+    }
+    write_results(args.out, record)
+    return record
+
+
+if __name__ == "__main__":
+    main()

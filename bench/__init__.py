@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime
 import json
 import shlex
 import statistics
@@ -37,8 +38,14 @@ def command_line(module: str, argv: list[str] | None = None) -> str:
     return shlex.join(["python3", "-m", module, *(sys.argv[1:] if argv is None else argv)])
 
 
-def write_results(out: Path, record: dict) -> None:
-    """Writes a benchmark's results as indented JSON (the folder made if missing) and says where."""
+def header(module: str, card: str, argv: list[str] | None = None) -> dict:
+    """The fields every result file starts with: the benchmark, the card it ran on, the date, the command."""
+    return {"benchmark": module, "card": card, "date": datetime.date.today().isoformat(), "command": command_line(module, argv)}
+
+
+def write_results(out: Path, record: dict) -> dict:
+    """Writes a benchmark's results as indented JSON (the folder made if missing), says where, returns them."""
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(record, indent=2) + "\n")
     print(f"wrote {out}")
+    return record

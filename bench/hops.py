@@ -19,7 +19,6 @@ docs/performance.md (measurement 4) records how much a hop costs once its reader
 from __future__ import annotations
 
 import argparse
-import datetime
 import statistics
 import time
 from pathlib import Path
@@ -28,7 +27,7 @@ import ray
 import torch
 from ray.dag import InputNode, MultiOutputNode
 
-from bench import command_line, write_results
+from bench import header, write_results
 
 BODIES = ("none", "sleep", "spin", "cuda")
 HOPS = ("driver -> draft", "draft -> shard", "shard -> driver")
@@ -70,11 +69,17 @@ class Shard:
 
 def measure(dag, body: str, ms: float, steps: int, skip: int = 5) -> dict:
     """Median ms of each hop (and their sum) over the steps after the first `skip`."""
-    rows = []
+    stamps = []
     for _ in range(steps + skip):
         *_, verified = ray.get(dag.execute([body, ms, time.time()]))  # read as the scheduler reads: all three
-        rows.append([*verified[2:], time.time()])  # sent, draft in, draft out, shard in, shard out, back
-    spans = {hop: [(r[i + 1] - r[i]) * 1e3 for r in rows[skip:]] for hop, i in zip(HOPS, (0, 2, 4))}
+        stamps.append([*verified[2:], time.time()])
+    return hop_medians(stamps[skip:])
+
+
+def hop_medians(stamps: list[list[float]]) -> dict:
+    """Per step [sent, draft in, draft out, shard in, shard out, back] (seconds) -> the median ms of each hop
+    and of their sum; the nodes' bodies (draft in -> out, shard in -> out) are left out."""
+    spans = {hop: [(s[i + 1] - s[i]) * 1e3 for s in stamps] for hop, i in zip(HOPS, (0, 2, 4))}
     out = {hop: round(statistics.median(v), 3) for hop, v in spans.items()}
     out["sum"] = round(statistics.median(sum(vs) for vs in zip(*spans.values())), 3)
     return out
@@ -105,17 +110,12 @@ def main(argv: list[str] | None = None) -> dict:
         dag.teardown()
     finally:
         ray.shutdown()
-    record = {
-        "benchmark": "bench.hops",
-        "card": torch.cuda.get_device_name() if gpu else "CPU",
-        "date": datetime.date.today().isoformat(),
-        "command": command_line("bench.hops", argv),
+    return write_results(args.out, {
+        **header("bench.hops", torch.cuda.get_device_name() if gpu else "CPU", argv),
         "body_ms": args.body_ms,
         "steps": args.steps,
         "hop_ms": hops,
-    }
-    write_results(args.out, record)
-    return record
+    })
 
 
 if __name__ == "__main__":

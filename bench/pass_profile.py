@@ -18,14 +18,13 @@ from __future__ import annotations
 
 import argparse
 import collections
-import datetime
 import time
 from pathlib import Path
 
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from bench import command_line, sync, write_results
+from bench import header, sync, write_results
 from engine.config import ModelSpec, RuntimeConfig
 from engine.cuda_graphs import graphs_for
 from engine.weights import load_model
@@ -118,17 +117,12 @@ def main(argv: list[str] | None = None) -> dict:
         passes[str(rows)] = p = profile_rows(model, cache, args.prompt_len, rows, args.passes, device, vocab, args.dtype == "float32")
         groups = "  ".join(f"{g} {ms:.3f}" for g, ms in p["groups_ms"].items())
         print(f"{rows:3d} rows: wall {p['wall_ms']:.3f} ms, kernels {p['kernels_ms']:.3f} ms ({groups})", flush=True)
-    record = {
-        "benchmark": "bench.pass_profile",
-        "card": torch.cuda.get_device_name(device) if cuda else "CPU",
-        "date": datetime.date.today().isoformat(),
-        "command": command_line("bench.pass_profile", argv),
+    return write_results(args.out, {
+        **header("bench.pass_profile", torch.cuda.get_device_name(device) if cuda else "CPU", argv),
         "shapes": {"model": args.model, "dtype": args.dtype, "compile": graphs is not None and args.compile, "graphs": graphs is not None},
         "prompt_len": args.prompt_len,
         "passes": passes,
-    }
-    write_results(args.out, record)
-    return record
+    })
 
 
 if __name__ == "__main__":

@@ -217,6 +217,23 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return x * cos + rotated * sin
 
 
+def masked_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """SDPA with a mask [..., T, L] for grouped-query attention: q [b, heads, T, d], keys and values
+    [b, kv_heads, L, d] -> [b, heads, T, d]. The query heads that share a key head are folded into its rows
+    ([b, kv_heads, group * T, d], the mask repeated per head), so the call has as many heads as the keys.
+    With enable_gqa and a mask, SDPA took its math path on an H100 (torch 2.11): the keys and values repeated
+    per query head and multiplied in float32, most of what a verification pass of a few rows cost beyond a
+    one-row pass; folded, it takes the memory-efficient kernel (docs/performance.md, measurement 2)."""
+    b, heads, t, d = q.shape
+    group = heads // keys.shape[1]
+    if group == 1:
+        return F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)
+    # query head i reads key head i // group (as enable_gqa): [b, kv, group, T, d] -> rows (head in group, T)
+    q = q.reshape(b, keys.shape[1], group * t, d)
+    mask = mask.repeat(*([1] * (mask.dim() - 2)), group, 1)
+    return F.scaled_dot_product_attention(q, keys, values, attn_mask=mask).reshape(b, heads, t, d)
+
+
 @dataclass(frozen=True)
 class Span:
     """Where an eager pass writes and reads: `rows` real tokens at positions start .. start + rows - 1 (any
@@ -317,9 +334,8 @@ class Attention(nn.Module):
             return self.o_proj(out.transpose(1, 2).reshape(b, t, -1))
         if isinstance(where, Slots):  # the cache's first L positions, masked: the same shapes at every position
             write_kv(where.keys, where.values, where.positions, k, v)
-            gqa, n = self.n_kv != self.n_heads, where.mask.shape[-1]
-            keys, values = where.keys[:, :, :n], where.values[:, :, :n]
-            out = F.scaled_dot_product_attention(q, keys, values, attn_mask=where.mask, enable_gqa=gqa)
+            n = where.mask.shape[-1]
+            out = masked_attention(q, where.keys[:, :, :n], where.values[:, :, :n], where.mask)
         else:  # [batch, kv_heads, max_len, head_dim]
             out = self._attend(q, k, v, cache.k[self.layer], cache.v[self.layer], where)
         return self.o_proj(out.transpose(1, 2).reshape(b, t, -1))
@@ -337,8 +353,7 @@ class Attention(nn.Module):
             keys.append(block.k[self.layer][:, :, :length].index_select(0, slots))
             values.append(block.v[self.layer][:, :, :length].index_select(0, slots))
         keys, values = (torch.cat(x) if len(x) > 1 else x[0] for x in (keys, values))
-        gqa = self.n_kv != self.n_heads
-        return F.scaled_dot_product_attention(q, keys, values, attn_mask=where.mask, enable_gqa=gqa)
+        return masked_attention(q, keys, values, where.mask)
 
     def _attend(
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, where: Span
@@ -369,7 +384,7 @@ class Attention(nn.Module):
         else:  # query i sits at position start + min(i, rows - 1) and sees the keys up to it
             q_pos = (start + torch.arange(t, device=q.device)).clamp_max(end - 1)
             mask = torch.arange(end, device=q.device)[None, :] <= q_pos[:, None]
-            out = F.scaled_dot_product_attention(q, keys[:, :, :end], values[:, :, :end], attn_mask=mask, enable_gqa=gqa)
+            out = masked_attention(q, keys[:, :, :end], values[:, :, :end], mask)
         return out
 
 

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 import transformers
 
-from engine.model import ModelArgs, Transformer, rope_inv_freq
+from engine.model import ModelArgs, Transformer, masked_attention, rope_inv_freq
 from engine.weights import dummy_model, load_checkpoint
 
 CPU = torch.device("cpu")
@@ -349,3 +350,19 @@ def test_named_shapes_have_their_models_published_sizes(name, billions):
     from engine.shapes import SHAPES
 
     assert round(ModelArgs.from_hf(SHAPES[name]).num_parameters / 1e9, 2) == billions
+
+
+@pytest.mark.parametrize("heads, kv_heads, batch_mask", [(8, 2, False), (8, 2, True), (4, 4, False), (6, 1, True)])
+def test_masked_attention_folds_query_groups_as_sdpa_gqa_attends(heads, kv_heads, batch_mask):
+    """The query heads of a key head folded into its rows attend as SDPA's enable_gqa does, for a mask per
+    pass [T, L] or per batch row [B, 1, T, L] (the graph-safe and batched passes' shapes)."""
+    g = torch.Generator().manual_seed(heads * 10 + kv_heads)
+    b, t, n, d = 2, 5, 16, 8
+    q = torch.randn(b, heads, t, d, generator=g)
+    keys, values = torch.randn(b, kv_heads, n, d, generator=g), torch.randn(b, kv_heads, n, d, generator=g)
+    ends = torch.tensor([[9, 16], [11, 13]]) if batch_mask else torch.tensor([[12]])
+    rows = torch.arange(t)
+    mask = torch.arange(n)[None, None, None, :] <= (ends[:, :1, None, None] - t + rows[:, None])
+    mask = mask if batch_mask else mask[0, 0]  # [B, 1, T, L] or [T, L]
+    want = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, enable_gqa=heads != kv_heads)
+    torch.testing.assert_close(masked_attention(q, keys, values, mask), want, rtol=1e-5, atol=1e-5)

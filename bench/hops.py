@@ -44,13 +44,17 @@ def work(body: str, ms: float) -> None:
                 (x @ x).sum().item()
 
 
+def stamped(inp: list) -> list:
+    """A working node: inp [body, ms, sent, stamps...] -> inp with this node's entry and exit stamps."""
+    start = time.time()
+    work(inp[0], inp[1])
+    return [*inp, start, time.time()]
+
+
 @ray.remote
 class Draft:
     def step(self, inp: list) -> list:
-        """inp: [body, ms, sent]; returns it with this node's entry and exit stamps."""
-        start = time.time()
-        work(inp[0], inp[1])
-        return [*inp, start, time.time()]
+        return stamped(inp)
 
     def speculate(self, inp: list, drafted: list) -> None:
         return None
@@ -62,9 +66,7 @@ class Shard:
         return inp
 
     def finish(self, begun: list, drafted: list) -> list:
-        start = time.time()
-        work(drafted[0], drafted[1])
-        return [*drafted, start, time.time()]
+        return stamped(drafted)
 
 
 def measure(dag, body: str, ms: float, steps: int, skip: int = 5) -> dict:

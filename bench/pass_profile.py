@@ -31,22 +31,22 @@ from engine.weights import load_model
 
 # kernel or operator name fragments, first match wins (lower case)
 GROUPS = (
-    # in a bf16 pass the only float32 products are attention's: inductor's decomposition of SDPA over the
-    # masked cache (a pass of several rows) multiplies in float32
-    ("attention", ("f32f32_f32f32", "gemmsn_nn_kernel<float")),
     # inductor's kernels are named after every op fused into them: one with a product in it is a product
     # (a one-row pass's tuned reductions, the norm or rotary before them riding along)
     ("matrix products", ("_mm_",)),
     ("attention", ("flash", "fmha", "attention", "sdpa", "_partials", "_combine", "softmax")),
     ("matrix products", ("gemm", "nvjet", "cutlass", "xmma", "gemv", "splitkreduce", "aten::mm", "aten::addmm", "aten::linear", "aten::bmm", "mm_", "int8")),
 )
+# in a bf16 pass the only float32 products are attention's: SDPA's math path over the masked cache
+FLOAT32_PRODUCTS = ("f32f32_f32f32", "gemmsn_nn_kernel<float")
 
 
 def group_of(name: str, float32: bool = False) -> str:
     """The group of a kernel or operator; `float32`: the pass runs in float32 (its products are all float32)."""
     low = name.lower()
-    groups = [g for g in GROUPS if not (float32 and g is GROUPS[0])]
-    return next((group for group, parts in groups if any(p in low for p in parts)), "other")
+    if not float32 and any(p in low for p in FLOAT32_PRODUCTS):
+        return "attention"
+    return next((group for group, parts in GROUPS if any(p in low for p in parts)), "other")
 
 
 @torch.inference_mode()

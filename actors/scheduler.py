@@ -453,7 +453,7 @@ class Scheduler:
         self._stopped_at: dict[str, int] = {}
 
     async def ready(self) -> bool:
-        """Compiles the step graph (on this actor's event loop, which runs it)."""
+        """Compiles the step graph and starts the thread that runs it."""
         self.graph.compile()
         return True
 

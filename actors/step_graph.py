@@ -22,6 +22,12 @@ edges (a shard's begin and finish as one call, `step`), skipping the nodes a pla
 on CPU, where the compiled graph's polling threads cost more than its saved round trips
 (serve.compiled_graph; both measured in docs/performance.md).
 
+The compiled graph's executions run on a thread of the scheduler's own (`_serve`), which writes a step's
+input and reads its outputs itself: Ray's asyncio path hands the input to a background writer thread and
+the outputs back through a background reader thread and a future per output, hand-offs that cost a served
+GPU step about 0.5 ms (docs/performance.md, measurement 4); here a step crosses between the event loop and
+the thread once each way.
+
 Both keep the target's ranks in step (each runs its nodes in graph order; plain calls from one caller
 run in submission order) and deliver a step's results only when every node finished, so a failure on any
 rank surfaces here instead of leaving rank 0 waiting in a collective. Anything that changes an actor's
@@ -35,6 +41,8 @@ Not for: what the plan says (actors.scheduler), or what the nodes compute (the a
 from __future__ import annotations
 
 import asyncio
+import queue
+import threading
 from dataclasses import dataclass
 from typing import Any, Sequence
 
@@ -57,9 +65,9 @@ from actors.messages import (
     to_edge,
 )
 
-# Executions a compiled graph holds at once (the scheduler runs one batch at a time; more only while a
-# cancelled batch's execution drains). Each costs a shared-memory buffer per channel, so the bound is
-# small and a semaphore makes further executions wait their turn.
+# Executions waiting for the graph at once (the scheduler runs one batch at a time; more only while a
+# cancelled batch's execution drains): the graph's thread runs them one after another, and a semaphore
+# keeps the queue short.
 MAX_INFLIGHT = 8
 
 
@@ -97,10 +105,11 @@ class StepGraph:
         self.max_bytes = max_bytes
         self.compiled = compiled
         self._dag = None
+        self._jobs: queue.SimpleQueue = queue.SimpleQueue()  # (input, loop, future), None to stop
         self._turns = asyncio.Semaphore(MAX_INFLIGHT)
 
     def compile(self) -> None:
-        """Builds the compiled graph (call on the event loop that will run it)."""
+        """Builds the compiled graph and starts the thread that runs its executions."""
         if not self.compiled or self._dag is not None:
             return
         with InputNode() as inp:
@@ -111,7 +120,8 @@ class StepGraph:
             verified = [shard.finish.bind(b, drafted) for shard, b in zip(self.shards, begun)]
             judged = [self.judge.step.bind(inp, verified[0])] if self.judge is not None else []
             graph = MultiOutputNode([drafted, speculated, *verified, *judged])
-        self._dag = graph.experimental_compile(enable_asyncio=True, _max_inflight_executions=MAX_INFLIGHT)
+        self._dag = graph.experimental_compile()
+        threading.Thread(target=self._serve, args=(self._dag, self._jobs), name="step-graph", daemon=True).start()
 
     async def run(self, plans: list[StepPlan], qs: list[torch.Tensor | None]) -> list[StepResult]:
         """One execution for a batch of steps (actors.messages.StepBatch); qs[i] is plan i's reused block's
@@ -131,18 +141,35 @@ class StepGraph:
 
     def teardown(self) -> None:
         if self._dag is not None:
-            self._dag.teardown()
+            self._jobs.put(None)
+            self._dag.teardown()  # an execution still waiting fails: its channels close
             self._dag = None
 
     async def _run_compiled(self, inp: Edge) -> list[Any]:
         if self._dag is None:
             self.compile()
-        futures = await self._dag.execute_async(inp)
-        outs = [await f for f in futures]
+        loop = asyncio.get_running_loop()
+        done = loop.create_future()
+        self._jobs.put((inp, loop, done))
+        outs = await done
         for out in outs:  # a node's failure (a dead actor's closed channel) can arrive as a value
             if isinstance(out, Exception):
                 raise out
         return outs
+
+    @staticmethod
+    def _serve(dag: Any, jobs: queue.SimpleQueue) -> None:
+        """The graph's thread: each job's execution, its outputs (or what it raised) set on its future."""
+        while (job := jobs.get()) is not None:
+            inp, loop, done = job
+            try:
+                result, err = [ref.get(timeout=-1) for ref in dag.execute(inp)], None  # -1: a step may be long
+            except Exception as e:  # noqa: BLE001 - the awaiting step raises it (StepFailed)
+                result, err = None, e
+            try:
+                loop.call_soon_threadsafe(_settle, done, result, err)
+            except RuntimeError:  # the loop closed: the actor is going away
+                return
 
     async def _run_calls(self, plans: list[StepPlan], inp: Edge) -> list[Any]:
         """The graph's nodes as plain calls; a node no plan gives anything to do is not called (each call
@@ -176,3 +203,12 @@ class StepGraph:
             verify=VerifyOutput.from_bytes(leader, limit) if plan.verify is not None else None,
             judged=JudgeOutput.from_bytes(judged, limit) if judged is not None else None,
         )
+
+
+def _settle(done: asyncio.Future, result: Any, err: BaseException | None) -> None:
+    if done.cancelled():  # its step was cancelled while the graph ran it
+        return
+    if err is not None:
+        done.set_exception(err)
+    else:
+        done.set_result(result)

@@ -13,12 +13,18 @@ loop's syncs; only with a GPU). A Compiled Graph channel's reader polls shared m
 PlasmaObjectHeader::ReadAcquire: yield, try the semaphore, look again) rather than sleeping, and
 docs/performance.md (measurement 4) records how much a hop costs once its reader has waited a body long.
 
-    python3 -m bench.hops --body-ms 12 --steps 60 --out bench/results/hops.json
+`--pin` times every body a second time with the graph's threads (each node's and the driver's) on one core:
+a polling reader holds the channel's header semaphore between its looks, so the writer's sealing
+`sem_wait` sleeps in the kernel and must be woken into the moment the reader lets go; on one core the
+reader's yield hands the core straight to the writer it woke.
+
+    python3 -m bench.hops --body-ms 12 --steps 60 --pin --out bench/results/hops.json
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import time
 from pathlib import Path
@@ -31,6 +37,7 @@ from bench import header, write_results
 
 BODIES = ("none", "sleep", "spin", "cuda")
 HOPS = ("driver -> draft", "draft -> shard", "shard -> driver")
+CORES = os.sched_getaffinity(0)  # this process's, taken at import: before any thread of it is pinned
 
 
 def work(body: str, ms: float) -> None:
@@ -44,8 +51,15 @@ def work(body: str, ms: float) -> None:
                 (x @ x).sum().item()
 
 
+def pin(core: int | None) -> None:
+    """Puts the calling thread on `core` (None: on every core this process may use)."""
+    os.sched_setaffinity(0, {core} if core is not None else CORES)
+
+
 def stamped(inp: list) -> list:
-    """A working node: inp [body, ms, sent, stamps...] -> inp with this node's entry and exit stamps."""
+    """A working node: inp [body, ms, core, sent, stamps...] -> inp with this node's entry and exit stamps
+    (its thread put on `core` first)."""
+    pin(inp[2])
     start = time.time()
     work(inp[0], inp[1])
     return [*inp, start, time.time()]
@@ -69,12 +83,15 @@ class Shard:
         return stamped(drafted)
 
 
-def measure(dag, body: str, ms: float, steps: int, skip: int = 5) -> dict:
-    """Median ms of each hop (and their sum) over the steps after the first `skip`."""
+def measure(dag, body: str, ms: float, steps: int, core: int | None, skip: int = 5) -> dict:
+    """Median ms of each hop (and their sum) over the steps after the first `skip`, every graph thread on
+    `core` (None: unpinned)."""
+    pin(core)
     stamps = []
     for _ in range(steps + skip):
-        *_, verified = ray.get(dag.execute([body, ms, time.time()]))  # read as the scheduler reads: all three
-        stamps.append([*verified[2:], time.time()])
+        *_, verified = ray.get(dag.execute([body, ms, core, time.time()]))  # read as the scheduler reads: all three
+        stamps.append([*verified[3:], time.time()])
+    pin(None)
     return hop_medians(stamps[skip:])
 
 
@@ -92,6 +109,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--body-ms", type=float, default=12.0, help="each working node's body, ms")
     ap.add_argument("--steps", type=int, default=60)
     ap.add_argument("--bodies", default=",".join(BODIES), help="of " + ", ".join(BODIES) + " (cuda needs a GPU)")
+    ap.add_argument("--pin", action="store_true", help="time each body again with the graph's threads on one core")
     ap.add_argument("--out", type=Path, default=Path("bench/results/hops.json"))
     args = ap.parse_args(argv)
     gpu = torch.cuda.is_available()
@@ -105,10 +123,13 @@ def main(argv: list[str] | None = None) -> dict:
             speculated = draft.speculate.bind(inp, drafted)
             verified = shard.finish.bind(shard.begin.bind(inp), drafted)
             dag = MultiOutputNode([drafted, speculated, verified]).experimental_compile()
+        core = min(CORES)
+        runs = [(body, None) for body in bodies] + ([(body, core) for body in bodies] if args.pin else [])
         hops = {}
-        for body in bodies:
-            hops[body] = measure(dag, body, 0.0 if body == "none" else args.body_ms, args.steps)
-            print(f"{body:6s}", "  ".join(f"{k} {v:.3f}" for k, v in hops[body].items()), "ms", flush=True)
+        for body, on in runs:
+            name = body if on is None else f"{body} pinned"
+            hops[name] = measure(dag, body, 0.0 if body == "none" else args.body_ms, args.steps, on)
+            print(f"{name:13s}", "  ".join(f"{k} {v:.3f}" for k, v in hops[name].items()), "ms", flush=True)
         dag.teardown()
     finally:
         ray.shutdown()

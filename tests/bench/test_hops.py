@@ -15,10 +15,10 @@ def test_hops_leave_the_bodies_out():
 
 def test_each_body_times_the_three_hops_and_writes_the_record(tmp_path):
     out = tmp_path / "hops.json"
-    hops.main(["--bodies", "none,sleep,cuda", "--body-ms", "2", "--steps", "3", "--out", str(out)])
+    hops.main(["--bodies", "none,sleep,cuda", "--body-ms", "2", "--steps", "3", "--pin", "--out", str(out)])
     record = json.loads(out.read_text())
     assert record["card"] == "CPU" and record["command"].startswith("python3 -m bench.hops --bodies")
-    assert set(record["hop_ms"]) == {"none", "sleep"}  # cuda is left out without a GPU
+    assert set(record["hop_ms"]) == {"none", "sleep", "none pinned", "sleep pinned"}  # no cuda without a GPU
     for spans in record["hop_ms"].values():
         assert set(spans) == {*hops.HOPS, "sum"}
         assert all(ms > 0 for ms in spans.values())

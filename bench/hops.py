@@ -18,12 +18,17 @@ a polling reader holds the channel's header semaphore between its looks, so the 
 `sem_wait` sleeps in the kernel and must be woken into the moment the reader lets go; on one core the
 reader's yield hands the core straight to the writer it woke.
 
-    python3 -m bench.hops --body-ms 12 --steps 60 --pin --out bench/results/hops.json
+`--chain N` times a graph the step graph is not (yet): N steps in one execution, each draft node fed the
+previous step's shard output with no trip through the driver, the driver reading every step's output. Its
+transport per step is what several steps per execution would cost a served step on this machine.
+
+    python3 -m bench.hops --body-ms 12 --steps 60 --pin --chain 4 --out bench/results/hops.json
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import os
 import statistics
 import time
@@ -82,26 +87,56 @@ class Shard:
     def finish(self, begun: list, drafted: list) -> list:
         return stamped(drafted)
 
+    def verify(self, drafted: list) -> list:  # a chained step's: no batch to begin
+        return stamped(drafted)
 
-def measure(dag, body: str, ms: float, steps: int, core: int | None, skip: int = 5) -> dict:
-    """Median ms of each hop (and their sum) over the steps after the first `skip`, every graph thread on
-    `core` (None: unpinned)."""
+
+def measure(dag, body: str, ms: float, steps: int, core: int | None, chain: int = 1, skip: int = 5) -> dict:
+    """Median ms of each hop (and their sum) over the executions after the first `skip`, every graph thread
+    on `core` (None: unpinned)."""
     pin(core)
     stamps = []
     for _ in range(steps + skip):
-        *_, verified = ray.get(dag.execute([body, ms, core, time.time()]))  # read as the scheduler reads: all three
+        *_, verified = ray.get(dag.execute([body, ms, core, time.time()]))  # read as the scheduler reads: all
         stamps.append([*verified[3:], time.time()])
     pin(None)
-    return hop_medians(stamps[skip:])
+    return hop_medians(stamps[skip:], chain)
 
 
-def hop_medians(stamps: list[list[float]]) -> dict:
-    """Per step [sent, draft in, draft out, shard in, shard out, back] (seconds) -> the median ms of each hop
-    and of their sum; the nodes' bodies (draft in -> out, shard in -> out) are left out."""
-    spans = {hop: [(s[i + 1] - s[i]) * 1e3 for s in stamps] for hop, i in zip(HOPS, (0, 2, 4))}
-    out = {hop: round(statistics.median(v), 3) for hop, v in spans.items()}
-    out["sum"] = round(statistics.median(sum(vs) for vs in zip(*spans.values())), 3)
+def chained(draft, shard, chain: int):
+    """The graph of `chain` steps an execution: the first as the step graph's, each next draft node fed the
+    shard's output of the step before; every step's output to the driver."""
+    with InputNode() as inp:
+        verified = shard.finish.bind(shard.begin.bind(inp), draft.step.bind(inp))
+        outs = [verified]
+        for _ in range(chain - 1):
+            verified = shard.verify.bind(draft.step.bind(verified))
+            outs.append(verified)
+        return MultiOutputNode(outs).experimental_compile()
+
+
+def hop_medians(stamps: list[list[float]], chain: int = 1) -> dict:
+    """Per execution [sent, (draft in, draft out, shard in, shard out) x chain, back] (seconds) -> the median
+    ms of each hop (draft -> shard and, chained, shard -> draft over every step) and of the execution's
+    transport (`sum`: the whole execution less the nodes' bodies, draft in -> out and shard in -> out), and
+    with a chain that per step."""
+    ms = [[1e3 * (b - a) for a, b in itertools.pairwise(s)] for s in stamps]  # every span, the bodies at 1, 3, 5, ...
+    spans = {
+        "driver -> draft": [m[0] for m in ms],
+        "draft -> shard": [m[i] for m in ms for i in range(2, 4 * chain, 4)],
+        "shard -> draft": [m[i] for m in ms for i in range(4, 4 * chain, 4)],
+        "shard -> driver": [m[-1] for m in ms],
+    }
+    out = {hop: round(statistics.median(v), 3) for hop, v in spans.items() if v}
+    transport = [sum(m[0::2]) for m in ms]
+    out["sum"] = round(statistics.median(transport), 3)
+    if chain > 1:
+        out["per step"] = round(statistics.median(transport) / chain, 3)
     return out
+
+
+def show(name: str, spans: dict) -> None:
+    print(f"{name:14s}", "  ".join(f"{k} {v:.3f}" for k, v in spans.items()), "ms", flush=True)
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -110,6 +145,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--steps", type=int, default=60)
     ap.add_argument("--bodies", default=",".join(BODIES), help="of " + ", ".join(BODIES) + " (cuda needs a GPU)")
     ap.add_argument("--pin", action="store_true", help="time each body again with the graph's threads on one core")
+    ap.add_argument("--chain", type=int, default=0, help="time each body again in a graph of this many steps chained")
     ap.add_argument("--out", type=Path, default=Path("bench/results/hops.json"))
     args = ap.parse_args(argv)
     gpu = torch.cuda.is_available()
@@ -129,8 +165,17 @@ def main(argv: list[str] | None = None) -> dict:
         for body, on in runs:
             name = body if on is None else f"{body} pinned"
             hops[name] = measure(dag, body, 0.0 if body == "none" else args.body_ms, args.steps, on)
-            print(f"{name:13s}", "  ".join(f"{k} {v:.3f}" for k, v in hops[name].items()), "ms", flush=True)
+            show(name, hops[name])
         dag.teardown()
+        if args.chain > 1:  # actors of its own (Ray gives an actor one compiled graph), on the GPU the others free
+            for actor in (draft, shard):
+                ray.kill(actor)
+            dag = chained(Draft.options(**share).remote(), Shard.options(**share).remote(), args.chain)
+            for body in bodies:
+                name = f"{body} chain {args.chain}"
+                hops[name] = measure(dag, body, 0.0 if body == "none" else args.body_ms, args.steps, None, args.chain)
+                show(name, hops[name])
+            dag.teardown()
     finally:
         ray.shutdown()
     return write_results(args.out, {

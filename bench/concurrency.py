@@ -38,7 +38,6 @@ requests (interleaved step by step, or batched) is what is measured, not assumed
 from __future__ import annotations
 
 import argparse
-import datetime
 import platform
 import sys
 import tempfile
@@ -53,7 +52,7 @@ import torch
 import yaml
 from tqdm import tqdm
 
-from bench import command_line, write_results
+from bench import header, write_results
 from bench.serve_cpu import Tally, _Loop, served, synthetic_prompts
 from cluster.client import Final, JudgeserveClient
 from engine.config import Config, Mode, load_config
@@ -338,10 +337,7 @@ def main(argv: list[str] | None = None) -> None:
     gpus = torch.cuda.device_count() if cuda else 0
     card = torch.cuda.get_device_name() if cuda else (platform.processor() or "cpu")
     result = {
-        "benchmark": "bench.concurrency",
-        "card": f"{gpus} x {card}" if gpus > 1 else card,
-        "date": datetime.date.today().isoformat(),
-        "command": command_line("bench.concurrency", argv),
+        **header("bench.concurrency", f"{gpus} x {card}" if gpus > 1 else card, argv),
         "config": args.config,
         "overrides": args.set,
         "shapes": {"target": config.target.model, "draft": config.draft.model, "dtype": config.target.dtype.value},

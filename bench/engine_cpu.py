@@ -13,7 +13,6 @@ agreement with our autoregressive output), and writes the figures as JSON.
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import platform
 import time
@@ -22,7 +21,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from bench import command_line, write_results
+from bench import header, write_results
 from engine.config import Mode, load_config
 from engine.decode import Engine
 from engine.sampling import SamplingParams
@@ -174,9 +173,7 @@ def main() -> None:
         print(f"judgeserve standard / HF assisted: {std.tokens_per_s / hf_tally.tokens_per_s:.2f}x")
 
     record = {
-        "card": "CPU (this machine: 2 cores, no GPU)",
-        "date": datetime.date.today().isoformat(),
-        "command": command_line("bench.engine_cpu"),
+        **header("bench.engine_cpu", "CPU (this machine: 2 cores, no GPU)"),
         "shapes": {"target": config.target.model, "draft": config.draft.model, "dtype": config.target.dtype.value,
                    "hf_dtype": args.hf_dtype},
         "prompts": {"humaneval": args.humaneval, "gsm8k": args.gsm8k, "max_tokens": args.max_tokens},

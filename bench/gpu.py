@@ -12,13 +12,12 @@ at a given mean. Those rows are labelled replayed, next to DESIGN.md's predictio
 from __future__ import annotations
 
 import argparse
-import datetime
 import time
 from pathlib import Path
 
 import torch
 
-from bench import command_line, median_ms, write_results
+from bench import header, median_ms, write_results
 from engine.config import Mode, parse_config
 from engine.decode import Engine
 from engine.model import Transformer
@@ -236,9 +235,7 @@ def main() -> None:
         print(f"verification pass latency (ms, {name}) by tokens in the pass: "
               + ", ".join(f"{r}: {ms:.2f}" for r, ms in latency[name].items()))
     record = {
-        "card": card,
-        "date": datetime.date.today().isoformat(),
-        "command": command_line("bench.gpu"),
+        **header("bench.gpu", card),
         "shapes": {"target": args.target, "draft": args.draft, "dtype": "bfloat16", "weights": "dummy"},
         "quantize_by_path": {name: dict(zip(("target", "draft"), variants[name][1])) for name in variants},
         "copy_bandwidth_tb_per_s": round(bw / 1e12, 3),

@@ -23,13 +23,12 @@ products ran faster split, and splitting them in the engine's pass made it slowe
 from __future__ import annotations
 
 import argparse
-import datetime
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-from bench import command_line, write_results
+from bench import header, write_results
 from engine import int8_kernel
 from engine.quant import int8_matmul
 
@@ -133,9 +132,7 @@ def main() -> None:
             print(f"one row, {r['shape']}: {cells}")
     if args.out:
         write_results(args.out, {
-            "card": torch.cuda.get_device_name(),
-            "date": datetime.date.today().isoformat(),
-            "command": command_line("bench.int8_matmul"),
+            **header("bench.int8_matmul", torch.cuda.get_device_name()),
             "torch": torch.__version__,
             "products": results,
         })

@@ -10,14 +10,13 @@ Picks the dtype: the faster one that keeps greedy speculative output equal to au
 from __future__ import annotations
 
 import argparse
-import datetime
 import statistics
 import time
 from pathlib import Path
 
 import torch
 
-from bench import command_line, write_results
+from bench import header, write_results
 from engine.config import load_config
 from engine.weights import TORCH_DTYPES, load_checkpoint, resolve_checkpoint
 
@@ -56,9 +55,7 @@ def main() -> None:
     for name, row in table.items():
         print(f"| {name} | " + " | ".join(f"{row[r]:.0f}" for r in PASSES) + " |")
     record = {
-        "card": "CPU (this machine: 2 cores, no GPU)",
-        "date": datetime.date.today().isoformat(),
-        "command": command_line("bench.pass_latency"),
+        **header("bench.pass_latency", "CPU (this machine: 2 cores, no GPU)"),
         "median_ms_per_pass": table,
     }
     write_results(args.out, record)

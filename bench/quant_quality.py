@@ -14,7 +14,6 @@ Runs on the CPU (the real weights live here); int8 runs eagerly there, so only q
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import math
 import re
@@ -23,7 +22,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from bench import command_line, write_results
+from bench import header, write_results
 from engine.config import Config, Mode, Quantize, load_config
 from engine.decode import Engine
 from engine.model import Transformer
@@ -128,9 +127,7 @@ def main() -> None:
     write_results(
         args.out,
         {
-            "card": "CPU (quality only: int8 runs eagerly here)",
-            "date": datetime.date.today().isoformat(),
-            "command": command_line("bench.quant_quality"),
+            **header("bench.quant_quality", "CPU (quality only: int8 runs eagerly here)"),
             "data": f"GSM8K-train reference solutions {args.offset}..{args.offset + len(rows) - 1}, teacher-forced",
             **results,
         },

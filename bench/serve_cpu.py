@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import datetime
 import os
 import platform
 import threading
@@ -36,7 +35,7 @@ import torch
 import yaml
 from tqdm import tqdm
 
-from bench import command_line, write_results
+from bench import header, write_results
 from bench.engine_cpu import add_prompt_arguments, prompts
 from cluster.client import Final, JudgeserveClient
 from cluster.ray_backend import RayBackend
@@ -208,10 +207,13 @@ def main() -> None:
             f"{r['identical_outputs']:>2}/{r['prompts']:<2}  {s['draft_ms']:6.1f} {s['verify_ms']:6.1f} {s['judge_ms']:5.1f} | "
             f"{s['transport_ms']:6.2f} {s['scheduling_ms']:6.2f} | {s['overlapped_draft_ms']:6.1f}"
         )
+    card = (
+        torch.cuda.get_device_name()
+        if config.runtime.device.startswith("cuda")
+        else f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} torch threads, CPU only"
+    )
     result = {
-        "benchmark": "bench.serve_cpu",
-        "date": datetime.date.today().isoformat(),
-        "command": command_line("bench.serve_cpu"),
+        **header("bench.serve_cpu", card),
         # served tokens/s over in-process tokens/s per mode and served path (the GPU issue's key)
         "e2e_over_inprocess": {f"{r['mode']} {r['path']}": r["ratio_to_in_process"] for r in rows if r["path"] in PATHS},
         # the same prompts through the same actors, pipelined and not (each against its own in-process run)
@@ -220,11 +222,6 @@ def main() -> None:
             for m in modes
             if {"served_pipelined", "served_sequential"} <= set(paths)
         },
-        "card": (
-            torch.cuda.get_device_name()
-            if config.runtime.device.startswith("cuda")
-            else f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} torch threads, CPU only"
-        ),
         "config": args.config,
         "overrides": args.set,
         "device": config.runtime.device,

@@ -36,15 +36,22 @@ def judge_verdicts(head: JudgeHead, hidden: torch.Tensor, threshold: float) -> l
 
 @ray.remote
 class JudgeScorer:
-    """Loads the config's judge file for the served target (refusing one trained for another target)."""
+    """Scores draft tokens with the config's judge file, loaded (`load`) for the served target once the target
+    shards are up: the actor is created beside them, so its start-up overlaps their model loading."""
 
-    def __init__(self, config: Config, target_name: str, target_fingerprint: str, hidden_size: int):
+    def __init__(self, config: Config):
+        self.config = config
+        self.max_bytes = config.serve.max_record_bytes
+
+    def load(self, target_name: str, target_fingerprint: str, hidden_size: int) -> dict:
+        """Loads the judge file for this target (refusing one trained for another target); returns info()."""
+        config = self.config
         self.head = load_judge(
             config.judge.path, target_name=target_name, target_fingerprint=target_fingerprint, hidden_size=hidden_size
         )
         # engine.decode.Engine.default_threshold: the config's, else the file's own.
         self.default_threshold = config.judge.threshold if config.judge.threshold is not None else self.head.threshold
-        self.max_bytes = config.serve.max_record_bytes
+        return self.info()
 
     def info(self) -> dict:
         return {

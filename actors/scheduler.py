@@ -421,12 +421,13 @@ class Scheduler:
         draft: ActorHandle,
         shards: Sequence[ActorHandle],
         judge: ActorHandle | None,
-        target_args: ModelArgs,
     ):
+        """Created beside the other actors, so that its start-up overlaps their model loading; `ready` gives
+        it the loaded target's shape and compiles the step graph."""
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
         self.config = config
         self.draft, self.shards, self.judge = draft, list(shards), judge
-        self.tokenizer = tokenizer_for(config.target, target_args)
+        self.tokenizer: Tokenizer | None = None  # ready's
         self.max_seq_len = config.decoding.max_seq_len
         # benchmarks on dummy weights: each speculative step accepts as the trace's next step did (engine.trace)
         self.replay = replayer_for(config.decoding)
@@ -452,8 +453,10 @@ class Scheduler:
         # ran after the stop (at most the one in flight)
         self._stopped_at: dict[str, int] = {}
 
-    async def ready(self) -> bool:
-        """Compiles the step graph and starts the thread that runs it."""
+    async def ready(self, target_args: ModelArgs) -> bool:
+        """Takes the loaded target's shape (its tokenizer's vocabulary), compiles the step graph and starts
+        the thread that runs it."""
+        self.tokenizer = tokenizer_for(self.config.target, target_args)
         self.graph.compile()
         return True
 

@@ -59,6 +59,11 @@ async def form_group(shards: Sequence[ActorHandle]) -> None:
     if len(shards) == 1:
         return
     init_method = await shards[0].rendezvous.remote()
-    ranks = await asyncio.gather(*(shard.join.remote(init_method) for shard in shards))
+    try:
+        ranks = await asyncio.gather(*(shard.join.remote(init_method) for shard in shards))
+    finally:
+        # every rank has its communicator (NCCL's made at join, device_id given) and the shards run only
+        # collectives of that group, so the store is never read again: one temporary folder per group, gone
+        await shards[0].rendezvous_done.remote()
     if list(ranks) != list(range(len(shards))):
         raise RuntimeError(f"the target shards joined as ranks {ranks}")

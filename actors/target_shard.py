@@ -20,6 +20,7 @@ Not for: choosing K, accepting tokens, or the judge (actors.scheduler, actors.ju
 from __future__ import annotations
 
 import dataclasses
+import shutil
 import tempfile
 import time
 from datetime import timedelta
@@ -121,7 +122,12 @@ class TargetShard:
     def rendezvous(self) -> str:
         """Rank 0: where the group meets, a fresh file on this node (STRICT_PACK: every rank is here). A file
         store, not TCP: torch's TCPStore listens on every interface whatever host it is given."""
-        return f"file://{tempfile.mkdtemp(prefix='judgeserve-tp-')}/store"
+        self._rendezvous = tempfile.mkdtemp(prefix="judgeserve-tp-")
+        return f"file://{self._rendezvous}/store"
+
+    def rendezvous_done(self) -> None:
+        """Rank 0, once every rank has joined (or failed to): removes the rendezvous folder."""
+        shutil.rmtree(self._rendezvous, ignore_errors=True)
 
     def join(self, init_method: str) -> int:
         backend = "nccl" if self.device.type == "cuda" else "gloo"

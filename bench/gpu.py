@@ -24,6 +24,7 @@ from engine.model import Transformer
 from engine.sampling import SamplingParams
 from engine.shapes import SHAPES
 from engine.trace import AcceptanceTrace, TraceReplayer
+from engine.weights import meta_transformer
 
 VERIFY_ROWS = (1, 2, 3, 5, 9, 17, 33, 65)
 
@@ -209,8 +210,8 @@ def main() -> None:
         torch.cuda.empty_cache()
     hf = hf_tokens_per_s(args.target, prompt, args.new_tokens) if args.hf else None
 
-    with torch.device("meta"):  # the bf16 model's bytes, whatever the paths held
-        bf16_bytes = 2 * sum(p.numel() for p in Transformer(target_args).parameters())
+    # the bf16 model's bytes, whatever the paths held
+    bf16_bytes = 2 * sum(p.numel() for p in meta_transformer(target_args).parameters())
     ceiling = bw / bf16_bytes
     print(f"{card}; {args.target} target, bf16, dummy weights, batch 1, {args.prompt_len}-token prompt, "
           f"{args.new_tokens} new tokens")

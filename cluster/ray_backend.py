@@ -381,7 +381,8 @@ class RayBackend:
     # ---- internals -----------------------------------------------------------------------------------
 
     def _create_actors(self) -> None:
-        """The placement groups, the target shards and the draft worker; `_start` adds the rest."""
+        """The placement groups and every actor, all at once (their processes start and import in parallel);
+        `_start` waits for them and hands the judge scorer and the scheduler what the shards loaded."""
         config = self.config
         self._groups = [placement_group(list(bundles), strategy="STRICT_PACK") for bundles in self._placement.groups]
         world = config.serve.tensor_parallel
@@ -391,7 +392,12 @@ class RayBackend:
             for rank, slot in enumerate(self._placement.shards)
         ]
         self._draft = DraftWorker.options(**self._at(self._placement.draft), runtime_env=actor_env).remote(config)
-        self._judge = self._scheduler = None
+        self._judge = None
+        if config.judge.path is not None:
+            self._judge = JudgeScorer.options(**self._at(self._placement.judge)).remote(config)
+        self._scheduler = Scheduler.options(**self._at(self._placement.scheduler)).remote(
+            config, self._draft, self._shards, self._judge
+        )
 
     def _kill_actors(self) -> None:
         for actor in self.actors().values():
@@ -425,16 +431,10 @@ class RayBackend:
                 f"draft vocabulary ({draft['args'].vocab_size}) differs from the target's ({target['args'].vocab_size})"
             )
         judge = None
-        if config.judge.path is not None:
-            self._judge = JudgeScorer.options(**self._at(self._placement.judge)).remote(
-                config, target["name"], target["fingerprint"], target["args"].hidden_size
-            )
-            info = await self._judge.info.remote()
+        if self._judge is not None:
+            info = await self._judge.load.remote(target["name"], target["fingerprint"], target["args"].hidden_size)
             judge = _JudgeInfo(info["target_name"], info["target_fingerprint"], info["threshold"])
-        self._scheduler = Scheduler.options(**self._at(self._placement.scheduler)).remote(
-            config, self._draft, self._shards, self._judge, target["args"]
-        )
-        await self._scheduler.ready.remote()
+        await self._scheduler.ready.remote(target["args"])
         self._models = _Models(
             config,
             tokenizer_for(config.target, target["args"]),

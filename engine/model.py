@@ -91,7 +91,10 @@ class ModelArgs:
 
 def rope_inv_freq(args: ModelArgs) -> torch.Tensor:  # [head_dim // 2]
     dim = args.head_dim
-    inv_freq = 1.0 / (args.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.float64) / dim))
+    # computed on the CPU whatever device context a model is built in: on the meta device (the loader's
+    # _build) arange is a Python reference whose first call imports torch._dynamo (seconds), and the loader
+    # sets the real frequencies once the model is on its device
+    inv_freq = 1.0 / (args.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.float64, device="cpu") / dim))
     scaling = dict(args.rope_scaling or ())
     kind = scaling.get("rope_type", "default")
     if kind == "linear":

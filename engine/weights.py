@@ -17,13 +17,14 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Callable
-from contextlib import ExitStack
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from torch import nn
 
 from engine.config import DType, ModelSpec, Quantize
 from engine.cuda_graphs import CudaGraphs
@@ -109,11 +110,39 @@ def checkpoint_args(folder: Path) -> ModelArgs:
         raise ModelLoadError(f"{folder}: {err}") from None
 
 
+def meta_transformer(args: ModelArgs) -> Transformer:
+    """The model's modules on the meta device: shapes and dtypes, no memory, no values."""
+    with torch.device("meta"), _no_init():
+        return Transformer(args)
+
+
+@contextmanager
+def _no_init() -> Iterator[None]:
+    """nn.Linear's and nn.Embedding's initialisers as no-ops, for a model built on the meta device: its
+    tensors hold no values to initialise, and PyTorch's meta kernels for them are Python references whose
+    first call imports torch._dynamo (about 2 s of CPU in every process that loads a model: each actor's
+    start-up, the in-process engine's). Building is single-threaded (at load), so the swap is not seen."""
+    saved = {name: getattr(nn.init, name) for name in _INITIALISERS}
+    for name in _INITIALISERS:
+        setattr(nn.init, name, _keep)
+    try:
+        yield
+    finally:
+        for name, fn in saved.items():
+            setattr(nn.init, name, fn)
+
+
+_INITIALISERS = ("normal_", "uniform_", "kaiming_uniform_")
+
+
+def _keep(tensor: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+    return tensor
+
+
 def _build(args: ModelArgs, dtype: torch.dtype, world: int = 1, group: dist.ProcessGroup | None = None) -> Transformer:
     """The model on the meta device (no memory) in `dtype`; with world > 1 at one rank's shapes. _materialise
     allocates it."""
-    with torch.device("meta"):
-        model = Transformer(args)
+    model = meta_transformer(args)
     if world > 1:
         shard_modules(model, world, group)  # still on meta: only the local shapes are ever allocated
     return model.to(dtype)  # cast on meta: allocating first would take float32, twice bfloat16's bytes
@@ -231,8 +260,7 @@ def dummy_model(
     step on every rank, and only the rank's slice is kept. Peak memory is the shard plus the largest tensor.
     """
     model = _build(args, dtype, world, group)
-    with torch.device("meta"):
-        whole = dict(Transformer(args).named_parameters())  # the whole shapes; no memory
+    whole = dict(meta_transformer(args).named_parameters())  # the whole shapes; no memory
     gen = torch.Generator(device=device).manual_seed(seed)
     kick = torch.Generator(device=device).manual_seed(seed + 1_000_003)
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import tempfile
 import time
 from pathlib import Path
 
@@ -67,6 +68,7 @@ class _Backends:
 
     def __init__(self, config: Config, loop: EventLoopThread):
         self.config, self.loop, self.started = config, loop, {}
+        self.since = time.time()  # for the rendezvous folders the TP groups made
 
     def get(
         self, tp: int, pipeline: bool, compiled: bool = False, running: int | None = None, ar_tokens: int | None = None
@@ -229,6 +231,13 @@ def test_seeded_sampling_is_reproducible(backends, loop):
 
 
 # ---- requests, model info -----------------------------------------------------------------------------
+
+
+def test_a_tp_group_leaves_no_rendezvous_folder_behind(backends):
+    """actors.target_group.form_group: the file store's folder goes once every rank has joined."""
+    backends.get(2, pipeline=True)
+    folders = Path(tempfile.gettempdir()).glob("judgeserve-tp-*")
+    assert [f for f in folders if f.stat().st_ctime >= backends.since - 1] == []
 
 
 def test_model_info_and_request_checks_are_the_engines(backends, engine):

@@ -1,12 +1,12 @@
 """Fuzzing the gRPC edge (hypothesis): generated GenerateRequests, valid and not, and malformed bytes.
 
-One server over the in-process engine (tiny pair, a lenient judge so every mode runs). For each generated
-request the oracle is the edge's own rules run locally (cluster.server.parse_generate, then the backend's
-make_request): a request they accept must stream to a Final that counts the streamed tokens; one they
-refuse must get INVALID_ARGUMENT with the same message, which names the field, and none may end with
+One server over the in-process engine (tiny pair, a lenient judge so every mode runs, 8 tokens by default).
+For each generated request the oracle is the edge's own rules run locally (cluster.server.parse_generate, then
+the backend's make_request): a request they accept must stream to a Final that counts the streamed tokens; one
+they refuse must get INVALID_ARGUMENT with the same message, which names the field, and none may end with
 finish_reason error. Raw bytes must get INVALID_ARGUMENT naming the message (bytes that do not parse) or a
-field (bytes that parse to a bad request), or complete; never take the server down. At the end health is still SERVING
-and a plain request still completes.
+field (bytes that parse to a bad request), or complete; never take the server down. At the end health is still
+SERVING and a plain request still completes.
 """
 
 from __future__ import annotations
@@ -42,7 +42,9 @@ pytestmark = pytest.mark.timeout(300)
 
 @pytest.fixture(scope="module")
 def server():
-    engine = Engine.from_config(load_config(TINY_YAML))
+    # a request that leaves max_tokens unset gets this default (parse_generate's oracle reads it too): short,
+    # since what is fuzzed is the edge's checks, not long generations
+    engine = Engine.from_config(load_config(TINY_YAML, {"decoding.max_new_tokens": 8}))
     w = torch.randn(engine.target.args.hidden_size, generator=torch.Generator().manual_seed(7))
     engine.judge = JudgeHead(w, 20.0, 0.5, engine.target.name, engine.target.fingerprint)
     backend = LocalBackend(engine)

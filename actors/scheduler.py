@@ -457,7 +457,8 @@ class Scheduler:
         """Takes the loaded target's shape (its tokenizer's vocabulary), compiles the step graph and starts
         the thread that runs it."""
         self.tokenizer = tokenizer_for(self.config.target, target_args)
-        self.graph.compile()
+        # on a thread: compiling waits on the actors (ray.get), which would block this actor's event loop
+        await asyncio.to_thread(self.graph.compile)
         return True
 
     def active(self) -> list[str]:

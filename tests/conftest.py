@@ -107,5 +107,16 @@ class EventLoopThread:
         return self.run(start())
 
     def close(self) -> None:
+        """Cancels what still runs on the loop (a backend's supervisor, a stream's waits) and waits for it
+        to end, as asyncio.run does, so that no task is destroyed pending; then stops the loop."""
+
+        async def cancel_the_rest() -> None:
+            tasks = asyncio.all_tasks() - {asyncio.current_task()}
+            for task in tasks:
+                task.cancel()
+            if tasks:
+                await asyncio.wait(tasks, timeout=5)
+
+        self.run(cancel_the_rest(), timeout=10)
         self.loop.call_soon_threadsafe(self.loop.stop)
         self.thread.join(5)

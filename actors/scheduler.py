@@ -41,6 +41,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import secrets
 import time
 from dataclasses import dataclass, field
@@ -457,7 +458,9 @@ class Scheduler:
         """Takes the loaded target's shape (its tokenizer's vocabulary), compiles the step graph and starts
         the thread that runs it."""
         self.tokenizer = tokenizer_for(self.config.target, target_args)
-        # on a thread: compiling waits on the actors (ray.get), which would block this actor's event loop
+        # on a thread: compiling waits on the actors (ray.get), which would block this actor's event loop.
+        # Ray warns of any ray.get in an async actor, wherever it runs; this one is off the loop.
+        os.environ["RAY_WARN_BLOCKING_GET_INSIDE_ASYNC"] = "0"
         await asyncio.to_thread(self.graph.compile)
         return True
 

@@ -183,14 +183,15 @@ class RayHead:
         return [p for pid, p in procs.items() if pid not in spare]
 
     def teardown(self) -> None:
-        """Ends every process of this cluster: SIGTERM, then SIGKILL for what is left after 10 s."""
+        """Ends every process of this cluster: SIGTERM, then SIGKILL for what is left after 3 s (some of
+        Ray's processes outwait any grace; a test cluster's state is thrown away with its folder)."""
         victims = self._processes()
         for proc in victims:
             try:
                 proc.terminate()
             except psutil.NoSuchProcess:
                 continue
-        _, alive = psutil.wait_procs(victims, timeout=10)
+        _, alive = psutil.wait_procs(victims, timeout=3)
         for proc in alive:
             try:
                 proc.kill()

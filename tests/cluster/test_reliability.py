@@ -52,8 +52,8 @@ def config(judge_config, request) -> Config:
     """TP=2, the bound under test, and the step graph as plain calls (the CPU default) or compiled; one token
     per autoregressive call, so that the scheduler's steps and a shard's passes count the same thing (with the
     default 8 a call, what runs after a stop is at most the call in flight, up to 8 passes)."""
-    update = {"tensor_parallel": 2, "max_active_requests": RUNNING, "max_queued_requests": QUEUED, "health_check_s": 0.2}
-    update["ar_tokens_per_call"] = 1
+    update = {"tensor_parallel": 2, "max_active_requests": RUNNING, "max_queued_requests": QUEUED, "health_check_s": 0.2,
+              "ar_tokens_per_call": 1}
     serve = judge_config.serve.model_copy(update=update | {"compiled_graph": request.param})
     decoding = judge_config.decoding.model_copy(update={"max_seq_len": 4096})  # room for long streams
     return judge_config.model_copy(update={"serve": serve, "decoding": decoding})

@@ -22,7 +22,15 @@ reader's yield hands the core straight to the writer it woke.
 previous step's shard output with no trip through the driver, the driver reading every step's output. Its
 transport per step is what several steps per execution would cost a served step on this machine.
 
+`--handoff` (a GPU) times what the draft -> shard hop costs a step when the shard's work must follow the
+draft's on one GPU, two ways, alternating: the block through the channel (the draft reads its tokens back,
+the shard copies them in: the step graph's way) and the block left on the device (the draft writes it into
+a buffer the shard opened through CUDA IPC, records an interprocess event and returns at once; the shard's
+stream waits on that event, so its work is queued behind the draft's before the draft's is done). Bodies
+are fixed counts of 4096 x 4096 bfloat16 products; each step checks that the shard read that step's block.
+
     python3 -m bench.hops --body-ms 12 --steps 60 --pin --chain 4 --out bench/results/hops.json
+    python3 -m bench.hops --bodies none --handoff 60,40 --out bench/results/hops_handoff.json
 """
 
 from __future__ import annotations
@@ -37,6 +45,7 @@ from pathlib import Path
 import ray
 import torch
 from ray.dag import InputNode, MultiOutputNode
+from torch.multiprocessing.reductions import rebuild_cuda_tensor, reduce_tensor
 
 from bench import header, write_results
 
@@ -91,6 +100,101 @@ class Shard:
         return stamped(drafted)
 
 
+BLOCK = 8  # tokens a handed-off block holds
+
+
+@ray.remote
+class HandoffDraft:
+    """The draft's place: `products` products, then the step's block (step, step + 1, ...) into a buffer."""
+
+    def __init__(self, products: int):
+        self.x = torch.randn(4096, 4096, device="cuda", dtype=torch.bfloat16)
+        self.y = torch.empty_like(self.x)
+        self.products = products
+        self.block = torch.zeros(BLOCK, dtype=torch.long, device="cuda")
+        self.ramp = torch.arange(BLOCK, device="cuda")
+        self.ready = torch.cuda.Event(interprocess=True)
+
+    def handles(self) -> tuple:
+        """What the shard opens the block and the event with (CUDA IPC handles; both stay alive here)."""
+        return reduce_tensor(self.block)[1], self.ready.ipc_handle()
+
+    def step(self, inp: list) -> list:
+        way, step = inp[0], inp[1]
+        start = time.time()
+        for _ in range(self.products):
+            torch.mm(self.x, self.x, out=self.y)
+        torch.add(self.ramp, step, out=self.block)  # after the products, in stream order
+        if way == "device":
+            self.ready.record()  # no read back: the shard's stream waits on this
+            return [*inp, None, start, time.time()]
+        return [*inp, self.block.tolist(), start, time.time()]
+
+    def speculate(self, inp: list, drafted: list) -> None:
+        return None
+
+
+@ray.remote
+class HandoffShard:
+    def __init__(self, products: int):
+        self.x = torch.randn(4096, 4096, device="cuda", dtype=torch.bfloat16)
+        self.y = torch.empty_like(self.x)
+        self.products = products
+
+    def open(self, handles: tuple) -> None:
+        block, ready = handles
+        self.block = rebuild_cuda_tensor(*block)
+        self.ready = torch.cuda.Event.from_ipc_handle(torch.cuda.current_device(), ready)
+
+    def begin(self, inp: list) -> list:
+        return inp
+
+    def finish(self, begun: list, drafted: list) -> list:
+        way, step, tokens = drafted[0], drafted[1], drafted[-3]
+        start = time.time()
+        if way == "device":
+            torch.cuda.current_stream().wait_event(self.ready)
+            block = self.block.clone()
+        else:
+            block = torch.tensor(tokens, device="cuda")
+        for _ in range(self.products):
+            torch.mm(self.x, self.x, out=self.y)
+        seen = (block + (self.y[0, 0] * 0).long()).tolist()  # read back after the products, as a verification's verdict
+        return [seen == list(range(step, step + BLOCK)), *drafted[-2:], start, time.time()]
+
+
+def handoff(products: tuple[int, int], steps: int, skip: int = 5) -> dict:
+    """Median ms a step (the driver's write to its read of the shard's output) with the block through the
+    channel and left on the device, alternating step by step; and whether every step read its own block."""
+    share = {"num_cpus": 0, "num_gpus": 0.5}
+    draft, shard = HandoffDraft.options(**share).remote(products[0]), HandoffShard.options(**share).remote(products[1])
+    ray.get(shard.open.remote(ray.get(draft.handles.remote())))
+    with InputNode() as inp:
+        drafted = draft.step.bind(inp)
+        speculated = draft.speculate.bind(inp, drafted)
+        verified = shard.finish.bind(shard.begin.bind(inp), drafted)
+        dag = MultiOutputNode([drafted, speculated, verified]).experimental_compile()
+    walls: dict[str, list[float]] = {"channel": [], "device": []}
+    bodies: dict[str, list[float]] = {"channel": [], "device": []}
+    right = 0
+    for i in range(2 * (steps + skip)):
+        way = ("channel", "device")[i % 2]
+        sent = time.time()
+        *_, verified = ray.get(dag.execute([way, i]))
+        back = time.time()
+        right += verified[0]
+        if i >= 2 * skip:
+            walls[way].append(1e3 * (back - sent))
+            # the shard's node, entry to exit: its products, and (device) the draft's it waited behind
+            bodies[way].append(1e3 * (verified[4] - verified[3]))
+    dag.teardown()
+    out = {f"{way} step": round(statistics.median(v), 3) for way, v in walls.items()}
+    out.update({f"{way} shard node": round(statistics.median(v), 3) for way, v in bodies.items()})
+    out["device saves"] = round(out["channel step"] - out["device step"], 3)
+    out["blocks read right"] = f"{right}/{2 * (steps + skip)}"
+    return out
+
+
 def measure(dag, body: str, ms: float, steps: int, core: int | None, chain: int = 1, skip: int = 5) -> dict:
     """Median ms of each hop (and their sum) over the executions after the first `skip`, every graph thread
     on `core` (None: unpinned)."""
@@ -136,7 +240,7 @@ def hop_medians(stamps: list[list[float]], chain: int = 1) -> dict:
 
 
 def show(name: str, spans: dict) -> None:
-    print(f"{name:14s}", "  ".join(f"{k} {v:.3f}" for k, v in spans.items()), "ms", flush=True)
+    print(f"{name:14s}", "  ".join(f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}" for k, v in spans.items()), "ms", flush=True)
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -146,6 +250,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--bodies", default=",".join(BODIES), help="of " + ", ".join(BODIES) + " (cuda needs a GPU)")
     ap.add_argument("--pin", action="store_true", help="time each body again with the graph's threads on one core")
     ap.add_argument("--chain", type=int, default=0, help="time each body again in a graph of this many steps chained")
+    ap.add_argument("--handoff", metavar="DRAFT,SHARD", help="time the block's hand-off with these product counts (GPU)")
     ap.add_argument("--out", type=Path, default=Path("bench/results/hops.json"))
     args = ap.parse_args(argv)
     gpu = torch.cuda.is_available()
@@ -170,12 +275,19 @@ def main(argv: list[str] | None = None) -> dict:
         if args.chain > 1:  # actors of its own (Ray gives an actor one compiled graph), on the GPU the others free
             for actor in (draft, shard):
                 ray.kill(actor)
-            dag = chained(Draft.options(**share).remote(), Shard.options(**share).remote(), args.chain)
+            draft, shard = Draft.options(**share).remote(), Shard.options(**share).remote()
+            dag = chained(draft, shard, args.chain)
             for body in bodies:
                 name = f"{body} chain {args.chain}"
                 hops[name] = measure(dag, body, 0.0 if body == "none" else args.body_ms, args.steps, None, args.chain)
                 show(name, hops[name])
             dag.teardown()
+        if args.handoff and gpu:
+            for actor in (draft, shard):
+                ray.kill(actor)
+            counts = tuple(int(n) for n in args.handoff.split(","))
+            hops["handoff"] = handoff((counts[0], counts[1]), args.steps)
+            show("handoff", hops["handoff"])
     finally:
         ray.shutdown()
     return write_results(args.out, {

@@ -259,6 +259,7 @@ class DraftInput(Record):
     guess: bool
     step: int  # the target pass this block will be verified in (the RNG counter)
     sampling: Sampling
+    handoff: bool = False  # a greedy block that may stay on the device for target rank 0 (actors.handoff)
 
 
 @dataclass(frozen=True)
@@ -269,6 +270,9 @@ class DraftOutput(Record):
     guess: int | None  # the guessed bonus token (DraftInput.guess), else None
     cache_len: int  # the draft cache's length after the call
     compute_s: float  # wall time inside the worker
+    # The block went to target rank 0 on the device, in the hand-off buffer's row of its plan (actors.handoff):
+    # `tokens` is empty here, and the draft worker's speculate node reports the block once it is drawn.
+    on_device: bool = False
 
 
 # ---- target shards -------------------------------------------------------------------------------------

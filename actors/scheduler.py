@@ -51,6 +51,7 @@ import ray
 import torch
 from ray.actor import ActorHandle
 
+from actors.handoff import handoff_enabled
 from actors.messages import (
     Admitted,
     CompletionRecord,
@@ -436,6 +437,7 @@ class Scheduler:
             log.warning("%s: every output is meaningless (benchmarks on dummy weights only)", self.replay.label)
         self.max_bytes = config.serve.max_record_bytes
         self.pipeline = config.serve.pipeline
+        self.handoff = handoff_enabled(config)
         compiled = config.serve.compiled_graph
         if compiled is None:
             compiled = config.runtime.device.startswith("cuda")
@@ -572,10 +574,13 @@ class Scheduler:
     async def _speculative_step(self, state: RequestState, k: int) -> Accepted:
         """draft -> verify -> judge in one trip through the step graph, then accept."""
         reused = self._reusable_speculation(state, k)
+        speculate = self._next_block(state, k, reused)
         draft = None
         if reused is None:  # a dropped speculation changed nothing this call relies on: it rolls back
             pending = state.pending(state.draft_len)
-            draft = DraftInput(state.request_id, state.draft_len, pending, k, False, state.step, state.sampling)
+            # greedy, with nothing drafted ahead: the block may stay on the GPU for rank 0 (actors.handoff)
+            handoff = self.handoff and speculate is None and state.request.params.greedy
+            draft = DraftInput(state.request_id, state.draft_len, pending, k, False, state.step, state.sampling, handoff)
         judge = state.request.mode is Mode.JUDGE
         verify = VerifyInput(
             state.request_id,
@@ -586,7 +591,7 @@ class Scheduler:
             state.step,
             state.sampling,
         )
-        plan = self._plan(state, draft=draft, verify=verify, judge=judge, speculate=self._next_block(state, k, reused))
+        plan = self._plan(state, draft=draft, verify=verify, judge=judge, speculate=speculate)
         result, wall = await self._execute(state, plan, reused.q if reused is not None else None)
 
         timings = state.done.timings

@@ -6,7 +6,8 @@ holding an entry per plan (actors.messages.to_edge), and the scheduler gets ever
 round trip per batch of steps instead of one per phase of each):
 
     drafted    = draft.step(batch)                      # per plan: DraftOutput and q, or nothing
-    speculated = draft.speculate(batch, drafted)        # pipelining: next blocks, during verification
+    speculated = draft.speculate(batch, drafted)        # pipelining: next blocks, during verification;
+                                                        # and the blocks handed off on the GPU, read back
     begun_r    = shard_r.begin(batch, qs)               # every rank: what needs no drafted block, at once
     verified_r = shard_r.finish(begun_r, drafted)       # every rank: verifications and target tokens
     judged     = judge.step(batch, verified_0)          # on rank 0's hidden states of the blocks
@@ -176,7 +177,9 @@ class StepGraph:
         costs a round trip: a batch of autoregressive steps is one call per shard)."""
         nothing = to_edge([(None, None)] * len(plans))
         drafted = self.draft.step.remote(inp) if any(p.draft is not None or p.release for p in plans) else nothing
-        speculated = self.draft.speculate.remote(inp, drafted) if any(p.speculate is not None for p in plans) else nothing
+        # speculate also reads back the blocks the draft worker handed off on the device (actors.handoff)
+        reading = any(p.speculate is not None or (p.draft is not None and p.draft.handoff) for p in plans)
+        speculated = self.draft.speculate.remote(inp, drafted) if reading else nothing
         verified = [shard.step.remote(inp, drafted) for shard in self.shards]
         judging = self.judge is not None and any(p.judge for p in plans)
         judged = [self.judge.step.remote(inp, verified[0]) if judging else None] if self.judge is not None else []
@@ -194,10 +197,14 @@ class StepGraph:
         (drafted, q), (speculated, speculated_q), (leader, _) = drafts[i], ahead[i], leaders[i]
         judged = judges[i][0] if judges is not None else None
         limit = self.max_bytes
+        block = DraftOutput.from_bytes(drafted, limit) if drafted is not None else None
+        ahead = DraftOutput.from_bytes(speculated, limit) if speculated is not None else None
+        if block is not None and block.on_device:  # handed off to rank 0: speculate read the block back
+            block, ahead = ahead, None
         return StepResult(
-            drafted=DraftOutput.from_bytes(drafted, limit) if drafted is not None else None,
+            drafted=block,
             q=q,
-            speculated=DraftOutput.from_bytes(speculated, limit) if speculated is not None else None,
+            speculated=ahead,
             speculated_q=speculated_q,
             target=TargetOutput.from_bytes(leader, limit) if plan.target is not None else None,
             verify=VerifyOutput.from_bytes(leader, limit) if plan.verify is not None else None,

@@ -30,6 +30,7 @@ import torch
 import torch.distributed as dist
 
 from actors.caches import RequestCaches, actor_device, cache_limit, set_threads
+from actors.handoff import BlockHandoff
 from actors.messages import (
     DraftOutput,
     Edge,
@@ -116,6 +117,13 @@ class TargetShard:
         self.model = loaded.model
         self.caches = RequestCaches(self.model, config.decoding.max_seq_len, cache_limit(config))
         self.max_bytes = config.serve.max_record_bytes
+        self.handoff: BlockHandoff | None = None  # rank 0, where the draft worker hands blocks off (open_handoff)
+
+    def open_handoff(self, handles: dict) -> None:
+        """Rank 0: opens the draft worker's hand-off buffer (DraftWorker.handoff_handles; actors.handoff)."""
+        if self.rank != 0:
+            raise RuntimeError(f"rank {self.rank}: the draft worker hands its blocks to rank 0 alone")
+        self.handoff = BlockHandoff.open(handles)
 
     # ---- the process group (actors.target_group.form_group) --------------------------------------------
 
@@ -188,22 +196,31 @@ class TargetShard:
         or VerifyOutput, hidden) on rank 0, (None, None) on the others and for releases. The hidden states
         of d_1..d_K are the judge's input (StepPlan.judge): not vocab-sized, they go as a CPU tensor."""
         rows: list[Row] = []
+        on_device: dict[int, int] = {}  # plan index -> K of its block in the hand-off buffer
         if begun.rows:
             blocks = from_edge(drafted, self.max_bytes * len(begun.plans))
             for i, inp, q in begun.rows:
                 if begun.plans[i].draft is not None:
-                    inp = dataclasses.replace(inp, draft=DraftOutput.from_bytes(blocks[i][0], self.max_bytes).tokens)
-                    q = blocks[i][1]
+                    out = DraftOutput.from_bytes(blocks[i][0], self.max_bytes)
+                    if out.on_device:
+                        if self.handoff is None:
+                            raise RuntimeError(f"rank {self.rank}: a block was handed off, but no hand-off buffer is open here")
+                        on_device[i] = begun.plans[i].draft.k
+                    else:
+                        inp, q = dataclasses.replace(inp, draft=out.tokens), blocks[i][1]
                 rows.append((i, inp, q))
-        self._run(begun, rows, last_only=False)
+        self._run(begun, rows, last_only=False, on_device=on_device)
         return to_edge(begun.results)
 
-    def _run(self, begun: Begun, rows: list[Row], last_only: bool, decoding_only: bool = False) -> None:
-        """One batched pass over `rows` (none: nothing), its results into begun.results."""
+    def _run(
+        self, begun: Begun, rows: list[Row], last_only: bool, decoding_only: bool = False, on_device: dict | None = None
+    ) -> None:
+        """One batched pass over `rows` (none: nothing), its results into begun.results; on_device: plan index
+        -> K of a verification whose block was handed off (its VerifyInput's draft is empty)."""
         if not rows:
             return
         stops = [frozenset(begun.plans[i].stop_ids) for i, _, _ in rows]
-        for (i, *_), out in zip(rows, self._pass(rows, last_only, stops, decoding_only)):
+        for (i, *_), out in zip(rows, self._pass(rows, last_only, stops, decoding_only, on_device or {})):
             begun.results[i] = out
 
     def _pass(
@@ -212,12 +229,20 @@ class TargetShard:
         last_only: bool,
         stops: list[frozenset[int]],
         decoding_only: bool,
+        on_device: dict[int, int],
     ) -> list[Item]:
         """One batched target pass over every row: a prefill, an autoregressive token or a verification each;
-        with `decoding_only`, then the autoregressive rows' further tokens (`_decode_more`)."""
+        with `decoding_only`, then the autoregressive rows' further tokens (`_decode_more`). A verification
+        whose block was handed off (on_device: plan index -> K; greedy, actors.handoff) is fed it from the
+        hand-off buffer and reads it back with the argmaxes."""
         t0 = time.perf_counter()
+        rows = list(rows)  # a handed-off row gets its block's tokens once they are read back
         caches = [self.caches.at(inp.request_id, inp.keep) for _, inp, _ in rows]
-        feeds = [inp.feed + (inp.draft if isinstance(inp, VerifyInput) else []) for _, inp, _ in rows]
+        feeds = [torch.tensor(inp.feed + (inp.draft if isinstance(inp, VerifyInput) else []), device=self.device)
+                 for _, inp, _ in rows]
+        # after every copy from the host: such a copy waits for the stream, which then waits for the drafting
+        handed = [self.handoff.take(i, on_device[i]) if i in on_device else None for i, _, _ in rows]
+        feeds = [feed if block is None else torch.cat([feed, block]) for feed, block in zip(feeds, handed)]
         passes = target_passes(self.model, caches, feeds, last_only=last_only)
         wanted = [inp.tokens if decoding_only and isinstance(inp, TargetInput) else 1 for _, inp, _ in rows]
         if self.rank != 0:
@@ -225,16 +250,23 @@ class TargetShard:
                 self._decode_more(rows, caches, wanted, stops)
             return [(None, None)] * len(rows)
         # The positions each row decides on: its last (a token) or its last K+1 (a verification).
-        decided = [logits[-(len(inp.draft) + 1) :] if isinstance(inp, VerifyInput) else logits[-1:]
-                   for (_, inp, _), (logits, _) in zip(rows, passes)]
+        ks = [block.shape[0] if block is not None else len(inp.draft) if isinstance(inp, VerifyInput) else 0
+              for (_, inp, _), block in zip(rows, handed)]
+        decided = [logits[-(k + 1) :] if isinstance(inp, VerifyInput) else logits[-1:]
+                   for (_, inp, _), k, (logits, _) in zip(rows, ks, passes)]
         params = [inp.sampling.params() for _, inp, _ in rows]
         # Greedy rows need only the argmax of each position: taken on the device for the whole batch and
-        # read back in one copy, instead of copying every row's logits to the CPU.
+        # read back in one copy (with the blocks handed off), instead of copying every row's logits to the CPU.
         greedy = [i for i, p in enumerate(params) if p.greedy]
-        argmax = torch.cat([decided[i] for i in greedy]).argmax(-1).tolist() if greedy else []
+        blocks = [block for block in handed if block is not None]
+        read = torch.cat([torch.cat([decided[i] for i in greedy]).argmax(-1), *blocks]).tolist() if greedy else []
         tops, at = {}, 0
         for i in greedy:
-            tops[i], at = argmax[at : at + decided[i].shape[0]], at + decided[i].shape[0]
+            tops[i], at = read[at : at + decided[i].shape[0]], at + decided[i].shape[0]
+        for j, block in enumerate(handed):
+            if block is not None:  # only greedy plans hand off (DraftWorker.step)
+                i, inp, q = rows[j]
+                rows[j], at = (i, dataclasses.replace(inp, draft=read[at : at + ks[j]]), q), at + ks[j]
         tokens = {i: [self._token(inp, params[i], 0, tops[i][0] if params[i].greedy else decided[i][-1])]
                   for i, (_, inp, _) in enumerate(rows) if isinstance(inp, TargetInput)}
         if max(wanted) > 1:

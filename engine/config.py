@@ -211,6 +211,17 @@ class ServeConfig(_Section):
         ),
     )
 
+    block_handoff: bool | None = Field(
+        None,
+        description=(
+            "greedy draft blocks go from the draft worker to target rank 0 on the device (a buffer shared through "
+            "CUDA IPC, ordered by an interprocess event, so the verification is queued behind the drafting before "
+            "it ends) instead of through the step graph's channel; needs TP=1 and, with CUDA, the draft on rank 0's "
+            "GPU (share_gpu); on CPU a shared-memory file (the two actors must share a node). null: off (not yet "
+            "measured served). Output is the same either way (actors.handoff)"
+        ),
+    )
+
     host: str = Field("127.0.0.1", description="address the gRPC server binds (loopback: this machine only)")
     port: int = Field(50051, ge=0, le=65535, description="gRPC port; 0 picks a free one")
     metrics_port: int | None = Field(
@@ -331,6 +342,21 @@ class Config(_Section):
     judge: JudgeConfig = JudgeConfig()
     runtime: RuntimeConfig = RuntimeConfig()
     serve: ServeConfig = ServeConfig()
+
+    @model_validator(mode="after")
+    def _handoff_reaches_rank_0_alone(self) -> "Config":
+        serve, placement = self.serve, self.serve.draft_placement
+        # with CUDA rank 0 must see the buffer's GPU; on CPU the buffer's file must be on rank 0's node
+        if self.runtime.device.startswith("cuda"):
+            apart = placement is not DraftPlacement.SHARE_GPU
+        else:
+            apart = placement is DraftPlacement.OWN_NODE
+        if serve.block_handoff and (serve.tensor_parallel > 1 or apart):
+            raise ValueError(
+                "serve.block_handoff needs tensor_parallel 1 and the draft worker on rank 0's GPU (share_gpu; on "
+                "CPU, on its node): the block goes to rank 0 alone, through memory both processes map"
+            )
+        return self
 
     @model_validator(mode="after")
     def _judge_mode_has_judge(self) -> "Config":

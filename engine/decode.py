@@ -158,6 +158,21 @@ def draft_blocks(model: Transformer, asks: Sequence[DraftAsk]) -> list[tuple[lis
     With `guess`, the first pass yields the draft's argmax guess of the target's next token (argmax even
     when sampling: the guess only has to be likely, it is never emitted unchecked) and the block follows it.
     """
+    return [read_block(ask, tokens, q) for ask, (tokens, q) in zip(asks, draft_on_device(model, asks))]
+
+
+def read_block(ask: DraftAsk, tokens: torch.Tensor, q: torch.Tensor | None) -> tuple[list[int], torch.Tensor | None, int | None]:
+    """One request's draft_on_device result read back: (d_1..d_K, q on the CPU or None, the guess or None)."""
+    ids = tokens.tolist()  # greedy: the block's one sync
+    first = ids.pop(0) if ask.guess else None
+    return ids, q.cpu() if q is not None else None, first
+
+
+@torch.inference_mode()
+def draft_on_device(model: Transformer, asks: Sequence[DraftAsk]) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
+    """draft_blocks' passes, nothing read back: per request its drawn tokens (the guess first, if any) as one
+    tensor on the model's device, and q [K, vocab] there (None when greedy). Greedy passes are only queued:
+    each feeds the next its argmax on the device."""
     device = next(model.parameters()).device
     fed = [torch.tensor(a.feed, device=device) for a in asks]
     drawn: list[list[torch.Tensor]] = [[] for _ in asks]  # the guess (if any), then d_1..d_K, 0-d on the device
@@ -168,7 +183,7 @@ def draft_blocks(model: Transformer, asks: Sequence[DraftAsk]) -> list[tuple[lis
         outs = model.forward_batch([fed[b] for b in rows], [asks[b].cache for b in rows], last_only=True)
         for b, (logits, _) in zip(rows, outs):
             ask, row = asks[b], logits[-1]  # [vocab]
-            if (ask.guess and i == 0) or ask.params.greedy:  # the argmax stays on the device: one sync per block
+            if (ask.guess and i == 0) or ask.params.greedy:  # the argmax stays on the device
                 token = row.argmax()
             else:
                 q = probabilities(row, ask.params)  # [vocab]
@@ -176,24 +191,24 @@ def draft_blocks(model: Transformer, asks: Sequence[DraftAsk]) -> list[tuple[lis
                 probs[b].append(q)
             drawn[b].append(token)
             fed[b] = token.view(1)
-    results = []
-    for ask, tokens, q in zip(asks, drawn, probs):
-        ids = torch.stack(tokens).tolist() if tokens else []
-        first = ids.pop(0) if ask.guess else None
-        results.append((ids, torch.stack(q).cpu() if q else None, first))  # q: [K, vocab]
-    return results
+    empty = torch.empty(0, dtype=torch.long, device=device)
+    return [(torch.stack(tokens) if tokens else empty, torch.stack(q) if q else None) for tokens, q in zip(drawn, probs)]
 
 
 @torch.inference_mode()
 def target_passes(
-    model: Transformer, caches: Sequence[KVCache], feeds: Sequence[list[int]], *, last_only: bool = False
+    model: Transformer,
+    caches: Sequence[KVCache],
+    feeds: Sequence[list[int] | torch.Tensor],
+    *,
+    last_only: bool = False,
 ) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """One target pass for several requests (Transformer.forward_batch): feed b into caches[b] ->
-    (logits [T_b or 1, vocab], hidden) each, on the model's device. For a verification the feed is
-    [t_last, d_1..d_K]: its last K+1 logits and last K hidden states are the block's; a prefill (or an
-    autoregressive step) needs only the last position's (`last_only`)."""
+    """One target pass for several requests (Transformer.forward_batch): feed b (ids, or a tensor of them
+    already on the device) into caches[b] -> (logits [T_b or 1, vocab], hidden) each, on the model's device.
+    For a verification the feed is [t_last, d_1..d_K]: its last K+1 logits and last K hidden states are the
+    block's; a prefill (or an autoregressive step) needs only the last position's (`last_only`)."""
     device = caches[0].k.device
-    return model.forward_batch([torch.tensor(f, device=device) for f in feeds], list(caches), last_only=last_only)
+    return model.forward_batch([torch.as_tensor(f, device=device) for f in feeds], list(caches), last_only=last_only)
 
 
 def draft_block(

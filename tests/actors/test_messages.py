@@ -29,7 +29,9 @@ SAMPLING = Sampling(temperature=0.7, top_k=50, top_p=0.9, seed=2**62 + 5)
 
 RECORDS = [
     DraftInput("req-1", 17, [1, 2, 3], 8, True, 4, SAMPLING),
+    DraftInput("req-2", 0, [4], 8, False, 1, SAMPLING, handoff=True),
     DraftOutput([5, 6, 7], None, 21, 0.003),
+    DraftOutput([], None, 21, 0.001, on_device=True),
     DraftOutput([5], 9, 21, 0.0),
     VerifyInput("req-1", 16, [3], [5, 6, 7], True, 4, SAMPLING),
     VerifyOutput([True, False, True], [1, 2, 3, 4], 20, 0.01),
@@ -66,14 +68,14 @@ def test_wrong_record_type_is_refused():
     ],
 )
 def test_mistyped_or_unknown_fields_are_refused(change, message):
-    raw = {"record": "DraftOutput", "tokens": [1], "guess": None, "cache_len": 1, "compute_s": 0.0, **change}
+    raw = {"record": "DraftOutput", "tokens": [1], "guess": None, "cache_len": 1, "compute_s": 0.0, "on_device": False, **change}
     with pytest.raises(RecordError, match=message):
         DraftOutput.from_bytes(msgpack.packb(raw), LIMIT)
 
 
 def test_missing_field_and_malformed_bytes_are_refused():
     with pytest.raises(RecordError, match="missing fields \\['compute_s'\\]"):
-        raw = {"record": "DraftOutput", "tokens": [], "guess": None, "cache_len": 0}
+        raw = {"record": "DraftOutput", "tokens": [], "guess": None, "cache_len": 0, "on_device": True}
         DraftOutput.from_bytes(msgpack.packb(raw), LIMIT)
     with pytest.raises(RecordError, match="malformed"):
         DraftOutput.from_bytes(b"\xc1", LIMIT)

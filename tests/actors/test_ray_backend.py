@@ -1,7 +1,9 @@
 """The Ray actors through cluster.ray_backend.RayBackend (and once through the gRPC server), on the tiny pair.
 
 One local Ray per module (loopback, logical CPUs only: the actors are idle between tests); three backends
-are started once each and shared: TP=1 and TP=2 (gloo) with pipelining, TP=1 without. Greedy outputs must
+are started once each and shared: TP=1 and TP=2 (gloo) with pipelining, TP=1 without. At TP=1 the draft
+worker hands its greedy blocks to the shard through memory both map (actors.handoff) where a step drafts
+nothing ahead (every step without pipelining), at TP=2 they go through the step graph. Greedy outputs must
 equal the in-process Engine's in every mode, with and without pipelining; abort and cancellation must
 leave no request state in any actor. The async backend runs on an event loop in a background thread.
 """
@@ -80,7 +82,9 @@ class _Backends:
         for other in [k for k in self.started if k[2] and k != key]:
             self.started.pop(other).close()
         if key not in self.started:
-            update = {"tensor_parallel": tp, "pipeline": pipeline, "compiled_graph": compiled}
+            # at TP=1 greedy blocks reach rank 0 through the hand-off buffer (the CUDA default where the draft
+            # shares rank 0's GPU; a shared-memory file here), at TP=2 through the step graph's channel
+            update = {"tensor_parallel": tp, "pipeline": pipeline, "compiled_graph": compiled, "block_handoff": tp == 1}
             if running is not None:
                 update["max_active_requests"] = running
             if ar_tokens is not None:

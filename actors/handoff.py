@@ -23,7 +23,7 @@ from __future__ import annotations
 import os
 import tempfile
 import uuid
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch.multiprocessing.reductions import rebuild_cuda_tensor, reduce_tensor
@@ -88,6 +88,23 @@ class BlockHandoff:
         if self.ready is not None:
             torch.cuda.current_stream().wait_event(self.ready)
         return self.blocks[row, :k]
+
+    def since_taken(self) -> Callable[[], float] | None:
+        """On CUDA, after the `take`s: a clock of the work queued from here on, so the verification reports its
+        own time and not the drafting it waited for (which the draft worker reports); None on CPU, where
+        `take` does not wait."""
+        if self.ready is None:
+            return None
+        begun = torch.cuda.Event(enable_timing=True)
+        begun.record()
+
+        def seconds() -> float:
+            ended = torch.cuda.Event(enable_timing=True)
+            ended.record()
+            ended.synchronize()
+            return begun.elapsed_time(ended) / 1e3
+
+        return seconds
 
 
 def _mapped(path: str, rows: int) -> torch.Tensor:

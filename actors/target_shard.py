@@ -242,6 +242,8 @@ class TargetShard:
                  for _, inp, _ in rows]
         # after every copy from the host: such a copy waits for the stream, which then waits for the drafting
         handed = [self.handoff.take(i, on_device[i]) if i in on_device else None for i, _, _ in rows]
+        t_taken = time.perf_counter()
+        clock = self.handoff.since_taken() if on_device else None
         feeds = [feed if block is None else torch.cat([feed, block]) for feed, block in zip(feeds, handed)]
         passes = target_passes(self.model, caches, feeds, last_only=last_only)
         wanted = [inp.tokens if decoding_only and isinstance(inp, TargetInput) else 1 for _, inp, _ in rows]
@@ -271,7 +273,9 @@ class TargetShard:
                   for i, (_, inp, _) in enumerate(rows) if isinstance(inp, TargetInput)}
         if max(wanted) > 1:
             self._decode_more(rows, caches, wanted, stops, params, tokens)
-        compute_s = time.perf_counter() - t0  # the batch's passes: every request in it waited for all of them
+        # the batch's passes: every request in it waited for all of them; a handed-off block's, from when the
+        # GPU had it (the wait for the drafting is the draft worker's time)
+        compute_s = time.perf_counter() - t0 if clock is None else t_taken - t0 + clock()
         results: list[Item] = []
         for i, ((_, inp, q), cache, (_, hidden)) in enumerate(zip(rows, caches, passes)):
             if isinstance(inp, TargetInput):

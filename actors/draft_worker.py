@@ -19,7 +19,7 @@ import ray
 import torch
 
 from actors.caches import RequestCaches, actor_device, cache_limit, set_threads
-from actors.handoff import BlockHandoff, handoff_enabled
+from actors.handoff import BlockHandoff
 from actors.messages import (
     DraftInput,
     DraftOutput,
@@ -65,7 +65,7 @@ class DraftWorker:
         self.caches = RequestCaches(self.loaded.model, config.decoding.max_seq_len, cache_limit(config))
         self.max_bytes = config.serve.max_record_bytes
         limit = cache_limit(config)  # no batch has more plans than there are caches
-        self.handoff = BlockHandoff.create(actor_device(config), limit) if handoff_enabled(config) else None
+        self.handoff = BlockHandoff.create(actor_device(config), limit) if config.serve.block_handoff else None
         self._handed: _Handed | None = None  # this step's blocks left on the device, until `speculate` reads them
 
     def handoff_handles(self) -> dict:

@@ -8,12 +8,12 @@ Handed off, the draft worker writes its blocks into a buffer rank 0 opened once 
 interprocess event; its node's output says only where the blocks are, so it leaves while the GPU still
 drafts. Rank 0 queues a wait on that event and its verification behind it: the GPU runs the pass as soon as
 the drafting ends, and the hop is taken while the GPU is busy (bench.hops --handoff on an H200: 0.52 ms a
-step saved; docs/performance.md). The draft worker reads its tokens back afterwards, in its `speculate` node,
+step saved; served on an H100, 0.7% more tokens/s: docs/performance.md, measurement 4). The draft worker reads its tokens back afterwards, in its `speculate` node,
 for the scheduler (actors.step_graph).
 
 Greedy blocks only: a sampled block's q goes to rank 0 as a CPU tensor anyway. On CPU the buffer is a file
 in shared memory and needs no event (a CPU node has written its block when it returns); serve.block_handoff
-true turns it on there, for the tests (the two actors must share a node).
+turns it on there too, for the tests (the two actors must share a node).
 
 Not for: which steps hand off (the scheduler's DraftInput.handoff), the passes (engine/).
 """
@@ -28,15 +28,7 @@ from typing import Any, Callable
 import torch
 from torch.multiprocessing.reductions import rebuild_cuda_tensor, reduce_tensor
 
-from engine.config import Config
-
 MAX_BLOCK = 128  # the largest K a request may ask for (cluster.server checks draft_tokens)
-
-
-def handoff_enabled(config: Config) -> bool:
-    """serve.block_handoff, where null means off until the served step is measured with it on a GPU; true
-    needs the draft on rank 0's GPU (or node) at TP=1 (checked by the config)."""
-    return bool(config.serve.block_handoff)
 
 
 class BlockHandoff:

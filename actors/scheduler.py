@@ -51,7 +51,6 @@ import ray
 import torch
 from ray.actor import ActorHandle
 
-from actors.handoff import handoff_enabled
 from actors.messages import (
     Admitted,
     CompletionRecord,
@@ -437,7 +436,7 @@ class Scheduler:
             log.warning("%s: every output is meaningless (benchmarks on dummy weights only)", self.replay.label)
         self.max_bytes = config.serve.max_record_bytes
         self.pipeline = config.serve.pipeline
-        self.handoff = handoff_enabled(config)
+        self.handoff = config.serve.block_handoff
         compiled = config.serve.compiled_graph
         if compiled is None:
             compiled = config.runtime.device.startswith("cuda")

@@ -35,7 +35,6 @@ from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from actors.draft_worker import DraftWorker
-from actors.handoff import handoff_enabled
 from actors.judge_scorer import JudgeScorer
 from actors.messages import Admitted, EventRecord, RecordError, stream_item_from_bytes
 from actors.scheduler import Scheduler, completion_from_record, event_from_record, generate_input, tokenizer_for
@@ -426,7 +425,7 @@ class RayBackend:
         config = self.config
         await _placed(self._groups, self._placement.requested(), config.serve.placement_timeout_s)
         await form_group(self._shards)
-        if handoff_enabled(config):  # greedy blocks reach rank 0 on the device (actors.handoff)
+        if config.serve.block_handoff:  # greedy blocks reach rank 0 on the device (actors.handoff)
             await self._shards[0].open_handoff.remote(await self._draft.handoff_handles.remote())
         target, draft = await self._shards[0].info.remote(), await self._draft.info.remote()
         if draft["args"].vocab_size != target["args"].vocab_size:

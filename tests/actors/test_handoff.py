@@ -11,7 +11,7 @@ import torch
 
 from actors import messages as m
 from actors.draft_worker import DraftWorker
-from actors.handoff import MAX_BLOCK, BlockHandoff, handoff_enabled
+from actors.handoff import MAX_BLOCK, BlockHandoff
 from actors.step_graph import StepGraph
 from actors.target_shard import TargetShard
 from engine.config import ConfigError, load_config
@@ -33,10 +33,10 @@ def _edge(*plans: m.StepPlan) -> m.Edge:
 
 
 def test_it_is_off_unless_asked_for_and_refused_where_rank_0_cannot_map_the_buffer():
-    assert not handoff_enabled(load_config(TINY_YAML, {"runtime.device": "cuda", "serve.draft_placement": "share_gpu"}))
-    assert handoff_enabled(load_config(TINY_YAML, {"serve.block_handoff": True}))
-    assert handoff_enabled(load_config(TINY_YAML, {"serve.block_handoff": True, "runtime.device": "cuda",
-                                                    "serve.draft_placement": "share_gpu"}))
+    assert not load_config(TINY_YAML, {"runtime.device": "cuda", "serve.draft_placement": "share_gpu"}).serve.block_handoff
+    assert load_config(TINY_YAML, {"serve.block_handoff": True}).serve.block_handoff
+    on_gpu = {"serve.block_handoff": True, "runtime.device": "cuda", "serve.draft_placement": "share_gpu"}
+    assert load_config(TINY_YAML, on_gpu).serve.block_handoff
     for bad in ({"serve.tensor_parallel": 2}, {"serve.draft_placement": "own_node"},
                 {"runtime.device": "cuda", "serve.draft_placement": "own_gpu"}):
         with pytest.raises(ConfigError, match="block_handoff needs tensor_parallel 1"):

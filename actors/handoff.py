@@ -8,8 +8,9 @@ Handed off, the draft worker writes its blocks into a buffer rank 0 opened once 
 interprocess event; its node's output says only where the blocks are, so it leaves while the GPU still
 drafts. Rank 0 queues a wait on that event and its verification behind it: the GPU runs the pass as soon as
 the drafting ends, and the hop is taken while the GPU is busy (bench.hops --handoff on an H200: 0.52 ms a
-step saved; served, 0.7% more tokens/s on an H100 and 1.5% on an H200: docs/performance.md, measurement 4). The draft worker reads its tokens back afterwards, in its `speculate` node,
-for the scheduler (actors.step_graph).
+step saved; served, 0.7% more tokens/s on an H100 and 1.5% on an H200: docs/performance.md, measurement 4).
+The draft worker reads its tokens back afterwards, in its `speculate` node, for the scheduler
+(actors.step_graph).
 
 Greedy blocks only: a sampled block's q goes to rank 0 as a CPU tensor anyway. On CPU the buffer is a file
 in shared memory and needs no event (a CPU node has written its block when it returns); serve.block_handoff

@@ -217,9 +217,9 @@ class ServeConfig(_Section):
             "greedy draft blocks go from the draft worker to target rank 0 on the device (a buffer shared through "
             "CUDA IPC, ordered by an interprocess event, so the verification is queued behind the drafting before "
             "it ends) instead of through the step graph's channel; needs TP=1 and, with CUDA, the draft on rank 0's "
-            "GPU (share_gpu); on CPU a shared-memory file (the two actors must share a node). Off by default: served it gained 0.7% "
-            "tokens/s on an H100 and 1.5% on an H200 (docs/performance.md, measurement 4). Output is the same either way "
-            "(actors.handoff)"
+            "GPU (share_gpu); on CPU a shared-memory file (the two actors must share a node). Off by default: "
+            "served, it gained 0.7% tokens/s on an H100 and 1.5% on an H200 (docs/performance.md, measurement 4). "
+            "Output is the same either way (actors.handoff)"
         ),
     )
 

@@ -33,10 +33,10 @@ def _edge(*plans: m.StepPlan) -> m.Edge:
 
 
 def test_it_is_off_unless_asked_for_and_refused_where_rank_0_cannot_map_the_buffer():
-    assert not load_config(TINY_YAML, {"runtime.device": "cuda", "serve.draft_placement": "share_gpu"}).serve.block_handoff
+    on_gpu = {"runtime.device": "cuda", "serve.draft_placement": "share_gpu"}
+    assert not load_config(TINY_YAML, on_gpu).serve.block_handoff
     assert load_config(TINY_YAML, {"serve.block_handoff": True}).serve.block_handoff
-    on_gpu = {"serve.block_handoff": True, "runtime.device": "cuda", "serve.draft_placement": "share_gpu"}
-    assert load_config(TINY_YAML, on_gpu).serve.block_handoff
+    assert load_config(TINY_YAML, {"serve.block_handoff": True} | on_gpu).serve.block_handoff
     for bad in ({"serve.tensor_parallel": 2}, {"serve.draft_placement": "own_node"},
                 {"runtime.device": "cuda", "serve.draft_placement": "own_gpu"}):
         with pytest.raises(ConfigError, match="block_handoff needs tensor_parallel 1"):

@@ -419,15 +419,15 @@ class Scheduler:
     def __init__(
         self,
         config: Config,
-        draft: ActorHandle,
+        draft: ActorHandle | None,
         shards: Sequence[ActorHandle],
         judge: ActorHandle | None,
     ):
         """Created beside the other actors, so that its start-up overlaps their model loading; `ready` gives
-        it the loaded target's shape and compiles the step graph."""
+        it the loaded target's shape and compiles the step graph. draft None: rank 0 holds the draft model
+        (serve.draft_placement in_rank0; actors.step_graph)."""
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
         self.config = config
-        self.draft, self.shards, self.judge = draft, list(shards), judge
         self.tokenizer: Tokenizer | None = None  # ready's
         self.max_seq_len = config.decoding.max_seq_len
         # benchmarks on dummy weights: each speculative step accepts as the trace's next step did (engine.trace)

@@ -96,12 +96,15 @@ class StepGraph:
 
     def __init__(
         self,
-        draft: ActorHandle,
+        draft: ActorHandle | None,
         shards: Sequence[ActorHandle],
         judge: ActorHandle | None,
         max_bytes: int,
         compiled: bool,
     ):
+        """draft None: the draft model is in target rank 0's process (serve.draft_placement in_rank0), whose
+        draft_step and draft_speculate are the draft worker's nodes; the graph then passes a block from the
+        drafting to rank 0's verification inside that process."""
         self.draft, self.shards, self.judge = draft, list(shards), judge
         self.max_bytes = max_bytes
         self.compiled = compiled
@@ -114,8 +117,8 @@ class StepGraph:
         if not self.compiled or self._dag is not None:
             return
         with InputNode() as inp:
-            drafted = self.draft.step.bind(inp)
-            speculated = self.draft.speculate.bind(inp, drafted)
+            drafted = draft_method(self.draft, self.shards, "step").bind(inp)
+            speculated = draft_method(self.draft, self.shards, "speculate").bind(inp, drafted)
             # each rank reads the batch (and runs what needs no drafted block) while the draft drafts
             begun = [shard.begin.bind(inp) for shard in self.shards]
             verified = [shard.finish.bind(b, drafted) for shard, b in zip(self.shards, begun)]
@@ -176,10 +179,11 @@ class StepGraph:
         """The graph's nodes as plain calls; a node no plan gives anything to do is not called (each call
         costs a round trip: a batch of autoregressive steps is one call per shard)."""
         nothing = to_edge([(None, None)] * len(plans))
-        drafted = self.draft.step.remote(inp) if any(p.draft is not None or p.release for p in plans) else nothing
+        drafting = any(p.draft is not None or p.release for p in plans)
+        drafted = draft_method(self.draft, self.shards, "step").remote(inp) if drafting else nothing
         # speculate also reads back the blocks the draft worker handed off on the device (actors.handoff)
         reading = any(p.speculate is not None or (p.draft is not None and p.draft.handoff) for p in plans)
-        speculated = self.draft.speculate.remote(inp, drafted) if reading else nothing
+        speculated = draft_method(self.draft, self.shards, "speculate").remote(inp, drafted) if reading else nothing
         verified = [shard.step.remote(inp, drafted) for shard in self.shards]
         judging = self.judge is not None and any(p.judge for p in plans)
         judged = [self.judge.step.remote(inp, verified[0]) if judging else None] if self.judge is not None else []
@@ -210,6 +214,12 @@ class StepGraph:
             verify=VerifyOutput.from_bytes(leader, limit) if plan.verify is not None else None,
             judged=JudgeOutput.from_bytes(judged, limit) if judged is not None else None,
         )
+
+
+def draft_method(draft: ActorHandle | None, shards: Sequence[ActorHandle], name: str) -> Any:
+    """The draft worker's method `name`: on its own actor, or (draft None: serve.draft_placement in_rank0) target
+    rank 0's `draft_<name>`."""
+    return getattr(draft, name) if draft is not None else getattr(shards[0], f"draft_{name}")
 
 
 def _settle(done: asyncio.Future, result: Any, err: BaseException | None) -> None:

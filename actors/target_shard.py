@@ -14,6 +14,10 @@ The pure parts, engine.decode.target_passes + `verdicts`, make the same forward 
 engine (engine.decode.Engine._target_step and ._verify), so TP=1 results are bitwise the engine's (a batch's too, where the model's batch invariance holds: bfloat16 on the CPU), and
 verification uses engine.verify unchanged.
 
+With serve.draft_placement in_rank0, rank 0 also holds the draft worker (the same class, not an actor of
+its own) and serves its step-graph nodes as draft_step and draft_speculate: drafting and verification then
+share one process and CUDA context, and a block goes from one to the other without a hop.
+
 Not for: choosing K, accepting tokens, or the judge (actors.scheduler, actors.judge_scorer).
 """
 
@@ -30,6 +34,7 @@ import torch
 import torch.distributed as dist
 
 from actors.caches import RequestCaches, actor_device, cache_limit, set_threads
+from actors.draft_worker import DraftWorker
 from actors.handoff import BlockHandoff
 from actors.messages import (
     DraftOutput,
@@ -46,7 +51,7 @@ from actors.messages import (
     step_generator,
     to_edge,
 )
-from engine.config import Config
+from engine.config import Config, DraftPlacement
 from engine.cuda_graphs import graphs_for
 from engine.decode import target_passes
 from engine.sampling import SamplingParams, next_token
@@ -118,6 +123,28 @@ class TargetShard:
         self.caches = RequestCaches(self.model, config.decoding.max_seq_len, cache_limit(config))
         self.max_bytes = config.serve.max_record_bytes
         self.handoff: BlockHandoff | None = None  # rank 0, where the draft worker hands blocks off (open_handoff)
+        self.drafter = None  # rank 0 with draft_placement in_rank0: the draft worker, in this process
+        if rank == 0 and config.serve.draft_placement is DraftPlacement.IN_RANK0:
+            self.drafter = DraftWorker.__ray_actor_class__(config)  # the actor's class itself, not an actor
+
+    # ---- the draft worker, where rank 0 holds it (in_rank0; each its DraftWorker method) -----------------
+
+    def draft_step(self, inp: Edge) -> Edge:
+        return self._drafter().step(inp)
+
+    def draft_speculate(self, inp: Edge, drafted: Edge) -> Edge:
+        return self._drafter().speculate(inp, drafted)
+
+    def draft_info(self) -> dict:
+        return self._drafter().info()
+
+    def draft_active(self) -> list[str]:
+        return self._drafter().active()
+
+    def _drafter(self) -> DraftWorker:
+        if self.drafter is None:
+            raise RuntimeError(f"rank {self.rank} holds no draft model (serve.draft_placement is not in_rank0 here)")
+        return self.drafter
 
     def open_handoff(self, handles: dict) -> None:
         """Rank 0: opens the draft worker's hand-off buffer (DraftWorker.handoff_handles; actors.handoff)."""

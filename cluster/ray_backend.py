@@ -2,7 +2,8 @@
 
 It starts (or joins) Ray and places the actors as `plan_placement` says: the N target shards in one
 STRICT_PACK placement group (one CPU-or-GPU bundle each, so a TP group never spans nodes), the draft worker
-beside them with a bundle of its own, on rank 0's GPU, or in a group of its own (serve.draft_placement);
+beside them with a bundle of its own, on rank 0's GPU, in a group of its own, or in rank 0's process
+(serve.draft_placement);
 the judge scorer shares bundle 0 with target rank 0 (actors.judge_scorer says why) and the scheduler the
 group's last bundle, both without resources of their own. Joining a cluster never refuses for its size: the
 pending placement groups are what an autoscaler adds nodes for, and `ready()` waits for them (logging what
@@ -39,6 +40,7 @@ from actors.judge_scorer import JudgeScorer
 from actors.messages import Admitted, EventRecord, RecordError, stream_item_from_bytes
 from actors.scheduler import Scheduler, completion_from_record, event_from_record, generate_input, tokenizer_for
 from actors.target_group import form_group
+from actors.step_graph import draft_method
 from actors.target_shard import TargetShard
 from cluster.backend import BackendNotReady, RequestIdInUse, StreamTracker, describe
 from engine.config import Config, DraftPlacement, Mode, ServeConfig
@@ -80,7 +82,7 @@ class Placement:
 
     groups: tuple[tuple[dict[str, float], ...], ...]
     shards: tuple[Slot, ...]
-    draft: Slot
+    draft: Slot | None  # None: in target rank 0's process (in_rank0)
 
     @property
     def judge(self) -> Slot:
@@ -101,7 +103,8 @@ class Placement:
 
 def plan_placement(serve: ServeConfig, cuda: bool) -> Placement:
     """The bundles and slots for serve.tensor_parallel shards and serve.draft_placement. Every model actor
-    reserves serve.cpus_per_actor CPUs and, on CUDA, a GPU; with share_gpu the draft and rank 0 split one."""
+    reserves serve.cpus_per_actor CPUs and, on CUDA, a GPU; with share_gpu the draft and rank 0 split one, with
+    in_rank0 the draft is no actor (rank 0 holds it)."""
     cpus, gpu = serve.cpus_per_actor, 1 if cuda else 0
 
     def bundle(actors: int) -> dict[str, float]:
@@ -111,6 +114,7 @@ def plan_placement(serve: ServeConfig, cuda: bool) -> Placement:
     target = [bundle(1) for _ in range(world)]
     shards = [Slot(0, rank, cpus, gpu) for rank in range(world)]
     extra: list[tuple[dict[str, float], ...]] = []
+    draft: Slot | None = None
     if serve.draft_placement is DraftPlacement.OWN_GPU:
         target.append(bundle(1))
         draft = Slot(0, world, cpus, gpu)
@@ -118,7 +122,7 @@ def plan_placement(serve: ServeConfig, cuda: bool) -> Placement:
         target[0] = bundle(2)
         shards[0] = Slot(0, 0, cpus, gpu / 2)
         draft = Slot(0, 0, cpus, gpu / 2)
-    else:
+    elif serve.draft_placement is DraftPlacement.OWN_NODE:
         extra.append((bundle(1),))
         draft = Slot(1, 0, cpus, gpu)
     return Placement((tuple(target), *extra), tuple(shards), draft)
@@ -304,7 +308,7 @@ class RayBackend:
             # read after the shards' active lists: a release that empties rank 0's list has recorded the
             # request's passes by then (both happen in one call), so an idle snapshot always has them
             "target_passes": await self._shards[0].released.remote(),
-            "draft": await self._draft.active.remote(),
+            "draft": await draft_method(self._draft, self._shards, "active").remote(),
             "target": target,
             "judge": await self._judge.active.remote() if self._judge is not None else [],
             "pipelined_blocks": scheduler["pipelined_blocks"],
@@ -391,7 +395,9 @@ class RayBackend:
             TargetShard.options(**self._at(slot), runtime_env=actor_env).remote(config, rank, world)
             for rank, slot in enumerate(self._placement.shards)
         ]
-        self._draft = DraftWorker.options(**self._at(self._placement.draft), runtime_env=actor_env).remote(config)
+        self._draft = None  # in_rank0: rank 0 holds the draft (its draft_* methods)
+        if self._placement.draft is not None:
+            self._draft = DraftWorker.options(**self._at(self._placement.draft), runtime_env=actor_env).remote(config)
         self._judge = None
         if config.judge.path is not None:
             self._judge = JudgeScorer.options(**self._at(self._placement.judge)).remote(config)
@@ -427,7 +433,8 @@ class RayBackend:
         await form_group(self._shards)
         if config.serve.block_handoff:  # greedy blocks reach rank 0 on the device (actors.handoff)
             await self._shards[0].open_handoff.remote(await self._draft.handoff_handles.remote())
-        target, draft = await self._shards[0].info.remote(), await self._draft.info.remote()
+        target = await self._shards[0].info.remote()
+        draft = await draft_method(self._draft, self._shards, "info").remote()
         if draft["args"].vocab_size != target["args"].vocab_size:
             raise BackendStartError(
                 f"draft vocabulary ({draft['args'].vocab_size}) differs from the target's ({target['args'].vocab_size})"

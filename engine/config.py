@@ -51,6 +51,7 @@ class DraftPlacement(str, enum.Enum):
     OWN_GPU = "own_gpu"  # its own bundle in the target's STRICT_PACK group: the shards' node, its own GPU (or CPUs)
     SHARE_GPU = "share_gpu"  # in target rank 0's bundle: the GPU of rank 0 (a small draft beside a large target)
     OWN_NODE = "own_node"  # a placement group of its own: any node with room, e.g. a smaller GPU node type
+    IN_RANK0 = "in_rank0"  # no actor of its own: loaded in target rank 0's process, on its GPU (one CUDA context)
 
 
 class _Section(BaseModel):
@@ -297,7 +298,10 @@ class ServeConfig(_Section):
         description=(
             "own_gpu: beside the shards on their node with a GPU (or CPUs) of its own; share_gpu: on target rank "
             "0's GPU (the 70B and 405B configs: 2 and 8 GPUs in all); own_node: anywhere the cluster has room, "
-            "so the autoscaler may add a smaller node for it (each draft block then crosses the network)"
+            "so the autoscaler may add a smaller node for it (each draft block then crosses the network); "
+            "in_rank0: no actor of its own, the draft model loaded in target rank 0's process, so drafting and "
+            "verifying share one CUDA context and a block reaches the verification without a hop (two processes "
+            "on one GPU time-slice it; docs/performance.md, measurement 4); needs serve.pipeline false"
         ),
     )
     placement_timeout_s: float = Field(
@@ -345,17 +349,23 @@ class Config(_Section):
     serve: ServeConfig = ServeConfig()
 
     @model_validator(mode="after")
-    def _handoff_reaches_rank_0_alone(self) -> "Config":
+    def _draft_placement_allows(self) -> "Config":
         serve, placement = self.serve, self.serve.draft_placement
         # with CUDA rank 0 must see the buffer's GPU; on CPU the buffer's file must be on rank 0's node
         if self.runtime.device.startswith("cuda"):
             apart = placement is not DraftPlacement.SHARE_GPU
         else:
             apart = placement is DraftPlacement.OWN_NODE
-        if serve.block_handoff and (serve.tensor_parallel > 1 or apart):
+        if serve.block_handoff and (serve.tensor_parallel > 1 or apart or placement is DraftPlacement.IN_RANK0):
             raise ValueError(
                 "serve.block_handoff needs tensor_parallel 1 and the draft worker on rank 0's GPU (share_gpu; on "
-                "CPU, on its node): the block goes to rank 0 alone, through memory both processes map"
+                "CPU, on its node): the block goes to rank 0 alone, through memory both processes map (with "
+                "draft_placement in_rank0 it is already in rank 0's process)"
+            )
+        if serve.pipeline and placement is DraftPlacement.IN_RANK0:
+            raise ValueError(
+                "serve.pipeline needs the draft in a process of its own: with draft_placement in_rank0 a block "
+                "drafted ahead would wait for the verification it was meant to overlap; set serve.pipeline false"
             )
         return self
 

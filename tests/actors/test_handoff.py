@@ -38,7 +38,8 @@ def test_it_is_off_unless_asked_for_and_refused_where_rank_0_cannot_map_the_buff
     assert load_config(TINY_YAML, {"serve.block_handoff": True}).serve.block_handoff
     assert load_config(TINY_YAML, {"serve.block_handoff": True} | on_gpu).serve.block_handoff
     for bad in ({"serve.tensor_parallel": 2}, {"serve.draft_placement": "own_node"},
-                {"runtime.device": "cuda", "serve.draft_placement": "own_gpu"}):
+                {"runtime.device": "cuda", "serve.draft_placement": "own_gpu"},
+                {"serve.draft_placement": "in_rank0", "serve.pipeline": False}):
         with pytest.raises(ConfigError, match="block_handoff needs tensor_parallel 1"):
             load_config(TINY_YAML, {"serve.block_handoff": True} | bad)
 

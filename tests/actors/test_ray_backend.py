@@ -1,7 +1,8 @@
 """The Ray actors through cluster.ray_backend.RayBackend (and once through the gRPC server), on the tiny pair.
 
-One local Ray per module (loopback, logical CPUs only: the actors are idle between tests); three backends
-are started once each and shared: TP=1 and TP=2 (gloo) with pipelining, TP=1 without. At TP=1 the draft
+One local Ray per module (loopback, logical CPUs only: the actors are idle between tests); the backends
+are started once each and shared: TP=1 and TP=2 (gloo) with pipelining, TP=1 without, and TP=1 with the
+draft model in target rank 0's process (serve.draft_placement in_rank0, no draft worker actor). At TP=1 the draft
 worker hands its greedy blocks to the shard through memory both map (actors.handoff) where a step drafts
 nothing ahead (every step without pipelining), at TP=2 they go through the step graph. Greedy outputs must
 equal the in-process Engine's in every mode, with and without pipelining; abort and cancellation must
@@ -22,7 +23,7 @@ import ray
 from cluster.backend import describe
 from cluster.client import Final, JudgeserveClient
 from cluster.ray_backend import RayBackend
-from engine.config import Config, Mode
+from engine.config import Config, DraftPlacement, Mode
 from engine.decode import Completion, Engine, RequestError, StepEvent
 from engine.output import FinishReason
 from engine.sampling import SamplingParams
@@ -76,15 +77,24 @@ class _Backends:
         self.since = time.time()  # for the rendezvous folders the TP groups made
 
     def get(
-        self, tp: int, pipeline: bool, compiled: bool = False, running: int | None = None, ar_tokens: int | None = None
+        self,
+        tp: int,
+        pipeline: bool,
+        compiled: bool = False,
+        running: int | None = None,
+        ar_tokens: int | None = None,
+        in_rank0: bool = False,
     ) -> RayBackend:
-        key = tp, pipeline, compiled, running, ar_tokens
+        key = tp, pipeline, compiled, running, ar_tokens, in_rank0
         for other in [k for k in self.started if k[2] and k != key]:
             self.started.pop(other).close()
         if key not in self.started:
             # at TP=1 greedy blocks reach rank 0 through the hand-off buffer (the CUDA default where the draft
             # shares rank 0's GPU; a shared-memory file here), at TP=2 through the step graph's channel
-            update = {"tensor_parallel": tp, "pipeline": pipeline, "compiled_graph": compiled, "block_handoff": tp == 1}
+            update = {"tensor_parallel": tp, "pipeline": pipeline, "compiled_graph": compiled,
+                      "block_handoff": tp == 1 and not in_rank0}
+            if in_rank0:  # the draft model in rank 0's process: its nodes are rank 0's (no draft worker actor)
+                update["draft_placement"] = DraftPlacement.IN_RANK0
             if running is not None:
                 update["max_active_requests"] = running
             if ar_tokens is not None:
@@ -162,6 +172,19 @@ def test_greedy_output_equals_in_process_engine(backend, loop, expected, mode):
     assert t.total_s > 0 and t.verify_s > 0 and t.overhead_s >= 0
     assert 0 < t.prefill_s < t.verify_s  # the prompt's pass, one of the request's target passes
     assert (t.draft_s > 0) == mode.is_speculative and (t.judge_s > 0) == (mode is Mode.JUDGE)
+
+
+@pytest.mark.parametrize("compiled", [False, True], ids=["calls", "graph"])
+def test_the_draft_in_rank_0s_process_gives_the_engines_output_with_no_actor_of_its_own(
+    backends, loop, engine, expected, compiled
+):
+    backend = backends.get(1, pipeline=False, compiled=compiled, in_rank0=True)
+    assert "draft" not in backend.actors()
+    assert backend.model_info()["draft"] == describe(engine)["draft"]  # rank 0's draft_info: the draft's noisy weights
+    for mode in Mode:
+        events, done = loop.run(_collect(backend, f"rank0-{mode.value}", max_tokens=LONG, mode=mode))
+        _assert_same(done, expected[mode, LONG], events)
+    assert _wait_empty(backend, loop)["draft"] == []  # rank 0's draft caches released with the requests
 
 
 @pytest.mark.parametrize("compiled", [False, True], ids=["calls", "graph"])

@@ -11,6 +11,7 @@ import logging
 import psutil
 import pytest
 import ray
+from pydantic import ValidationError
 from ray._private import ray_constants
 
 from cluster import ray_backend
@@ -45,6 +46,16 @@ def test_own_node_gives_the_draft_a_placement_group_of_its_own(tiny_config):
     assert plan.groups == (({"CPU": 1}, {"CPU": 1}), ({"CPU": 1},))
     assert plan.draft == Slot(1, 0, 1, 0)
     assert plan.scheduler == Slot(0, 1, 0, 0)  # beside the shards, not the draft
+
+
+def test_in_rank0_reserves_nothing_for_the_draft(tiny_config):
+    serve = _serve(tiny_config, tensor_parallel=2, draft_placement=DraftPlacement.IN_RANK0, pipeline=False)
+    plan = plan_placement(serve, cuda=True)
+    assert plan.groups == (({"CPU": 1, "GPU": 1},) * 2,)
+    assert plan.shards == (Slot(0, 0, 1, 1), Slot(0, 1, 1, 1)) and plan.draft is None
+    assert plan.requested() == {"CPU": 2, "GPU": 2}
+    with pytest.raises(ValidationError, match="serve.pipeline needs the draft in a process of its own"):
+        tiny_config.model_validate(tiny_config.model_dump() | {"serve": serve.model_dump() | {"pipeline": True}})
 
 
 @pytest.fixture

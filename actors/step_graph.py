@@ -13,7 +13,9 @@ round trip per batch of steps instead of one per phase of each):
     judged     = judge.step(batch, verified_0)          # on rank 0's hidden states of the blocks
 
 An autoregressive step or a prefill therefore runs on the shards as soon as the batch arrives, beside the
-draft worker's idle node instead of after it (begin_r -> finish_r stays in the shard's process).
+draft worker's idle node instead of after it (begin_r -> finish_r stays in the shard's process). With the
+draft model in target rank 0's process (serve.draft_placement in_rank0, TP=1) the graph is one node with two
+outputs, `drafted, verified_0 = shard_0.draft_and_verify(batch)`, and the judge's after it.
 
 A plain Ray actor call costs about 1 ms on the GPU machine (measured there: two chained calls 2.1 ms, the
 same two hops as a Compiled Graph 0.27 ms); a Compiled Graph sets up its channels once and reuses them for
@@ -102,9 +104,8 @@ class StepGraph:
         max_bytes: int,
         compiled: bool,
     ):
-        """draft None: the draft model is in target rank 0's process (serve.draft_placement in_rank0), whose
-        draft_step and draft_speculate are the draft worker's nodes; the graph then passes a block from the
-        drafting to rank 0's verification inside that process."""
+        """draft None: the draft model is in target rank 0's process (serve.draft_placement in_rank0, TP=1),
+        which drafts and verifies in one node (TargetShard.draft_and_verify); nothing is drafted ahead."""
         self.draft, self.shards, self.judge = draft, list(shards), judge
         self.max_bytes = max_bytes
         self.compiled = compiled
@@ -117,13 +118,18 @@ class StepGraph:
         if not self.compiled or self._dag is not None:
             return
         with InputNode() as inp:
-            drafted = draft_method(self.draft, self.shards, "step").bind(inp)
-            speculated = draft_method(self.draft, self.shards, "speculate").bind(inp, drafted)
-            # each rank reads the batch (and runs what needs no drafted block) while the draft drafts
-            begun = [shard.begin.bind(inp) for shard in self.shards]
-            verified = [shard.finish.bind(b, drafted) for shard, b in zip(self.shards, begun)]
-            judged = [self.judge.step.bind(inp, verified[0])] if self.judge is not None else []
-            graph = MultiOutputNode([drafted, speculated, *verified, *judged])
+            if self.draft is None:  # in_rank0: one node, its two outputs the draft worker's and rank 0's
+                drafted, leader = self.shards[0].draft_and_verify.options(num_returns=2).bind(inp)
+                nodes = [drafted, leader]
+            else:
+                drafted = self.draft.step.bind(inp)
+                speculated = self.draft.speculate.bind(inp, drafted)
+                # each rank reads the batch (and runs what needs no drafted block) while the draft drafts
+                begun = [shard.begin.bind(inp) for shard in self.shards]
+                verified = [shard.finish.bind(b, drafted) for shard, b in zip(self.shards, begun)]
+                leader, nodes = verified[0], [drafted, speculated, *verified]
+            judged = [self.judge.step.bind(inp, leader)] if self.judge is not None else []
+            graph = MultiOutputNode([*nodes, *judged])
         self._dag = graph.experimental_compile()
         threading.Thread(target=self._serve, args=(self._dag, self._jobs), name="step-graph", daemon=True).start()
 
@@ -137,6 +143,8 @@ class StepGraph:
             except Exception as err:
                 ids = ", ".join(p.request_id for p in plans)
                 raise StepFailed(f"step of requests {ids} failed: {type(err).__name__}: {err}") from err
+        if self.draft is None:  # in_rank0: no speculate node
+            outs = [outs[0], None, *outs[1:]]
         # the nodes whose results the scheduler reads: the draft worker's two, rank 0's, the judge's
         limit = self.max_bytes * len(plans)
         judged = outs[2 + len(self.shards)] if self.judge is not None else None
@@ -179,15 +187,19 @@ class StepGraph:
         """The graph's nodes as plain calls; a node no plan gives anything to do is not called (each call
         costs a round trip: a batch of autoregressive steps is one call per shard)."""
         nothing = to_edge([(None, None)] * len(plans))
-        drafting = any(p.draft is not None or p.release for p in plans)
-        drafted = draft_method(self.draft, self.shards, "step").remote(inp) if drafting else nothing
-        # speculate also reads back the blocks the draft worker handed off on the device (actors.handoff)
-        reading = any(p.speculate is not None or (p.draft is not None and p.draft.handoff) for p in plans)
-        speculated = draft_method(self.draft, self.shards, "speculate").remote(inp, drafted) if reading else nothing
-        verified = [shard.step.remote(inp, drafted) for shard in self.shards]
+        if self.draft is None:  # in_rank0: rank 0 drafts and verifies in one call
+            drafted, leader = self.shards[0].draft_and_verify.options(num_returns=2).remote(inp)
+            outs = [drafted, leader]
+        else:
+            drafting = any(p.draft is not None or p.release for p in plans)
+            drafted = self.draft.step.remote(inp) if drafting else nothing
+            # speculate also reads back the blocks the draft worker handed off on the device (actors.handoff)
+            reading = any(p.speculate is not None or (p.draft is not None and p.draft.handoff) for p in plans)
+            speculated = self.draft.speculate.remote(inp, drafted) if reading else nothing
+            verified = [shard.step.remote(inp, drafted) for shard in self.shards]
+            leader, outs = verified[0], [drafted, speculated, *verified]
         judging = self.judge is not None and any(p.judge for p in plans)
-        judged = [self.judge.step.remote(inp, verified[0]) if judging else None] if self.judge is not None else []
-        outs = [drafted, speculated, *verified, *judged]
+        outs += [self.judge.step.remote(inp, leader) if judging else None] if self.judge is not None else []
         calls = [i for i, out in enumerate(outs) if isinstance(out, ray.ObjectRef)]
         # gather: a failure on any rank surfaces at once, not after rank 0's collective times out
         for i, value in zip(calls, await asyncio.gather(*(outs[i] for i in calls))):
@@ -198,7 +210,8 @@ class StepGraph:
         self, i: int, plan: StepPlan, drafts: list[Item], ahead: list[Item], leaders: list[Item], judges: list[Item] | None
     ) -> StepResult:
         """Plan i's results out of the nodes' items (judges None where the judge was not called)."""
-        (drafted, q), (speculated, speculated_q), (leader, _) = drafts[i], ahead[i], leaders[i]
+        (drafted, q), (leader, _) = drafts[i], leaders[i]
+        speculated, speculated_q = ahead[i] if ahead is not None else (None, None)
         judged = judges[i][0] if judges is not None else None
         limit = self.max_bytes
         block = DraftOutput.from_bytes(drafted, limit) if drafted is not None else None
@@ -214,12 +227,6 @@ class StepGraph:
             verify=VerifyOutput.from_bytes(leader, limit) if plan.verify is not None else None,
             judged=JudgeOutput.from_bytes(judged, limit) if judged is not None else None,
         )
-
-
-def draft_method(draft: ActorHandle | None, shards: Sequence[ActorHandle], name: str) -> Any:
-    """The draft worker's method `name`: on its own actor, or (draft None: serve.draft_placement in_rank0) target
-    rank 0's `draft_<name>`."""
-    return getattr(draft, name) if draft is not None else getattr(shards[0], f"draft_{name}")
 
 
 def _settle(done: asyncio.Future, result: Any, err: BaseException | None) -> None:

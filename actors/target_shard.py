@@ -14,9 +14,9 @@ The pure parts, engine.decode.target_passes + `verdicts`, make the same forward 
 engine (engine.decode.Engine._target_step and ._verify), so TP=1 results are bitwise the engine's (a batch's too, where the model's batch invariance holds: bfloat16 on the CPU), and
 verification uses engine.verify unchanged.
 
-With serve.draft_placement in_rank0, rank 0 also holds the draft worker (the same class, not an actor of
-its own) and serves its step-graph nodes as draft_step and draft_speculate: drafting and verification then
-share one process and CUDA context, and a block goes from one to the other without a hop.
+With serve.draft_placement in_rank0 (TP=1), the shard also holds the draft worker (the same class, not an
+actor of its own) and drafts and verifies in one step-graph node, `draft_and_verify`: one process and CUDA
+context, and a block goes from the drafting to the verification without a hop.
 
 Not for: choosing K, accepting tokens, or the judge (actors.scheduler, actors.judge_scorer).
 """
@@ -127,13 +127,15 @@ class TargetShard:
         if rank == 0 and config.serve.draft_placement is DraftPlacement.IN_RANK0:
             self.drafter = DraftWorker.__ray_actor_class__(config)  # the actor's class itself, not an actor
 
-    # ---- the draft worker, where rank 0 holds it (in_rank0; each its DraftWorker method) -----------------
+    # ---- the draft worker, where rank 0 holds it (in_rank0) ---------------------------------------------
 
-    def draft_step(self, inp: Edge) -> Edge:
-        return self._drafter().step(inp)
-
-    def draft_speculate(self, inp: Edge, drafted: Edge) -> Edge:
-        return self._drafter().speculate(inp, drafted)
+    def draft_and_verify(self, inp: Edge) -> tuple[Edge, Edge]:
+        """Step-graph node with draft_placement in_rank0 (TP=1): the draft worker's `step`, then `begin` and
+        `finish` with its blocks, in this process -> (drafted, verified), the two nodes' outputs. Nothing is
+        drafted ahead or handed off here (the config refuses both), so the draft worker's `speculate` has
+        nothing to do and is not run."""
+        drafted = self._drafter().step(inp)
+        return drafted, self.finish(self.begin(inp), drafted)
 
     def draft_info(self) -> dict:
         return self._drafter().info()

@@ -40,7 +40,6 @@ from actors.judge_scorer import JudgeScorer
 from actors.messages import Admitted, EventRecord, RecordError, stream_item_from_bytes
 from actors.scheduler import Scheduler, completion_from_record, event_from_record, generate_input, tokenizer_for
 from actors.target_group import form_group
-from actors.step_graph import draft_method
 from actors.target_shard import TargetShard
 from cluster.backend import BackendNotReady, RequestIdInUse, StreamTracker, describe
 from engine.config import Config, DraftPlacement, Mode, ServeConfig
@@ -451,6 +450,12 @@ class RayBackend:
             _Loaded(draft["name"], draft["args"], draft["fingerprint"]),
             judge,
         )
+
+
+def draft_method(draft: ray.actor.ActorHandle | None, shards: Sequence[ray.actor.ActorHandle], name: str):
+    """The draft worker's method `name`: on its own actor, or (draft None: serve.draft_placement in_rank0)
+    target rank 0's `draft_<name>`."""
+    return getattr(draft, name) if draft is not None else getattr(shards[0], f"draft_{name}")
 
 
 def _start_ray(address: str | None, requested: dict[str, float]) -> bool:

@@ -301,7 +301,8 @@ class ServeConfig(_Section):
             "so the autoscaler may add a smaller node for it (each draft block then crosses the network); "
             "in_rank0: no actor of its own, the draft model loaded in target rank 0's process, so drafting and "
             "verifying share one CUDA context and a block reaches the verification without a hop (two processes "
-            "on one GPU time-slice it; docs/performance.md, measurement 4); needs serve.pipeline false"
+            "on one GPU time-slice it; docs/performance.md, measurement 4); needs serve.pipeline false and "
+            "tensor_parallel 1"
         ),
     )
     placement_timeout_s: float = Field(
@@ -362,10 +363,15 @@ class Config(_Section):
                 "CPU, on its node): the block goes to rank 0 alone, through memory both processes map (with "
                 "draft_placement in_rank0 it is already in rank 0's process)"
             )
-        if serve.pipeline and placement is DraftPlacement.IN_RANK0:
+        if placement is DraftPlacement.IN_RANK0 and serve.pipeline:
             raise ValueError(
                 "serve.pipeline needs the draft in a process of its own: with draft_placement in_rank0 a block "
                 "drafted ahead would wait for the verification it was meant to overlap; set serve.pipeline false"
+            )
+        if placement is DraftPlacement.IN_RANK0 and serve.tensor_parallel > 1:
+            raise ValueError(
+                "draft_placement in_rank0 needs tensor_parallel 1: rank 0 drafts and verifies in one step, and "
+                "the other ranks would need its block before its verification's collectives"
             )
         return self
 

@@ -48,14 +48,16 @@ def test_own_node_gives_the_draft_a_placement_group_of_its_own(tiny_config):
     assert plan.scheduler == Slot(0, 1, 0, 0)  # beside the shards, not the draft
 
 
-def test_in_rank0_reserves_nothing_for_the_draft(tiny_config):
-    serve = _serve(tiny_config, tensor_parallel=2, draft_placement=DraftPlacement.IN_RANK0, pipeline=False)
+def test_in_rank0_reserves_nothing_for_the_draft_and_needs_one_rank_without_pipelining(tiny_config):
+    serve = _serve(tiny_config, draft_placement=DraftPlacement.IN_RANK0, pipeline=False)
     plan = plan_placement(serve, cuda=True)
-    assert plan.groups == (({"CPU": 1, "GPU": 1},) * 2,)
-    assert plan.shards == (Slot(0, 0, 1, 1), Slot(0, 1, 1, 1)) and plan.draft is None
-    assert plan.requested() == {"CPU": 2, "GPU": 2}
-    with pytest.raises(ValidationError, match="serve.pipeline needs the draft in a process of its own"):
-        tiny_config.model_validate(tiny_config.model_dump() | {"serve": serve.model_dump() | {"pipeline": True}})
+    assert plan.groups == (({"CPU": 1, "GPU": 1},),)
+    assert plan.shards == (Slot(0, 0, 1, 1),) and plan.draft is None
+    assert plan.requested() == {"CPU": 1, "GPU": 1}
+    for update, why in (({"pipeline": True}, "serve.pipeline needs the draft in a process of its own"),
+                        ({"tensor_parallel": 2}, "in_rank0 needs tensor_parallel 1")):
+        with pytest.raises(ValidationError, match=why):
+            tiny_config.model_validate(tiny_config.model_dump() | {"serve": serve.model_dump() | update})
 
 
 @pytest.fixture

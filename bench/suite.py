@@ -64,7 +64,7 @@ class Step:
 _SERVE_8B_1B = (
     "-m", "bench.serve_cpu", "--config", "config/tiny.yaml", "--set", "runtime.device=cuda",
     "--set", "target.model=dummy:llama-3.1-8b", "--set", "draft.model=dummy:llama-3.2-1b",
-    "--set", "target.dtype=bfloat16", "--set", "draft.dtype=bfloat16", "--set", "serve.draft_placement=share_gpu",
+    "--set", "target.dtype=bfloat16", "--set", "draft.dtype=bfloat16", "--set", "serve.draft_placement=in_rank0",
     "--set", "decoding.max_seq_len=512", "--set", "decoding.draft_tokens=8",
     "--set", f"decoding.replay_trace={TRACES[0]}", "--synthetic", "3", "--max-tokens", "128", "--threads", "4",
     "--pipeline", "off", "--paths", "served",

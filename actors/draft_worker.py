@@ -4,7 +4,9 @@ Each step-graph node (`step`, and `speculate` for pipelining) drafts whole block
 crosses the actor boundary) for every request of the step batch at once with `engine.decode.draft_blocks`,
 the in-process engine's own draft loop, so the draft tokens equal the engine's (bit for bit where the
 model's batch invariance holds: bfloat16 on the CPU); a block may start with a greedy guess of the target's next
-token, which is how pipelining drafts block t+1 before block t is verified (actors.scheduler).
+token, which is how pipelining drafts block t+1 before block t is verified (actors.scheduler). With
+serve.draft_placement in_rank0 the class is not started as an actor: target rank 0 holds an instance and
+calls its `step` itself (actors.target_shard, TargetShard.draft_and_verify).
 
 Not for: deciding what to accept (the scheduler and engine.verify), or the target.
 """

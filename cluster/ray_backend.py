@@ -307,7 +307,7 @@ class RayBackend:
             # read after the shards' active lists: a release that empties rank 0's list has recorded the
             # request's passes by then (both happen in one call), so an idle snapshot always has them
             "target_passes": await self._shards[0].released.remote(),
-            "draft": await draft_method(self._draft, self._shards, "active").remote(),
+            "draft": await self._draft_call("active").remote(),
             "target": target,
             "judge": await self._judge.active.remote() if self._judge is not None else [],
             "pipelined_blocks": scheduler["pipelined_blocks"],
@@ -418,6 +418,10 @@ class RayBackend:
         )
         return {"num_cpus": slot.cpus, "num_gpus": slot.gpus, "scheduling_strategy": strategy}
 
+    def _draft_call(self, name: str) -> ray.actor.ActorMethod:
+        """The draft worker's method `name`: on its own actor, or (in_rank0) target rank 0's `draft_<name>`."""
+        return getattr(self._draft, name) if self._draft is not None else getattr(self._shards[0], f"draft_{name}")
+
     def _ready_models(self) -> _Models:
         if self._models is None:
             why = "the actors are restarting after a failure" if self.restarts or self._restarting else (
@@ -433,7 +437,7 @@ class RayBackend:
         if config.serve.block_handoff:  # greedy blocks reach rank 0 on the device (actors.handoff)
             await self._shards[0].open_handoff.remote(await self._draft.handoff_handles.remote())
         target = await self._shards[0].info.remote()
-        draft = await draft_method(self._draft, self._shards, "info").remote()
+        draft = await self._draft_call("info").remote()
         if draft["args"].vocab_size != target["args"].vocab_size:
             raise BackendStartError(
                 f"draft vocabulary ({draft['args'].vocab_size}) differs from the target's ({target['args'].vocab_size})"
@@ -450,12 +454,6 @@ class RayBackend:
             _Loaded(draft["name"], draft["args"], draft["fingerprint"]),
             judge,
         )
-
-
-def draft_method(draft: ray.actor.ActorHandle | None, shards: Sequence[ray.actor.ActorHandle], name: str):
-    """The draft worker's method `name`: on its own actor, or (draft None: serve.draft_placement in_rank0)
-    target rank 0's `draft_<name>`."""
-    return getattr(draft, name) if draft is not None else getattr(shards[0], f"draft_{name}")
 
 
 def _start_ray(address: str | None, requested: dict[str, float]) -> bool:

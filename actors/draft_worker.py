@@ -28,6 +28,7 @@ from actors.messages import (
     Edge,
     Item,
     Role,
+    StepPlan,
     from_edge,
     read_step_input,
     step_generator,
@@ -90,8 +91,11 @@ class DraftWorker:
         A block the plan lets stay on the device (DraftInput.handoff) goes to rank 0 through the hand-off
         buffer (actors.handoff): its DraftOutput says so and holds no tokens, and `speculate` reports them.
         """
+        return self.draft(read_step_input(inp, self.max_bytes)[0])
+
+    def draft(self, plans: list[StepPlan]) -> Edge:
+        """`step` on the batch's plans already read (target rank 0 holding this worker reads them once)."""
         self._handed = None
-        plans, _ = read_step_input(inp, self.max_bytes)
         for plan in plans:
             if plan.release:
                 self.caches.release(plan.request_id)

@@ -131,11 +131,12 @@ class TargetShard:
 
     def draft_and_verify(self, inp: Edge) -> tuple[Edge, Edge]:
         """Step-graph node with draft_placement in_rank0 (TP=1): the draft worker's `step`, then `begin` and
-        `finish` with its blocks, in this process -> (drafted, verified), the two nodes' outputs. Nothing is
+        `finish` with its blocks (the batch read once), in this process -> (drafted, verified), the two nodes' outputs. Nothing is
         drafted ahead or handed off here (the config refuses both), so the draft worker's `speculate` has
         nothing to do and is not run."""
-        drafted = self._drafter().step(inp)
-        return drafted, self.finish(self.begin(inp), drafted)
+        plans, qs = read_step_input(inp, self.max_bytes)  # once, for both models
+        drafted = self._drafter().draft(plans)
+        return drafted, self.finish(self._begin(plans, qs), drafted)
 
     def draft_info(self) -> dict:
         return self._drafter().info()
@@ -196,7 +197,9 @@ class TargetShard:
         prefills (in one batched pass) and, where no verification waits on such a block, every other pass
         too. So an autoregressive step does not wait on the draft worker's idle node, and a speculative
         one has its batch read while the draft drafts."""
-        plans, qs = read_step_input(inp, self.max_bytes)
+        return self._begin(*read_step_input(inp, self.max_bytes))
+
+    def _begin(self, plans: list[StepPlan], qs: list[torch.Tensor | None]) -> Begun:
         begun = Begun(plans, [(None, None)] * len(plans), [])
         for plan in plans:
             if plan.release:

@@ -131,9 +131,9 @@ class TargetShard:
 
     def draft_and_verify(self, inp: Edge) -> tuple[Edge, Edge]:
         """Step-graph node with draft_placement in_rank0 (TP=1): the draft worker's `step`, then `begin` and
-        `finish` with its blocks (the batch read once), in this process -> (drafted, verified), the two nodes' outputs. Nothing is
-        drafted ahead or handed off here (the config refuses both), so the draft worker's `speculate` has
-        nothing to do and is not run."""
+        `finish` with its blocks (the batch read once), in this process -> (drafted, verified), the two
+        nodes' outputs. Nothing is drafted ahead or handed off here (the config refuses both), so the draft
+        worker's `speculate` has nothing to do and is not run."""
         plans, qs = read_step_input(inp, self.max_bytes)  # once, for both models
         drafted = self._drafter().draft(plans)
         return drafted, self.finish(self._begin(plans, qs), drafted)
